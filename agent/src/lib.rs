@@ -1,0 +1,2 @@
+//! blockferry agent: tracks changed extents of protected disks in the kernel,
+//! reads them and ships them to the relay.

@@ -1,0 +1,54 @@
+//! Developer tasks: `cargo xtask build-and-load | demo | ci | bench <what>`.
+
+mod util;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "blockferry developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Build the kernel programs and the agent, load and attach them, report, detach.
+    BuildAndLoad,
+    /// The main job: replicate a loop-backed disk end to end and verify the replica.
+    Demo,
+    /// Everything CI checks: format, lints, and all tests (root tests included).
+    Ci,
+    /// Benchmarks, each printing a ratio against a baseline measured in the same run.
+    Bench {
+        #[command(subcommand)]
+        what: Bench,
+    },
+}
+
+#[derive(Subcommand)]
+enum Bench {
+    /// fio 4 KiB random writes with and without the tracker attached.
+    Tracker,
+    /// 2 GiB agent -> relay -> sink over QUIC vs iperf3 TCP on loopback.
+    Transport,
+    /// Target apply and export vs pwrite+fdatasync and qemu-img convert.
+    Target,
+    /// Initial sync, delta resync and RPO end to end.
+    E2e,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::BuildAndLoad => anyhow::bail!("build-and-load: not built yet"),
+        Cmd::Demo => anyhow::bail!("demo: not built yet"),
+        Cmd::Ci => anyhow::bail!("ci: not built yet"),
+        Cmd::Bench { what } => match what {
+            Bench::Tracker | Bench::Transport | Bench::Target | Bench::E2e => {
+                anyhow::bail!("benchmark not built yet")
+            }
+        },
+    }
+}

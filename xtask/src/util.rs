@@ -1,0 +1,143 @@
+//! Helpers shared by the xtask commands: running programs, installing the Debian
+#![allow(dead_code)] // used by the tasks as they land
+//! packages a task needs, and the kernel prerequisites (root, BTF, tracefs).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+
+/// The workspace root (the parent of `xtask/`).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// Runs `cmd`, failing with its command line when it exits non-zero.
+pub fn run(cmd: &mut Command) -> Result<()> {
+    let shown = format!("{cmd:?}");
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot start {shown}"))?;
+    if !status.success() {
+        bail!("{shown} failed with {status}");
+    }
+    Ok(())
+}
+
+/// Runs `cmd` and returns its standard output as text.
+pub fn output(cmd: &mut Command) -> Result<String> {
+    let shown = format!("{cmd:?}");
+    let out = cmd
+        .output()
+        .with_context(|| format!("cannot start {shown}"))?;
+    if !out.status.success() {
+        bail!(
+            "{shown} failed with {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+pub fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
+        })
+        .unwrap_or(false)
+}
+
+pub fn have(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(program).is_file()))
+}
+
+/// The Debian packages blockferry's build, tests, demo and benchmarks use, with a
+/// program (or file) that tells whether each is installed.
+pub const PACKAGES: &[(&str, &str)] = &[
+    ("clang", "/usr/bin/clang"),
+    ("llvm", "/usr/bin/llvm-strip"),
+    ("bpftool", "/usr/sbin/bpftool"),
+    ("libbpf-dev", "/usr/include/bpf/bpf_helpers.h"),
+    ("libelf-dev", "/usr/include/libelf.h"),
+    ("zlib1g-dev", "/usr/include/zlib.h"),
+    ("pkg-config", "/usr/bin/pkg-config"),
+    ("fio", "/usr/bin/fio"),
+    ("e2fsprogs", "/sbin/mkfs.ext4"),
+    ("xfsprogs", "/sbin/mkfs.xfs"),
+    ("util-linux", "/sbin/losetup"),
+    ("iperf3", "/usr/bin/iperf3"),
+    ("rsync", "/usr/bin/rsync"),
+    ("qemu-utils", "/usr/bin/qemu-img"),
+    ("iproute2", "/sbin/ip"),
+];
+
+/// Installs the packages of [`PACKAGES`] that are missing (needs root and apt).
+pub fn ensure_packages() -> Result<()> {
+    let missing: Vec<&str> = PACKAGES
+        .iter()
+        .filter(|(_, probe)| !Path::new(probe).exists())
+        .map(|(pkg, _)| *pkg)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !is_root() {
+        bail!(
+            "missing Debian packages: {}; install them with `sudo apt-get install {}` or run this task as root",
+            missing.join(", "),
+            missing.join(" ")
+        );
+    }
+    eprintln!("installing Debian packages: {}", missing.join(" "));
+    run(Command::new("apt-get").args(["update", "-qq"]))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+    .context("apt-get install failed; check the network and the apt sources")
+}
+
+/// Makes sure the kernel side can run: root, BTF, and a mounted tracefs.
+pub fn ensure_kernel_prereqs() -> Result<()> {
+    if !is_root() {
+        bail!("loading eBPF programs needs root (CAP_BPF and CAP_PERFMON): run this task as root");
+    }
+    if !Path::new("/sys/kernel/btf/vmlinux").exists() {
+        bail!(
+            "/sys/kernel/btf/vmlinux is missing: this kernel was built without CONFIG_DEBUG_INFO_BTF, which CO-RE needs; use a kernel with BTF (every major distribution ships one since 2020)"
+        );
+    }
+    if !Path::new("/sys/kernel/tracing/events").exists() {
+        run(Command::new("mount").args(["-t", "tracefs", "tracefs", "/sys/kernel/tracing"]))
+            .context("tracefs is not mounted and mounting it at /sys/kernel/tracing failed")?;
+    }
+    Ok(())
+}
+
+/// Builds the workspace binaries in release mode and returns the directory that holds them.
+pub fn build_release_binaries() -> Result<PathBuf> {
+    let root = workspace_root();
+    run(Command::new(env!("CARGO"))
+        .current_dir(&root)
+        .args(["build", "--release", "--locked", "--bins"])
+        .args([
+            "-p",
+            "blockferry-agent",
+            "-p",
+            "blockferry-relay",
+            "-p",
+            "blockferry-target",
+        ]))?;
+    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    Ok(target_dir.join("release"))
+}
