@@ -1,6 +1,6 @@
 //! Helpers shared by the xtask commands: running programs, installing the Debian
-#![allow(dead_code)] // used by the tasks as they land
 //! packages a task needs, and the kernel prerequisites (root, BTF, tracefs).
+#![allow(dead_code)] // used by the tasks as they land
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
