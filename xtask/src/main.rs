@@ -1,5 +1,10 @@
 //! Developer tasks: `cargo xtask build-and-load | demo | ci | bench <what>`.
 
+mod bench_target;
+mod bench_tracker;
+mod bench_transport;
+mod build_and_load;
+mod ci;
 mod util;
 
 use anyhow::Result;
@@ -42,13 +47,14 @@ enum Bench {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::BuildAndLoad => anyhow::bail!("build-and-load: not built yet"),
+        Cmd::BuildAndLoad => build_and_load::run(),
         Cmd::Demo => anyhow::bail!("demo: not built yet"),
-        Cmd::Ci => anyhow::bail!("ci: not built yet"),
+        Cmd::Ci => ci::run_ci(),
         Cmd::Bench { what } => match what {
-            Bench::Tracker | Bench::Transport | Bench::Target | Bench::E2e => {
-                anyhow::bail!("benchmark not built yet")
-            }
+            Bench::Tracker => bench_tracker::run(),
+            Bench::Transport => bench_transport::run(),
+            Bench::Target => bench_target::run(),
+            Bench::E2e => anyhow::bail!("the e2e benchmark is not built yet"),
         },
     }
 }

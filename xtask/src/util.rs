@@ -136,8 +136,22 @@ pub fn build_release_binaries() -> Result<PathBuf> {
             "-p",
             "blockferry-target",
         ]))?;
-    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
+    Ok(target_dir().join("release"))
+}
+
+/// Cargo's target directory of this workspace.
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target"));
-    Ok(target_dir.join("release"))
+        .unwrap_or_else(|| workspace_root().join("target"))
+}
+
+/// Loop devices need the loop driver; `losetup -f` creates nodes through loop-control.
+pub fn ensure_loop_support() -> Result<()> {
+    if !Path::new("/dev/loop-control").exists() {
+        run(Command::new("modprobe").arg("loop")).context(
+            "/dev/loop-control is missing and `modprobe loop` failed; the tests need loop devices",
+        )?;
+    }
+    Ok(())
 }
