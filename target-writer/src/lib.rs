@@ -1,2 +1,23 @@
 //! blockferry target writer (master target): applies verified batches to VMDK
 //! replicas and keeps the journal of recovery points.
+//!
+//! Where a block goes: [`batch`] verifies it, [`store::DiskStore::apply`]
+//! journals ([`wal`]) and writes it to the [`replica`], saving what it
+//! overwrites into the open recovery point's undo [`segment`]; [`retention`]
+//! decides which points stay; [`export`] writes any point out as a disk.
+
+pub mod batch;
+pub mod crashsafe;
+pub mod error;
+pub mod export;
+pub mod extents;
+pub mod replica;
+pub mod retention;
+pub mod segment;
+pub mod store;
+mod sys;
+pub mod wal;
+
+pub use batch::{ApplyBatch, Barrier, Chunk, Consistency, Encoding};
+pub use error::TargetError;
+pub use store::{ApplyOutcome, DiskStore, PointMeta, StoreOptions};

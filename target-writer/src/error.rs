@@ -1,0 +1,156 @@
+//! The one error type of the target writer. Every variant names the disk, file
+//! and offset a person needs to act on it; `NoSpace` is separate so callers can
+//! stop acking and retry once space frees, instead of treating it as corruption.
+
+use std::fmt;
+use std::io;
+use std::path::PathBuf;
+
+/// Renders an optional file offset as " at offset N" (or nothing).
+#[derive(Debug, Clone, Copy)]
+pub struct At(pub Option<u64>);
+
+impl fmt::Display for At {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(off) => write!(f, " at offset {off}"),
+            None => Ok(()),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TargetError {
+    #[error(
+        "batch {seq} of disk {disk}: blake3 of the chunk at offset {offset} does not match, the whole batch was rejected and nothing written"
+    )]
+    HashMismatch { disk: String, seq: u64, offset: u64 },
+    #[error(
+        "batch {seq} of disk {disk}: zstd chunk at offset {offset} does not decode to {len} bytes: {reason}"
+    )]
+    Decompress {
+        disk: String,
+        seq: u64,
+        offset: u64,
+        len: u32,
+        reason: String,
+    },
+    #[error(
+        "disk {disk}: range at offset {offset} length {len} lies beyond the disk end ({size} bytes)"
+    )]
+    OutOfRange {
+        disk: String,
+        offset: u64,
+        len: u64,
+        size: u64,
+    },
+    #[error("batch {seq} of disk {disk}: chunk length {len} exceeds the limit of {limit} bytes")]
+    ChunkTooLarge {
+        disk: String,
+        seq: u64,
+        len: u64,
+        limit: u64,
+    },
+    #[error(
+        "disk {disk} generation {generation}: got batch {got}, expected {expected}; a batch is missing, resend from {expected}"
+    )]
+    Gap {
+        disk: String,
+        generation: u64,
+        got: u64,
+        expected: u64,
+    },
+    #[error(
+        "disk {disk}: batch of generation {got} is older than the replica's generation {current}, dropped"
+    )]
+    StaleGeneration {
+        disk: String,
+        got: u64,
+        current: u64,
+    },
+    #[error("batch for disk {got} was sent to the replica of disk {disk}")]
+    WrongDisk { disk: String, got: String },
+    #[error(
+        "no space left on the device holding {path}{at}: free space under the store, then retry"
+    )]
+    NoSpace { path: PathBuf, at: At },
+    #[error("i/o error on {path}{at}")]
+    Io {
+        path: PathBuf,
+        at: At,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{path} is damaged{at}: {reason}")]
+    Corrupt {
+        path: PathBuf,
+        at: At,
+        reason: String,
+    },
+    #[error("disk {disk} has no recovery point {point}; list them with `blockferry-target points`")]
+    NoSuchPoint { disk: String, point: u64 },
+    #[error("the store {path} is in use by another blockferry-target process")]
+    Locked { path: PathBuf },
+    #[error(
+        "no replica of disk {disk} under {path}; it is created when the disk is first protected"
+    )]
+    NoDisk { disk: String, path: PathBuf },
+    #[error("a replica of disk {disk} already exists under {path}")]
+    Exists { disk: String, path: PathBuf },
+    #[error("invalid disk id {disk:?}: use letters, digits, '-', '_' and '.' only")]
+    BadDiskId { disk: String },
+    #[error("disk size {size} is not a positive multiple of 512 bytes")]
+    BadSize { size: u64 },
+    #[error(
+        "barrier after batch {seq} of disk {disk} arrived before that batch was applied (applied: {applied})"
+    )]
+    BarrierAhead {
+        disk: String,
+        seq: u64,
+        applied: u64,
+    },
+    #[error(
+        "the store of disk {disk} stopped after a failed write or sync; reopen it so the journal is replayed"
+    )]
+    Poisoned { disk: String },
+    #[error("{what} is not supported yet: {hint}")]
+    Unsupported { what: String, hint: String },
+}
+
+impl TargetError {
+    /// Wraps an I/O error with its path and offset, turning ENOSPC/EDQUOT into
+    /// `NoSpace` so callers can treat a full disk as "retry later".
+    pub fn io(path: impl Into<PathBuf>, offset: Option<u64>, source: io::Error) -> Self {
+        let path = path.into();
+        match source.raw_os_error() {
+            Some(libc::ENOSPC) | Some(libc::EDQUOT) => TargetError::NoSpace {
+                path,
+                at: At(offset),
+            },
+            _ => TargetError::Io {
+                path,
+                at: At(offset),
+                source,
+            },
+        }
+    }
+
+    pub(crate) fn corrupt(
+        path: impl Into<PathBuf>,
+        offset: Option<u64>,
+        reason: impl Into<String>,
+    ) -> Self {
+        TargetError::Corrupt {
+            path: path.into(),
+            at: At(offset),
+            reason: reason.into(),
+        }
+    }
+
+    /// True when the error means "the device under the store is full".
+    pub fn is_no_space(&self) -> bool {
+        matches!(self, TargetError::NoSpace { .. })
+    }
+}
+
+pub type Result<T, E = TargetError> = std::result::Result<T, E>;

@@ -1,0 +1,211 @@
+//! The replica disk of one protected disk: what ESXi would run. Today a
+//! `createType="vmfs"` descriptor plus a preallocated raw `-flat.vmdk`
+//! extent; the store talks to it only through [`Replica`], so the
+//! monolithicSparse (thin) replica plugs in behind the same trait.
+
+use std::fs::{File, OpenOptions};
+use std::path::{Path, PathBuf};
+
+use crate::crashsafe::{FaultPlan, read_exact_at};
+use crate::error::{Result, TargetError};
+use crate::sys;
+
+/// What the store needs from a replica image. Writes need not be durable
+/// until `sync`: the redo journal covers them until then.
+pub trait Replica: Send + std::fmt::Debug {
+    fn size(&self) -> u64;
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
+    fn write_at(&mut self, faults: &FaultPlan, buf: &[u8], offset: u64) -> Result<()>;
+    /// Makes every write so far durable.
+    fn sync(&mut self, faults: &FaultPlan) -> Result<()>;
+    /// Records a new content id in the descriptor. `durable` asks for the
+    /// full temp-fsync-rename-fsync dance; otherwise a plain rename (the store
+    /// rewrites the descriptor durably on recovery, so a lost update is redone).
+    fn set_cid(&mut self, faults: &FaultPlan, cid: u32, durable: bool) -> Result<()>;
+    /// The descriptor (the file a user hands to qemu-img or ESXi).
+    fn path(&self) -> &Path;
+}
+
+#[derive(Debug)]
+pub struct FlatReplica {
+    dir: PathBuf,
+    desc_name: String,
+    flat_name: String,
+    flat_path: PathBuf,
+    desc_path: PathBuf,
+    flat: File,
+    size: u64,
+    uuid_seed: String,
+}
+
+pub fn flat_name_for(desc_name: &str) -> String {
+    let stem = desc_name.strip_suffix(".vmdk").unwrap_or(desc_name);
+    format!("{stem}-flat.vmdk")
+}
+
+impl FlatReplica {
+    /// Creates the preallocated flat extent and the descriptor.
+    pub fn create(
+        faults: &FaultPlan,
+        dir: &Path,
+        desc_name: &str,
+        size: u64,
+        cid: u32,
+        uuid_seed: &str,
+    ) -> Result<Self> {
+        let flat_name = flat_name_for(desc_name);
+        let flat_path = dir.join(&flat_name);
+        let flat = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&flat_path)
+            .map_err(|e| TargetError::io(&flat_path, None, e))?;
+        sys::fallocate(&flat, size).map_err(|e| TargetError::io(&flat_path, Some(0), e))?;
+        faults.sync_data(&flat, &flat_path)?;
+        let mut r = FlatReplica {
+            dir: dir.to_path_buf(),
+            desc_name: desc_name.to_string(),
+            flat_name,
+            desc_path: dir.join(desc_name),
+            flat_path,
+            flat,
+            size,
+            uuid_seed: uuid_seed.to_string(),
+        };
+        r.set_cid(faults, cid, true)?;
+        Ok(r)
+    }
+
+    pub fn open(dir: &Path, desc_name: &str, size: u64, uuid_seed: &str) -> Result<Self> {
+        let flat_name = flat_name_for(desc_name);
+        let flat_path = dir.join(&flat_name);
+        let flat = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&flat_path)
+            .map_err(|e| TargetError::io(&flat_path, None, e))?;
+        let actual = flat
+            .metadata()
+            .map_err(|e| TargetError::io(&flat_path, None, e))?
+            .len();
+        if actual != size {
+            return Err(TargetError::corrupt(
+                &flat_path,
+                None,
+                format!("flat extent is {actual} bytes, the disk is {size} bytes"),
+            ));
+        }
+        Ok(FlatReplica {
+            dir: dir.to_path_buf(),
+            desc_name: desc_name.to_string(),
+            flat_name,
+            desc_path: dir.join(desc_name),
+            flat_path,
+            flat,
+            size,
+            uuid_seed: uuid_seed.to_string(),
+        })
+    }
+
+    fn check_range(&self, offset: u64, len: usize) -> Result<()> {
+        match offset.checked_add(len as u64) {
+            Some(end) if end <= self.size => Ok(()),
+            _ => Err(TargetError::OutOfRange {
+                disk: self.desc_path.display().to_string(),
+                offset,
+                len: len as u64,
+                size: self.size,
+            }),
+        }
+    }
+
+    pub fn flat_path(&self) -> &Path {
+        &self.flat_path
+    }
+}
+
+impl Replica for FlatReplica {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.check_range(offset, buf.len())?;
+        read_exact_at(&self.flat, &self.flat_path, buf, offset)
+    }
+
+    fn write_at(&mut self, faults: &FaultPlan, buf: &[u8], offset: u64) -> Result<()> {
+        self.check_range(offset, buf.len())?;
+        faults.write_at(&self.flat, &self.flat_path, buf, offset)
+    }
+
+    fn sync(&mut self, faults: &FaultPlan) -> Result<()> {
+        faults.sync_data(&self.flat, &self.flat_path)
+    }
+
+    fn set_cid(&mut self, faults: &FaultPlan, cid: u32, durable: bool) -> Result<()> {
+        let text = vmfs_descriptor(&self.flat_name, self.size, cid, &self.uuid_seed);
+        if durable {
+            faults.write_atomic(&self.dir, &self.desc_name, text.as_bytes())
+        } else {
+            let tmp = self.dir.join(format!("{}.tmp", self.desc_name));
+            std::fs::write(&tmp, text.as_bytes()).map_err(|e| TargetError::io(&tmp, None, e))?;
+            std::fs::rename(&tmp, &self.desc_path)
+                .map_err(|e| TargetError::io(&self.desc_path, None, e))
+        }
+    }
+
+    fn path(&self) -> &Path {
+        &self.desc_path
+    }
+}
+
+/// The descriptor of a replica: `createType="vmfs"` with one VMFS extent.
+pub fn vmfs_descriptor(flat_name: &str, size: u64, cid: u32, uuid_seed: &str) -> String {
+    flat_descriptor("vmfs", "VMFS", flat_name, size, cid, uuid_seed)
+}
+
+/// `createType` is "vmfs" (extent type VMFS) or "monolithicFlat" (FLAT 0).
+pub fn flat_descriptor(
+    create_type: &str,
+    extent_type: &str,
+    flat_name: &str,
+    size: u64,
+    cid: u32,
+    uuid_seed: &str,
+) -> String {
+    let sectors = size / 512;
+    let cylinders = (sectors / (255 * 63)).clamp(1, 65535);
+    let u = blake3::hash(uuid_seed.as_bytes());
+    let u = u.as_bytes();
+    let uuid: Vec<String> = u[..16].iter().map(|b| format!("{b:02x}")).collect();
+    let offset = if extent_type == "FLAT" { " 0" } else { "" };
+    format!(
+        "# Disk DescriptorFile\n\
+         version=1\n\
+         encoding=\"UTF-8\"\n\
+         CID={cid:08x}\n\
+         parentCID=ffffffff\n\
+         createType=\"{create_type}\"\n\
+         \n\
+         # Extent description\n\
+         RW {sectors} {extent_type} \"{flat_name}\"{offset}\n\
+         \n\
+         # The Disk Data Base\n\
+         #DDB\n\
+         \n\
+         ddb.adapterType = \"lsilogic\"\n\
+         ddb.geometry.cylinders = \"{cylinders}\"\n\
+         ddb.geometry.heads = \"255\"\n\
+         ddb.geometry.sectors = \"63\"\n\
+         ddb.longContentID = \"{}\"\n\
+         ddb.uuid = \"{}\"\n\
+         ddb.virtualHWVersion = \"14\"\n",
+        u[16..32]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>(),
+        uuid.join(" "),
+    )
+}

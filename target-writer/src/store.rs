@@ -1,0 +1,976 @@
+//! The per-disk replica store: one directory per protected disk holding the
+//! replica VMDK, the redo journal (`journal.wal`), the undo segments of the
+//! recovery points (`*.undo`) and the disk state (`state.json`).
+//!
+//! # Apply, and why a crash never tears a batch
+//! 1. Verify every chunk (range, zstd bound, blake3) — a bad chunk rejects
+//!    the batch before anything is written.
+//! 2. If a recovery point is open, read the current contents of the blocks the
+//!    batch overwrites for the first time since that point (undo).
+//! 3. Append one journal record (redo + undo) and fdatasync it. From here the
+//!    batch is durable: the caller may ack.
+//! 4. Write the blocks in place (page cache; synced at the next checkpoint).
+//!
+//! A checkpoint (when the journal passes a size, at each recovery point, on
+//! close and on open) appends the journalled undo to the open segment and
+//! syncs it, syncs the replica, then writes the disk state with the applied
+//! sequence and a new journal epoch — which retires every journal record in
+//! one atomic rename. On open, records of the current epoch are replayed
+//! (rewriting blocks is idempotent), so the replica is at the last durable
+//! batch boundary, and the open segment is cut back to its committed length.
+//!
+//! ENOSPC while journalling leaves every file as it was (the record is not
+//! counted, the state is untouched) and the same batch can be retried. The
+//! flat extent is preallocated, so in-place writes do not run out of space.
+//! Any other failed write or sync poisons the store: the page cache can no
+//! longer be trusted, and reopening replays the journal.
+
+use std::collections::BTreeSet;
+use std::fs::{File, OpenOptions};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use tracing::{debug, info, warn};
+
+use crate::batch::{ApplyBatch, Barrier, Consistency, PlainChunk, verify_batch};
+use crate::crashsafe::{FaultPlan, read_exact_at};
+use crate::error::{Result, TargetError};
+use crate::extents::ExtentSet;
+use crate::replica::{FlatReplica, Replica};
+use crate::retention::{PointStamp, RetentionPolicy, retain};
+use crate::segment;
+use crate::wal::{self, WalRecord};
+
+const STATE: &str = "state.json";
+const WAL: &str = "journal.wal";
+const LOCK: &str = "lock";
+const REPLICA: &str = "replica.vmdk";
+const STATE_FORMAT: u32 = 1;
+
+/// Tunables of a disk store.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// Checkpoint once the redo journal holds this many bytes.
+    pub checkpoint_bytes: u64,
+    /// The fault-injection seam (tests); production uses the default.
+    pub faults: Arc<FaultPlan>,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            checkpoint_bytes: 64 << 20,
+            faults: Arc::new(FaultPlan::default()),
+        }
+    }
+}
+
+/// One recovery point as recorded in the disk state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PointMeta {
+    pub id: u64,
+    /// Creation time, milliseconds since the Unix epoch (target clock).
+    pub time_ms: u64,
+    pub label: Consistency,
+    pub generation: u64,
+    /// The disk as it was after this batch.
+    pub seq: u64,
+    /// File name of the point's undo segment.
+    pub segment: String,
+    /// Committed length of that segment.
+    pub segment_len: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct DiskState {
+    format: u32,
+    disk: String,
+    size: u64,
+    generation: u64,
+    applied_seq: u64,
+    wal_epoch: u64,
+    created_ms: u64,
+    replica: String,
+    next_point_id: u64,
+    next_file_no: u64,
+    points: Vec<PointMeta>,
+}
+
+/// What `apply` did with a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ApplyOutcome {
+    /// Written and durable.
+    Applied,
+    /// Already applied earlier (a replay); nothing written, ack it again.
+    Duplicate,
+}
+
+/// The replica store of one disk, exclusively locked while open.
+#[derive(Debug)]
+pub struct DiskStore {
+    dir: PathBuf,
+    state: DiskState,
+    replica: FlatReplica,
+    wal: File,
+    wal_path: PathBuf,
+    wal_pos: u64,
+    open_seg: Option<File>,
+    /// Disk ranges whose undo the open point already holds (segment + journal).
+    cover: ExtentSet,
+    opts: StoreOptions,
+    poisoned: bool,
+    _lock: File,
+}
+
+pub fn validate_disk_id(disk: &str) -> Result<()> {
+    let ok = !disk.is_empty()
+        && disk.len() <= 128
+        && !disk.starts_with('.')
+        && disk
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+    if ok {
+        Ok(())
+    } else {
+        Err(TargetError::BadDiskId {
+            disk: disk.to_string(),
+        })
+    }
+}
+
+/// The directory of `disk` under the store root.
+pub fn disk_dir(root: &Path, disk: &str) -> Result<PathBuf> {
+    validate_disk_id(disk)?;
+    Ok(root.join(disk))
+}
+
+fn lock_dir(dir: &Path) -> Result<File> {
+    let path = dir.join(LOCK);
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| TargetError::io(&path, None, e))?;
+    match f.try_lock() {
+        Ok(()) => Ok(f),
+        Err(std::fs::TryLockError::WouldBlock) => Err(TargetError::Locked {
+            path: dir.to_path_buf(),
+        }),
+        Err(std::fs::TryLockError::Error(e)) => Err(TargetError::io(&path, None, e)),
+    }
+}
+
+fn read_state(dir: &Path) -> Result<DiskState> {
+    let path = dir.join(STATE);
+    let bytes = std::fs::read(&path).map_err(|e| TargetError::io(&path, None, e))?;
+    let st: DiskState = serde_json::from_slice(&bytes)
+        .map_err(|e| TargetError::corrupt(&path, None, e.to_string()))?;
+    if st.format != STATE_FORMAT {
+        return Err(TargetError::corrupt(
+            &path,
+            None,
+            format!("unknown format {}", st.format),
+        ));
+    }
+    Ok(st)
+}
+
+/// Reads the recovery points of a disk without locking it (the state file is
+/// replaced atomically), so `points` works while the store is being served.
+pub fn list_points(root: &Path, disk: &str) -> Result<Vec<PointMeta>> {
+    let dir = disk_dir(root, disk)?;
+    if !dir.join(STATE).exists() {
+        return Err(TargetError::NoDisk {
+            disk: disk.to_string(),
+            path: root.to_path_buf(),
+        });
+    }
+    Ok(read_state(&dir)?.points)
+}
+
+/// A content id that differs for every batch boundary of every disk, and is
+/// the same when recovery rebuilds the same boundary.
+pub fn content_id(disk: &str, created_ms: u64, generation: u64, seq: u64) -> u32 {
+    let mut h = blake3::Hasher::new();
+    h.update(disk.as_bytes());
+    h.update(&created_ms.to_le_bytes());
+    h.update(&generation.to_le_bytes());
+    h.update(&seq.to_le_bytes());
+    let b = h.finalize();
+    let cid = u32::from_le_bytes([
+        b.as_bytes()[0],
+        b.as_bytes()[1],
+        b.as_bytes()[2],
+        b.as_bytes()[3],
+    ]);
+    // 0xffffffff means "no parent" in parentCID; never use it as a CID.
+    if cid == u32::MAX { 0x1234_5678 } else { cid }
+}
+
+impl DiskStore {
+    /// Creates the replica of a new disk of `size` bytes (all zero).
+    pub fn create(
+        root: &Path,
+        disk: &str,
+        size: u64,
+        now_ms: u64,
+        opts: StoreOptions,
+    ) -> Result<Self> {
+        let dir = disk_dir(root, disk)?;
+        if size == 0 || size % 512 != 0 {
+            return Err(TargetError::BadSize { size });
+        }
+        std::fs::create_dir_all(&dir).map_err(|e| TargetError::io(&dir, None, e))?;
+        let lock = lock_dir(&dir)?;
+        if dir.join(STATE).exists() {
+            return Err(TargetError::Exists {
+                disk: disk.to_string(),
+                path: dir,
+            });
+        }
+        // Leftovers of a creation that crashed before its state file existed.
+        for name in [
+            REPLICA.to_string(),
+            crate::replica::flat_name_for(REPLICA),
+            WAL.to_string(),
+        ] {
+            let p = dir.join(name);
+            if p.exists() {
+                std::fs::remove_file(&p).map_err(|e| TargetError::io(&p, None, e))?;
+            }
+        }
+        let f = &opts.faults;
+        let cid = content_id(disk, now_ms, 0, 0);
+        let replica =
+            FlatReplica::create(f, &dir, REPLICA, size, cid, &format!("{disk}/{now_ms}"))?;
+        let wal_path = dir.join(WAL);
+        let wal = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&wal_path)
+            .map_err(|e| TargetError::io(&wal_path, None, e))?;
+        let state = DiskState {
+            format: STATE_FORMAT,
+            disk: disk.to_string(),
+            size,
+            generation: 0,
+            applied_seq: 0,
+            wal_epoch: 1,
+            created_ms: now_ms,
+            replica: REPLICA.to_string(),
+            next_point_id: 1,
+            next_file_no: 1,
+            points: Vec::new(),
+        };
+        // The state file is the commit point of creation.
+        f.write_atomic(
+            &dir,
+            STATE,
+            &serde_json::to_vec_pretty(&state).unwrap_or_default(),
+        )?;
+        info!(disk, size, "created replica");
+        Ok(DiskStore {
+            dir,
+            state,
+            replica,
+            wal,
+            wal_path,
+            wal_pos: 0,
+            open_seg: None,
+            cover: ExtentSet::new(),
+            opts,
+            poisoned: false,
+            _lock: lock,
+        })
+    }
+
+    /// Opens an existing replica, replaying the journal after a crash.
+    pub fn open(root: &Path, disk: &str, opts: StoreOptions) -> Result<Self> {
+        let dir = disk_dir(root, disk)?;
+        if !dir.join(STATE).exists() {
+            return Err(TargetError::NoDisk {
+                disk: disk.to_string(),
+                path: root.to_path_buf(),
+            });
+        }
+        let lock = lock_dir(&dir)?;
+        let state = read_state(&dir)?;
+        let replica = FlatReplica::open(
+            &dir,
+            &state.replica,
+            state.size,
+            &format!("{disk}/{}", state.created_ms),
+        )?;
+        let wal_path = dir.join(WAL);
+        let wal = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&wal_path)
+            .map_err(|e| TargetError::io(&wal_path, None, e))?;
+        let mut s = DiskStore {
+            dir,
+            state,
+            replica,
+            wal,
+            wal_path,
+            wal_pos: 0,
+            open_seg: None,
+            cover: ExtentSet::new(),
+            opts,
+            poisoned: false,
+            _lock: lock,
+        };
+        s.recover()?;
+        Ok(s)
+    }
+
+    fn recover(&mut self) -> Result<()> {
+        let f = self.opts.faults.clone();
+        // Cut the open segment back to what the last checkpoint committed.
+        if let Some(p) = self.state.points.last() {
+            let path = self.dir.join(&p.segment);
+            let seg = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&path)
+                .map_err(|e| TargetError::io(&path, None, e))?;
+            seg.set_len(p.segment_len)
+                .map_err(|e| TargetError::io(&path, Some(p.segment_len), e))?;
+            f.sync_data(&seg, &path)?;
+            let idx = segment::scan(&path, p.segment_len, self.state.size)?;
+            for e in &idx.entries {
+                self.cover.insert(e.offset, e.offset + e.len);
+            }
+            self.open_seg = Some(seg);
+        }
+        let buf =
+            std::fs::read(&self.wal_path).map_err(|e| TargetError::io(&self.wal_path, None, e))?;
+        let (records, used) = wal::decode_all(&buf, self.state.wal_epoch);
+        for rec in &records {
+            for c in &rec.redo {
+                self.replica.write_at(&f, &c.data, c.offset)?;
+            }
+            for c in &rec.undo {
+                self.cover.insert(c.offset, c.offset + c.data.len() as u64);
+            }
+            self.state.generation = rec.generation;
+            self.state.applied_seq = rec.seq;
+        }
+        self.wal_pos = used as u64;
+        if !records.is_empty() {
+            info!(disk = %self.state.disk, batches = records.len(), applied_seq = self.state.applied_seq, "replayed journal");
+        }
+        self.remove_strays()?;
+        if records.is_empty() {
+            let cid = self.cid();
+            self.replica.set_cid(&f, cid, true)?;
+        } else {
+            self.checkpoint()?;
+        }
+        Ok(())
+    }
+
+    /// Deletes files a crash left behind: temp files and segments that no
+    /// committed state refers to.
+    fn remove_strays(&self) -> Result<()> {
+        let live: BTreeSet<&str> = self
+            .state
+            .points
+            .iter()
+            .map(|p| p.segment.as_str())
+            .collect();
+        let rd = std::fs::read_dir(&self.dir).map_err(|e| TargetError::io(&self.dir, None, e))?;
+        for ent in rd {
+            let ent = ent.map_err(|e| TargetError::io(&self.dir, None, e))?;
+            let name = ent.file_name();
+            let Some(name) = name.to_str() else { continue };
+            let stray = name.ends_with(".tmp") || (name.ends_with(".undo") && !live.contains(name));
+            if stray {
+                debug!(file = name, "removing leftover file");
+                let p = ent.path();
+                std::fs::remove_file(&p).map_err(|e| TargetError::io(&p, None, e))?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn disk(&self) -> &str {
+        &self.state.disk
+    }
+
+    pub fn size(&self) -> u64 {
+        self.state.size
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.state.generation
+    }
+
+    /// The last batch that is durable (and will survive any crash).
+    pub fn applied_seq(&self) -> u64 {
+        self.state.applied_seq
+    }
+
+    pub fn points(&self) -> &[PointMeta] {
+        &self.state.points
+    }
+
+    /// The replica's descriptor, the file to hand to qemu-img or ESXi.
+    pub fn replica_path(&self) -> &Path {
+        self.replica.path()
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn cid(&self) -> u32 {
+        content_id(
+            &self.state.disk,
+            self.state.created_ms,
+            self.state.generation,
+            self.state.applied_seq,
+        )
+    }
+
+    fn check_usable(&self) -> Result<()> {
+        if self.poisoned {
+            Err(TargetError::Poisoned {
+                disk: self.state.disk.clone(),
+            })
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Runs `f`; any error other than "no space" leaves the store poisoned.
+    fn guarded<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
+        let r = f(self);
+        if let Err(e) = &r
+            && !e.is_no_space()
+        {
+            warn!(disk = %self.state.disk, error = %e, "store stopped; reopen to replay the journal");
+            self.poisoned = true;
+        }
+        r
+    }
+
+    /// Verifies and applies one batch; returns once it is durable.
+    pub fn apply(&mut self, batch: &ApplyBatch) -> Result<ApplyOutcome> {
+        self.check_usable()?;
+        let disk = self.state.disk.clone();
+        let span = tracing::debug_span!("apply", disk = %disk, generation = batch.generation, seq = batch.seq);
+        let _g = span.enter();
+        if batch.disk != disk {
+            return Err(TargetError::WrongDisk {
+                disk,
+                got: batch.disk.clone(),
+            });
+        }
+        if batch.generation < self.state.generation {
+            return Err(TargetError::StaleGeneration {
+                disk,
+                got: batch.generation,
+                current: self.state.generation,
+            });
+        }
+        if batch.generation == self.state.generation {
+            if batch.seq <= self.state.applied_seq {
+                debug!("replayed batch ignored");
+                return Ok(ApplyOutcome::Duplicate);
+            }
+            if batch.seq != self.state.applied_seq + 1 {
+                return Err(TargetError::Gap {
+                    disk,
+                    generation: batch.generation,
+                    got: batch.seq,
+                    expected: self.state.applied_seq + 1,
+                });
+            }
+        }
+        // A newer generation starts a new sequence space: accept it as the next batch.
+        let redo = verify_batch(batch, &disk, self.state.size)?;
+        // Reading undo data writes nothing, so a failure here leaves the store usable.
+        let (undo, pending) = self.capture_undo(&redo)?;
+        let rec = WalRecord {
+            epoch: self.state.wal_epoch,
+            generation: batch.generation,
+            seq: batch.seq,
+            redo,
+            undo,
+        };
+        self.journal(&rec)?;
+        self.guarded(|s| {
+            let f = s.opts.faults.clone();
+            for c in &rec.redo {
+                s.replica.write_at(&f, &c.data, c.offset)?;
+            }
+            for (a, b) in pending.iter() {
+                s.cover.insert(a, b);
+            }
+            s.state.generation = rec.generation;
+            s.state.applied_seq = rec.seq;
+            let cid = s.cid();
+            s.replica.set_cid(&f, cid, false)?;
+            if s.wal_pos >= s.opts.checkpoint_bytes {
+                s.checkpoint_inner()?;
+            }
+            Ok(ApplyOutcome::Applied)
+        })
+    }
+
+    /// The current contents of every range of `redo` that the open point has
+    /// not saved yet, and those ranges.
+    fn capture_undo(&self, redo: &[PlainChunk]) -> Result<(Vec<PlainChunk>, ExtentSet)> {
+        let mut undo = Vec::new();
+        let mut pending = ExtentSet::new();
+        if self.open_seg.is_none() {
+            return Ok((undo, pending));
+        }
+        for c in redo {
+            let end = c.offset + c.data.len() as u64;
+            for (a, b) in self.cover.uncovered(c.offset, end) {
+                for (a, b) in pending.uncovered(a, b) {
+                    let mut data = vec![0u8; (b - a) as usize];
+                    self.replica.read_at(&mut data, a)?;
+                    undo.push(PlainChunk { offset: a, data });
+                }
+            }
+            pending.insert(c.offset, end);
+        }
+        Ok((undo, pending))
+    }
+
+    /// Appends `rec` to the journal and syncs it. On ENOSPC the journal
+    /// position is not advanced, so the next append overwrites the partial
+    /// record and nothing else changed.
+    fn journal(&mut self, rec: &WalRecord) -> Result<()> {
+        let bytes = rec.encode();
+        let f = self.opts.faults.clone();
+        let pos = self.wal_pos;
+        let res = f
+            .write_at(&self.wal, &self.wal_path, &bytes, pos)
+            .and_then(|()| f.sync_data(&self.wal, &self.wal_path));
+        match res {
+            Ok(()) => {
+                self.wal_pos = pos + bytes.len() as u64;
+                Ok(())
+            }
+            Err(e) if e.is_no_space() => {
+                warn!(disk = %self.state.disk, seq = rec.seq, "no space for the journal; batch not applied, retry later");
+                Err(e)
+            }
+            Err(e) => {
+                self.poisoned = true;
+                Err(e)
+            }
+        }
+    }
+
+    /// Makes the replica and the open point's undo durable and retires the
+    /// journal. Cheap when the journal is empty.
+    pub fn checkpoint(&mut self) -> Result<()> {
+        self.check_usable()?;
+        self.guarded(|s| s.checkpoint_inner())
+    }
+
+    fn checkpoint_inner(&mut self) -> Result<()> {
+        if self.wal_pos == 0 {
+            return Ok(());
+        }
+        let f = self.opts.faults.clone();
+        let mut buf = vec![0u8; self.wal_pos as usize];
+        read_exact_at(&self.wal, &self.wal_path, &mut buf, 0)?;
+        let (records, used) = wal::decode_all(&buf, self.state.wal_epoch);
+        if used as u64 != self.wal_pos {
+            return Err(TargetError::corrupt(
+                &self.wal_path,
+                Some(used as u64),
+                "journal record does not verify",
+            ));
+        }
+        let mut new_seg_len = None;
+        if let (Some(seg), Some(p)) = (&self.open_seg, self.state.points.last()) {
+            let mut out = Vec::new();
+            for r in &records {
+                for c in &r.undo {
+                    segment::encode_record(&mut out, r.seq, c.offset, &c.data);
+                }
+            }
+            if !out.is_empty() {
+                let path = self.dir.join(&p.segment);
+                f.write_at(seg, &path, &out, p.segment_len)?;
+                f.sync_data(seg, &path)?;
+            }
+            new_seg_len = Some(p.segment_len + out.len() as u64);
+        }
+        self.replica.sync(&f)?;
+        let mut st = self.state.clone();
+        st.wal_epoch += 1;
+        if let (Some(len), Some(p)) = (new_seg_len, st.points.last_mut()) {
+            p.segment_len = len;
+        }
+        self.write_state(&st)?;
+        self.state = st;
+        self.wal_pos = 0;
+        let cid = self.cid();
+        self.replica.set_cid(&f, cid, true)?;
+        debug!(disk = %self.state.disk, applied_seq = self.state.applied_seq, "checkpoint");
+        Ok(())
+    }
+
+    fn write_state(&self, st: &DiskState) -> Result<()> {
+        let bytes = serde_json::to_vec_pretty(st)
+            .map_err(|e| TargetError::corrupt(self.dir.join(STATE), None, e.to_string()))?;
+        self.opts.faults.write_atomic(&self.dir, STATE, &bytes)
+    }
+
+    /// Handles a barrier from the agent: a recovery point after batch `seq`.
+    /// A replayed barrier returns the point it created the first time.
+    pub fn barrier(&mut self, b: &Barrier, now_ms: u64) -> Result<PointMeta> {
+        self.check_usable()?;
+        if b.disk != self.state.disk {
+            return Err(TargetError::WrongDisk {
+                disk: self.state.disk.clone(),
+                got: b.disk.clone(),
+            });
+        }
+        if let Some(i) = self
+            .state
+            .points
+            .iter()
+            .rposition(|p| p.generation == b.generation && p.seq == b.seq)
+        {
+            // Same boundary (a replayed barrier, or a scheduled point taken
+            // just before it): same data, so only the label may improve.
+            if b.label > self.state.points[i].label {
+                let mut st = self.state.clone();
+                st.points[i].label = b.label;
+                self.guarded(|s| s.write_state(&st))?;
+                self.state = st;
+            }
+            return Ok(self.state.points[i].clone());
+        }
+        if (b.generation, b.seq) != (self.state.generation, self.state.applied_seq) {
+            return Err(TargetError::BarrierAhead {
+                disk: self.state.disk.clone(),
+                seq: b.seq,
+                applied: self.state.applied_seq,
+            });
+        }
+        self.create_point(b.label, now_ms)
+    }
+
+    /// Creates a recovery point of the disk as it is now (the scheduler uses
+    /// `NotConsistent`: nothing proves the write order at an arbitrary moment).
+    pub fn create_point(&mut self, label: Consistency, now_ms: u64) -> Result<PointMeta> {
+        self.check_usable()?;
+        self.guarded(|s| {
+            s.checkpoint_inner()?;
+            let f = s.opts.faults.clone();
+            let id = s.state.next_point_id;
+            let name = format!("point-{id:08}-{}.undo", s.state.next_file_no);
+            let path = s.dir.join(&name);
+            let seg = segment::create(&f, &path, id, s.state.size)?;
+            f.sync_dir(&s.dir)?;
+            let p = PointMeta {
+                id,
+                time_ms: now_ms,
+                label,
+                generation: s.state.generation,
+                seq: s.state.applied_seq,
+                segment: name,
+                segment_len: segment::HEADER_LEN,
+            };
+            let mut st = s.state.clone();
+            st.next_point_id += 1;
+            st.next_file_no += 1;
+            st.points.push(p.clone());
+            s.write_state(&st)?;
+            s.state = st;
+            s.open_seg = Some(seg);
+            s.cover = ExtentSet::new();
+            info!(disk = %s.state.disk, point = id, seq = p.seq, %label, "recovery point");
+            Ok(p)
+        })
+    }
+
+    /// Drops the points the policy does not keep; returns their ids.
+    pub fn apply_retention(&mut self, policy: &RetentionPolicy, now_ms: u64) -> Result<Vec<u64>> {
+        self.check_usable()?;
+        let stamps: Vec<PointStamp> = self
+            .state
+            .points
+            .iter()
+            .map(|p| PointStamp {
+                id: p.id,
+                time_ms: p.time_ms,
+                label: p.label,
+            })
+            .collect();
+        let keep = retain(&stamps, policy, now_ms);
+        let drop: Vec<u64> = stamps
+            .iter()
+            .map(|p| p.id)
+            .filter(|id| !keep.contains(id))
+            .collect();
+        for id in &drop {
+            self.remove_point(*id)?;
+        }
+        Ok(drop)
+    }
+
+    /// Removes one point. The newest point cannot be removed (its segment is
+    /// the one being written).
+    pub fn remove_point(&mut self, id: u64) -> Result<()> {
+        self.check_usable()?;
+        let Some(i) = self.state.points.iter().position(|p| p.id == id) else {
+            return Err(TargetError::NoSuchPoint {
+                disk: self.state.disk.clone(),
+                point: id,
+            });
+        };
+        if i + 1 == self.state.points.len() {
+            return Err(TargetError::Unsupported {
+                what: "removing the newest recovery point".into(),
+                hint: "it is removed once a newer point exists".into(),
+            });
+        }
+        self.guarded(|s| {
+            let f = s.opts.faults.clone();
+            let mut st = s.state.clone();
+            let gone = st.points.remove(i);
+            let mut obsolete = vec![gone.segment.clone()];
+            if i > 0 {
+                // The previous point needs the old contents `gone` saved for
+                // blocks it has not saved itself: merge, older data first.
+                let prev = st.points[i - 1].clone();
+                let name = format!("point-{:08}-{}.undo", prev.id, st.next_file_no);
+                st.next_file_no += 1;
+                let len = s.merge_segments(&prev, &gone, &name)?;
+                f.sync_dir(&s.dir)?;
+                obsolete.push(prev.segment.clone());
+                st.points[i - 1].segment = name;
+                st.points[i - 1].segment_len = len;
+            }
+            s.write_state(&st)?;
+            s.state = st;
+            for name in obsolete {
+                let p = s.dir.join(name);
+                std::fs::remove_file(&p).map_err(|e| TargetError::io(&p, None, e))?;
+            }
+            f.sync_dir(&s.dir)?;
+            info!(disk = %s.state.disk, point = id, "recovery point removed");
+            Ok(())
+        })
+    }
+
+    fn merge_segments(&self, older: &PointMeta, newer: &PointMeta, name: &str) -> Result<u64> {
+        let f = &self.opts.faults;
+        let size = self.state.size;
+        let path = self.dir.join(name);
+        let out = segment::create(f, &path, older.id, size)?;
+        let mut pos = segment::HEADER_LEN;
+        let mut cover = ExtentSet::new();
+        let mut buf = Vec::new();
+        for (k, meta) in [older, newer].into_iter().enumerate() {
+            let seg_path = self.dir.join(&meta.segment);
+            let idx = segment::scan(&seg_path, meta.segment_len, size)?;
+            let file = File::open(&seg_path).map_err(|e| TargetError::io(&seg_path, None, e))?;
+            for e in idx.entries {
+                let parts = if k == 0 {
+                    vec![(e.offset, e.offset + e.len)]
+                } else {
+                    cover.uncovered(e.offset, e.offset + e.len)
+                };
+                for (a, b) in parts {
+                    let mut data = vec![0u8; (b - a) as usize];
+                    read_exact_at(&file, &seg_path, &mut data, e.file_pos + (a - e.offset))?;
+                    segment::encode_record(&mut buf, e.seq, a, &data);
+                    if buf.len() >= 4 << 20 {
+                        f.write_at(&out, &path, &buf, pos)?;
+                        pos += buf.len() as u64;
+                        buf.clear();
+                    }
+                }
+                if k == 0 {
+                    cover.insert(e.offset, e.offset + e.len);
+                }
+            }
+        }
+        f.write_at(&out, &path, &buf, pos)?;
+        pos += buf.len() as u64;
+        f.sync_data(&out, &path)?;
+        Ok(pos)
+    }
+
+    /// The disk as it was at point `id`, readable at any offset.
+    pub fn point_image(&mut self, id: u64) -> Result<PointImage<'_>> {
+        self.checkpoint()?;
+        let Some(i) = self.state.points.iter().position(|p| p.id == id) else {
+            return Err(TargetError::NoSuchPoint {
+                disk: self.state.disk.clone(),
+                point: id,
+            });
+        };
+        let mut cover = ExtentSet::new();
+        let mut pieces = Vec::new();
+        let mut files = Vec::new();
+        for meta in &self.state.points[i..] {
+            let path = self.dir.join(&meta.segment);
+            let idx = segment::scan(&path, meta.segment_len, self.state.size)?;
+            let file = File::open(&path).map_err(|e| TargetError::io(&path, None, e))?;
+            let k = files.len();
+            files.push((file, path));
+            for e in idx.entries {
+                for (a, b) in cover.uncovered(e.offset, e.offset + e.len) {
+                    pieces.push(Piece {
+                        start: a,
+                        end: b,
+                        src: Src::Segment {
+                            file: k,
+                            pos: e.file_pos + (a - e.offset),
+                        },
+                    });
+                }
+                cover.insert(e.offset, e.offset + e.len);
+            }
+        }
+        let changed = cover.clone();
+        for (a, b) in cover.uncovered(0, self.state.size) {
+            pieces.push(Piece {
+                start: a,
+                end: b,
+                src: Src::Replica,
+            });
+        }
+        pieces.sort_by_key(|p| p.start);
+        Ok(PointImage {
+            store: self,
+            point: self.state.points[i].clone(),
+            pieces,
+            files,
+            changed,
+        })
+    }
+
+    /// Byte ranges that may differ between points `older` and `newer`: the
+    /// union of the undo saved from `older` up to `newer`. Used for deltas.
+    pub fn changed_between(&mut self, older: u64, newer: u64) -> Result<ExtentSet> {
+        self.checkpoint()?;
+        let pos = |id: u64| self.state.points.iter().position(|p| p.id == id);
+        let (Some(a), Some(b)) = (pos(older), pos(newer)) else {
+            return Err(TargetError::NoSuchPoint {
+                disk: self.state.disk.clone(),
+                point: if pos(older).is_none() { older } else { newer },
+            });
+        };
+        let mut set = ExtentSet::new();
+        for meta in &self.state.points[a.min(b)..a.max(b)] {
+            let path = self.dir.join(&meta.segment);
+            for e in segment::scan(&path, meta.segment_len, self.state.size)?.entries {
+                set.insert(e.offset, e.offset + e.len);
+            }
+        }
+        Ok(set)
+    }
+
+    /// Syncs everything and releases the store.
+    pub fn close(mut self) -> Result<()> {
+        self.checkpoint()
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Src {
+    Replica,
+    Segment { file: usize, pos: u64 },
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Piece {
+    start: u64,
+    end: u64,
+    src: Src,
+}
+
+/// A read-only view of the disk at one recovery point.
+#[derive(Debug)]
+pub struct PointImage<'a> {
+    store: &'a DiskStore,
+    point: PointMeta,
+    pieces: Vec<Piece>,
+    files: Vec<(File, PathBuf)>,
+    changed: ExtentSet,
+}
+
+impl PointImage<'_> {
+    pub fn size(&self) -> u64 {
+        self.store.state.size
+    }
+
+    pub fn point(&self) -> &PointMeta {
+        &self.point
+    }
+
+    /// Ranges where the point differs from the current replica (may be a superset).
+    pub fn differs_from_replica(&self) -> &ExtentSet {
+        &self.changed
+    }
+
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let size = self.size();
+        if offset
+            .checked_add(buf.len() as u64)
+            .is_none_or(|e| e > size)
+        {
+            return Err(TargetError::OutOfRange {
+                disk: self.store.state.disk.clone(),
+                offset,
+                len: buf.len() as u64,
+                size,
+            });
+        }
+        let mut done = 0usize;
+        let mut i = self.pieces.partition_point(|p| p.end <= offset);
+        while done < buf.len() {
+            let Some(p) = self.pieces.get(i) else {
+                return Err(TargetError::corrupt(
+                    &self.store.dir,
+                    Some(offset + done as u64),
+                    "point map has a hole",
+                ));
+            };
+            let at = offset + done as u64;
+            let n = ((p.end - at) as usize).min(buf.len() - done);
+            let dst = &mut buf[done..done + n];
+            match p.src {
+                Src::Replica => self.store.replica.read_at(dst, at)?,
+                Src::Segment { file, pos } => {
+                    let (f, path) = &self.files[file];
+                    read_exact_at(f, path, dst, pos + (at - p.start))?;
+                }
+            }
+            done += n;
+            i += 1;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for DiskStore {
+    fn drop(&mut self) {
+        if !self.poisoned
+            && self.wal_pos > 0
+            && let Err(e) = self.checkpoint_inner()
+        {
+            warn!(disk = %self.state.disk, error = %e, "checkpoint on close failed; the journal is replayed on next open");
+        }
+    }
+}

@@ -1,0 +1,19 @@
+//! The one place the target writer calls libc directly: preallocation of the
+//! flat extent, so in-place writes of applied batches can never hit ENOSPC.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+
+/// Allocates `[0, len)` of `file` (extends its size too).
+pub fn fallocate(file: &File, len: u64) -> io::Result<()> {
+    let len = libc::off_t::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
+    // SAFETY: the fd is owned by `file`, open for the duration of the call;
+    // posix_fallocate takes no pointers.
+    let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::from_raw_os_error(rc))
+    }
+}
