@@ -1,4 +1,15 @@
 //! Sans-IO core of blockferry: the wire format, extent sets and the replication
 //! state machines shared by agent, relay and target. Nothing here does I/O.
 
+pub mod chunk;
 pub mod extent;
+pub mod frame;
+pub mod ids;
+
+pub use chunk::{ChunkError, PlainData, build_chunk, verify_chunk};
+pub use frame::{
+    Ack, Barrier, ByteRange, Chunk, Consistency, DecodeError, EncodeError, Encoding, ErrorCode,
+    ErrorFrame, ExtentBatch, Frame, FrameType, HashRangeReply, HashRangeRequest, Hello, HelloReply,
+    Nack, RangeDigest, RejectReason,
+};
+pub use ids::{DiskId, Generation, Seq};
