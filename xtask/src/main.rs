@@ -5,6 +5,8 @@ mod bench_tracker;
 mod bench_transport;
 mod build_and_load;
 mod ci;
+mod demo;
+mod scratch;
 mod util;
 
 use anyhow::Result;
@@ -48,7 +50,7 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::BuildAndLoad => build_and_load::run(),
-        Cmd::Demo => anyhow::bail!("demo: not built yet"),
+        Cmd::Demo => demo::run_demo(),
         Cmd::Ci => ci::run_ci(),
         Cmd::Bench { what } => match what {
             Bench::Tracker => bench_tracker::run(),
