@@ -16,6 +16,7 @@ pub mod retention;
 pub mod segment;
 pub mod store;
 mod sys;
+pub mod vmdk;
 pub mod wal;
 
 pub use batch::{ApplyBatch, Barrier, Chunk, Consistency, Encoding};

@@ -1,0 +1,1 @@
+//! Export of a disk as a new VMDK.

@@ -1,0 +1,184 @@
+//! VMDK, written from scratch: the on-disk format of replicas and exports.
+//!
+//! Pure parsing (no I/O, never panics, fuzzed) lives in [`descriptor`] (the
+//! text descriptor) and [`sparse`] (the `KDMV` sparse extent header and its
+//! layout). Files are touched only by [`image`] (open/create/read/write a
+//! disk), [`export`] (write a point out as a new VMDK) and [`check`] (the
+//! structural checker).
+//!
+//! # Using it
+//!
+//! - Replica disk: [`VmdkImage::create`] with [`CreateOptions`] of kind
+//!   [`DiskKind::Vmfs`] (descriptor + raw `NAME-flat.vmdk`, what ESXi runs)
+//!   or [`DiskKind::MonolithicSparse`] (one thin file). Later
+//!   [`VmdkImage::open`] with [`OpenMode::ReadWrite`].
+//! - Apply: [`VmdkImage::apply`] takes a batch of [`WriteOp`]s (data or
+//!   zeroes) and returns once the batch is durable. For sparse extents new
+//!   grains are written first, then `fdatasync`, then their entries in the
+//!   redundant and primary grain tables, then `fdatasync` again: a crash
+//!   leaves a grain either unreferenced (dead space) or fully written, never
+//!   a table entry pointing at garbage. Overwrites of grains already
+//!   allocated go in place and are as torn as any `pwrite` on a crash; the
+//!   caller's redo journal makes them whole again.
+//! - CID: [`VmdkImage::set_cid`] after each applied batch (use [`new_cid`]);
+//!   descriptor files are replaced by write-temp, fsync, rename, fsync-dir,
+//!   embedded descriptors are rewritten in place within their sectors.
+//! - Read anything: [`DiskRead`] (`size`, `read_at`) is implemented by
+//!   [`VmdkImage`] (any opened chain; unallocated sparse grains read through
+//!   to the parent named by `parentFileNameHint`, or zeros) and [`RawDisk`].
+//! - Export: [`export::export_flat`], [`export::export_sparse`],
+//!   [`export::export_delta`] take any [`DiskRead`], optionally the ranges
+//!   that may hold data, and a progress callback.
+//! - Check: [`check::check`] returns a [`check::CheckReport`] listing
+//!   structural problems qemu-img does not look for.
+//!
+//! Supported for reading: vmfs, monolithicFlat, monolithicSparse,
+//! twoGbMaxExtentSparse, twoGbMaxExtentFlat (and ZERO extents). Not
+//! supported, with a clear error: streamOptimized (compressed grains), ESX
+//! `COWD`/`VMFSSPARSE`, `SESPARSE`, raw device mappings.
+
+pub mod check;
+pub mod descriptor;
+pub mod export;
+pub mod image;
+pub mod sparse;
+
+use std::io;
+use std::path::PathBuf;
+
+use thiserror::Error;
+
+pub use descriptor::{AdapterType, CreateType, Descriptor, DescriptorError};
+pub use image::{CreateOptions, DiskKind, OpenMode, RawDisk, VmdkImage, WriteOp};
+pub use sparse::{HeaderError, SparseHeader};
+
+/// Errors of VMDK I/O. Every variant names the file; I/O errors carry the
+/// byte offset in that file where it makes sense.
+#[derive(Debug, Error)]
+pub enum VmdkError {
+    #[error("{op} {path} at offset {offset}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        offset: u64,
+        #[source]
+        source: io::Error,
+    },
+    #[error("bad descriptor in {path}")]
+    Descriptor {
+        path: PathBuf,
+        #[source]
+        source: DescriptorError,
+    },
+    #[error("bad sparse extent header in {path}")]
+    Header {
+        path: PathBuf,
+        #[source]
+        source: HeaderError,
+    },
+    #[error("{path}: {what} is not supported; convert it with `qemu-img convert -O vmdk`")]
+    Unsupported { path: PathBuf, what: String },
+    #[error("{path}: corrupt at offset {offset}: {what}")]
+    Corrupt {
+        path: PathBuf,
+        offset: u64,
+        what: String,
+    },
+    #[error(
+        "{path}: parent {parent} has CID {found:08x} but parentCID is {expected:08x}; the parent changed after this delta was taken"
+    )]
+    ParentCidMismatch {
+        path: PathBuf,
+        parent: PathBuf,
+        expected: u32,
+        found: u32,
+    },
+    #[error(
+        "{path}: access of {len} bytes at offset {offset} is past the end of the disk ({size} bytes)"
+    )]
+    OutOfRange {
+        path: PathBuf,
+        offset: u64,
+        len: u64,
+        size: u64,
+    },
+    #[error("{path}: {what}")]
+    Invalid { path: PathBuf, what: String },
+    #[error("{path}: opened read-only; open it with OpenMode::ReadWrite to write")]
+    ReadOnly { path: PathBuf },
+}
+
+impl VmdkError {
+    pub(crate) fn io<'p>(
+        op: &'static str,
+        path: &'p std::path::Path,
+        offset: u64,
+    ) -> impl FnOnce(io::Error) -> VmdkError + 'p {
+        move |source| VmdkError::Io {
+            op,
+            path: path.to_owned(),
+            offset,
+            source,
+        }
+    }
+}
+
+/// Read access to a virtual disk, whatever its format.
+pub trait DiskRead {
+    /// Virtual size in bytes.
+    fn size(&self) -> u64;
+    /// Fill `buf` with the disk's bytes at `offset`. Reads past the end are refused.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), VmdkError>;
+}
+
+impl<T: DiskRead + ?Sized> DiskRead for &T {
+    fn size(&self) -> u64 {
+        (**self).size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), VmdkError> {
+        (**self).read_at(buf, offset)
+    }
+}
+
+impl<T: DiskRead + ?Sized> DiskRead for Box<T> {
+    fn size(&self) -> u64 {
+        (**self).size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), VmdkError> {
+        (**self).read_at(buf, offset)
+    }
+}
+
+/// A fresh content id. VMware changes the CID on the first write after
+/// open; blockferry changes it per applied batch. Never returns
+/// [`descriptor::CID_NO_PARENT`].
+pub fn new_cid() -> u32 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut h = blake3::Hasher::new();
+    h.update(&nanos.to_le_bytes());
+    h.update(&n.to_le_bytes());
+    h.update(&std::process::id().to_le_bytes());
+    let b = h.finalize();
+    let b = b.as_bytes();
+    let cid = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+    if cid == descriptor::CID_NO_PARENT {
+        0xfffe_fffe
+    } else {
+        cid
+    }
+}
+
+/// 16 fresh random-looking bytes for `ddb.uuid` (not security relevant).
+pub fn new_uuid() -> [u8; 16] {
+    let mut h = blake3::Hasher::new();
+    h.update(&new_cid().to_le_bytes());
+    h.update(&new_cid().to_le_bytes());
+    let mut out = [0u8; 16];
+    out.copy_from_slice(&h.finalize().as_bytes()[..16]);
+    out
+}
