@@ -1,0 +1,179 @@
+//! The agent's durable state: which disks it protects, their generation, how far the
+//! initial sync got, and whether the last stop was clean. A clean restart needs no
+//! resync; an unclean one resyncs by checksum, never by full copy.
+//!
+//! Written crash-safely (temp file, fsync, rename, directory fsync), so a crash at any
+//! moment leaves either the old or the new state.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use blockferry_proto::ids::DiskId;
+use serde::{Deserialize, Serialize};
+
+const FILE: &str = "agent-state.json";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("cannot {op} agent state {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "agent state {path} is damaged ({message}); move it away to start over with a checksum resync of every disk"
+    )]
+    Corrupt { path: PathBuf, message: String },
+}
+
+/// Where the initial copy of a disk stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "phase")]
+pub enum SyncPhase {
+    /// Copying the whole disk; everything below `next_offset` is durable at the target.
+    InitialSync { next_offset: u64 },
+    /// Comparing hashes with the target; only differing chunks travel.
+    Resync,
+    /// Replicating tracked changes.
+    Continuous,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskState {
+    pub path: PathBuf,
+    pub size: u64,
+    /// Bumped whenever tracking was lost and a resync starts a new history.
+    pub generation: u64,
+    pub phase: SyncPhase,
+    /// Unix seconds of the last completed resync, if any.
+    pub last_resync: Option<u64>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentState {
+    /// False from the moment the service starts until it has stopped cleanly.
+    pub clean_shutdown: bool,
+    pub disks: BTreeMap<String, DiskState>,
+}
+
+impl AgentState {
+    pub fn disk(&self, id: &DiskId) -> Option<&DiskState> {
+        self.disks.get(&id.to_string())
+    }
+
+    pub fn disk_mut(&mut self, id: &DiskId) -> Option<&mut DiskState> {
+        self.disks.get_mut(&id.to_string())
+    }
+
+    pub fn set_disk(&mut self, id: &DiskId, disk: DiskState) {
+        self.disks.insert(id.to_string(), disk);
+    }
+}
+
+/// The state file in a state directory.
+#[derive(Debug, Clone)]
+pub struct StateStore {
+    dir: PathBuf,
+}
+
+impl StateStore {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self { dir: dir.into() }
+    }
+
+    pub fn path(&self) -> PathBuf {
+        self.dir.join(FILE)
+    }
+
+    /// Loads the state; a missing file is a first start (an empty state, clean).
+    pub fn load(&self) -> Result<AgentState, StateError> {
+        let path = self.path();
+        match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| StateError::Corrupt {
+                path,
+                message: e.to_string(),
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(AgentState {
+                clean_shutdown: true,
+                disks: BTreeMap::new(),
+            }),
+            Err(source) => Err(StateError::Io {
+                op: "read",
+                path,
+                source,
+            }),
+        }
+    }
+
+    /// Replaces the state durably.
+    pub fn save(&self, state: &AgentState) -> Result<(), StateError> {
+        let bytes = serde_json::to_vec_pretty(state).map_err(|e| StateError::Corrupt {
+            path: self.path(),
+            message: e.to_string(),
+        })?;
+        write_atomic(&self.dir, FILE, &bytes)
+    }
+}
+
+/// Writes `name` in `dir` so that a crash leaves the old or the new content: temp
+/// file, fsync, rename, fsync of the directory.
+pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), StateError> {
+    let io = |op, path: &Path| {
+        let path = path.to_owned();
+        move |source| StateError::Io { op, path, source }
+    };
+    std::fs::create_dir_all(dir).map_err(io("create", dir))?;
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let dst = dir.join(name);
+    let mut f = std::fs::File::create(&tmp).map_err(io("create", &tmp))?;
+    f.write_all(bytes).map_err(io("write", &tmp))?;
+    f.sync_all().map_err(io("fsync", &tmp))?;
+    drop(f);
+    std::fs::rename(&tmp, &dst).map_err(io("rename", &dst))?;
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io("fsync", dir))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_state_is_a_clean_first_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = StateStore::new(dir.path()).load().unwrap();
+        assert!(s.clean_shutdown);
+        assert!(s.disks.is_empty());
+    }
+
+    #[test]
+    fn state_round_trips_through_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::new(dir.path());
+        let id = DiskId::from_bytes([7; 16]);
+        let mut s = AgentState::default();
+        s.set_disk(
+            &id,
+            DiskState {
+                path: "/dev/vdb".into(),
+                size: 1 << 30,
+                generation: 3,
+                phase: SyncPhase::InitialSync { next_offset: 4096 },
+                last_resync: None,
+            },
+        );
+        store.save(&s).unwrap();
+        assert_eq!(store.load().unwrap(), s);
+    }
+
+    #[test]
+    fn damaged_state_says_what_to_do() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(FILE), b"{not json").unwrap();
+        let e = StateStore::new(dir.path()).load().unwrap_err();
+        assert!(e.to_string().contains("move it away"), "{e}");
+    }
+}
