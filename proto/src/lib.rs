@@ -4,6 +4,7 @@
 pub mod chunk;
 pub mod extent;
 pub mod frame;
+pub mod hashtree;
 pub mod ids;
 
 pub use chunk::{ChunkError, PlainData, build_chunk, verify_chunk};
