@@ -1,2 +1,4 @@
 //! blockferry agent: tracks changed extents of protected disks in the kernel,
 //! reads them and ships them to the relay.
+
+pub mod tracker;

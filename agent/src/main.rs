@@ -1,3 +1,106 @@
-fn main() -> anyhow::Result<()> {
+//! `blockferry-agent`: parses the command line and wires the library together.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use blockferry_agent::tracker::{self, Tracker};
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "blockferry-agent",
+    version,
+    about = "blockferry agent: tracks, reads and ships changed blocks"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Stream the changed extents of a block device until interrupted (diagnostic).
+    Track(TrackArgs),
+    /// Load and attach the kernel programs, report hooks and kernel features, detach.
+    Probe,
+}
+
+#[derive(Args)]
+struct TrackArgs {
+    /// Block device to track: a whole disk (/dev/vdb) or a partition (/dev/vdb1).
+    #[arg(long)]
+    device: PathBuf,
+    /// One JSON object per line: {"device","offset","len","op"} (byte offsets).
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Probe => {
+            let report = tracker::probe().context("probe failed")?;
+            println!("{report}");
+            Ok(())
+        }
+        Cmd::Track(args) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("cannot start the async runtime")?
+            .block_on(track(args)),
+    }
+}
+
+async fn track(args: TrackArgs) -> Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+
+    let mut tracker = Tracker::load().context("cannot load the tracker")?;
+    let id = tracker
+        .protect(&args.device)
+        .with_context(|| format!("cannot track {}", args.device.display()))?;
+    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    loop {
+        let notices = tokio::select! {
+            n = tracker.next() => n.context("tracking failed")?,
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        };
+        for n in &notices {
+            if args.json {
+                if let Some(line) = tracker::notice_json(&args.device, n) {
+                    writeln!(out, "{line}")?;
+                }
+                if let tracker::Notice::Resync { .. } = n {
+                    eprintln!("{}", tracker::notice_text(&args.device, n));
+                }
+            } else {
+                writeln!(out, "{}", tracker::notice_text(&args.device, n))?;
+            }
+        }
+        out.flush()?;
+        // The diagnostic has no reader: keep the dirty set from growing without bound.
+        tracker.take_dirty(id, u64::MAX);
+    }
+    // Events already in the ring buffer at the signal belong to the output too.
+    for n in tracker.poll_now()? {
+        if let Some(line) = if args.json {
+            tracker::notice_json(&args.device, &n)
+        } else {
+            Some(tracker::notice_text(&args.device, &n))
+        } {
+            writeln!(out, "{line}")?;
+        }
+    }
+    out.flush()?;
     Ok(())
 }

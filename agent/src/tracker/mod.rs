@@ -1,0 +1,360 @@
+//! The change tracker: which byte ranges of the protected devices were written.
+//!
+//! Kernel programs (`ebpf/tracker.bpf.c`) see every bio at submission and every
+//! write at completion and push both into a ring buffer; [`Tracker`] drains it
+//! into per-device dirty sets ([`ExtentSet`]) and a stream of coalesced
+//! [`Notice`]s. The reader takes ranges with [`Tracker::take_dirty`]: a range
+//! read while a write to it was still in flight comes back dirty when the write
+//! completes, so nothing written is lost (DESIGN invariant 1). Lost events
+//! (ring buffer full) become [`Notice::Resync`] and a wholly dirty device.
+//!
+//! The kernel sits behind [`EventSource`] (`sys::BpfSource` for real,
+//! [`MemorySource`] in memory), so the logic in `core` runs without root.
+//!
+//! Protect before the initial read: writes submitted before `protect` returns
+//! are not seen, the initial full read covers them.
+
+pub mod abi;
+mod core;
+mod device;
+mod report;
+mod ring;
+mod sys;
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+pub use abi::{Op, Phase, RawEvent};
+pub use blockferry_proto::extent::ExtentSet;
+pub use core::{DeviceId, Notice, TrackerCore};
+pub use device::{DeviceInfo, KernelDev};
+pub use report::{ProbeReport, notice_json, notice_text, probe};
+pub use sys::{BpfSource, Hook, check_prerequisites};
+
+/// Errors of the tracker. Messages say what to do where a person can act.
+#[derive(Debug, thiserror::Error)]
+pub enum TrackerError {
+    #[error("{}: {what}", path.display())]
+    Device {
+        path: PathBuf,
+        what: String,
+        source: Option<std::io::Error>,
+    },
+    #[error("{0}")]
+    Unsupported(String),
+    #[error("{0}")]
+    Privilege(String),
+    #[error("{what}")]
+    Kernel {
+        what: String,
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("{what}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("device {0:?} is not protected by this tracker")]
+    UnknownDevice(DeviceId),
+}
+
+/// Where kernel events come from: the seam between the tracker logic and the kernel.
+pub trait EventSource {
+    /// Sets the sector ranges (absolute, on the whole disk) of `disk` that the
+    /// kernel reports; empty stops reporting the disk.
+    fn set_filter(&mut self, disk: KernelDev, sectors: &[Range<u64>]) -> Result<(), TrackerError>;
+    /// Events lost for `disk` so far (never decreases).
+    fn drop_count(&self, disk: KernelDev) -> Result<u64, TrackerError>;
+    /// Waits until events may be available.
+    fn readable(&mut self) -> impl Future<Output = Result<(), TrackerError>> + Send;
+    /// Moves every available event into `out`, without waiting.
+    fn drain(&mut self, out: &mut Vec<RawEvent>) -> Result<(), TrackerError>;
+}
+
+/// An in-memory event source for tests of code built on the tracker.
+#[derive(Debug, Default)]
+pub struct MemorySource {
+    /// Events `drain` hands out next.
+    pub queue: VecDeque<RawEvent>,
+    /// Drop counters per disk.
+    pub drops: std::collections::HashMap<KernelDev, u64>,
+    /// The filters last set, per disk.
+    pub filters: std::collections::HashMap<KernelDev, Vec<Range<u64>>>,
+}
+
+impl EventSource for MemorySource {
+    fn set_filter(&mut self, disk: KernelDev, sectors: &[Range<u64>]) -> Result<(), TrackerError> {
+        if sectors.is_empty() {
+            self.filters.remove(&disk);
+        } else {
+            self.filters.insert(disk, sectors.to_vec());
+        }
+        Ok(())
+    }
+
+    fn drop_count(&self, disk: KernelDev) -> Result<u64, TrackerError> {
+        Ok(self.drops.get(&disk).copied().unwrap_or(0))
+    }
+
+    async fn readable(&mut self) -> Result<(), TrackerError> {
+        if self.queue.is_empty() {
+            // Nothing will ever arrive: behave like a quiet kernel.
+            std::future::pending::<()>().await;
+        }
+        Ok(())
+    }
+
+    fn drain(&mut self, out: &mut Vec<RawEvent>) -> Result<(), TrackerError> {
+        out.extend(self.queue.drain(..));
+        Ok(())
+    }
+}
+
+/// The tracker: protected devices, their dirty sets, and the event stream.
+#[derive(Debug)]
+pub struct Tracker<S: EventSource = BpfSource> {
+    source: S,
+    core: TrackerCore,
+    buf: Vec<RawEvent>,
+    events_seen: u64,
+}
+
+impl Tracker<BpfSource> {
+    /// Loads and attaches the kernel programs (needs root).
+    pub fn load() -> Result<Self, TrackerError> {
+        Ok(Tracker::with_source(BpfSource::load()?))
+    }
+}
+
+impl<S: EventSource> Tracker<S> {
+    pub fn with_source(source: S) -> Self {
+        Tracker {
+            source,
+            core: TrackerCore::new(),
+            buf: Vec::with_capacity(4096),
+            events_seen: 0,
+        }
+    }
+
+    pub fn source(&self) -> &S {
+        &self.source
+    }
+
+    pub fn source_mut(&mut self) -> &mut S {
+        &mut self.source
+    }
+
+    /// Starts tracking a block device given by path (a whole disk or a partition).
+    pub fn protect(&mut self, path: impl AsRef<Path>) -> Result<DeviceId, TrackerError> {
+        self.protect_device(DeviceInfo::resolve(path.as_ref())?)
+    }
+
+    /// Starts tracking a device already resolved.
+    pub fn protect_device(&mut self, info: DeviceInfo) -> Result<DeviceId, TrackerError> {
+        let disk = info.disk;
+        let path = info.path.clone();
+        let drops_before = self.source.drop_count(disk)?;
+        let id = self.core.add(info);
+        // Old drops of this disk (another device of it protected earlier) are not news.
+        self.core.handle_drops(disk, drops_before, &mut Vec::new());
+        self.core.clear_resync(id);
+        if let Some(dirty) = self.core.dirty(id)
+            && !dirty.is_empty()
+        {
+            self.core.take_dirty(id, u64::MAX);
+        }
+        if let Err(e) = self.source.set_filter(disk, &self.core.filter_for(disk)) {
+            self.core.remove(id);
+            return Err(e);
+        }
+        tracing::info!(device = %path.display(), %disk, "protecting");
+        Ok(id)
+    }
+
+    /// Stops tracking a device; its dirty set is returned, not lost.
+    pub fn unprotect(&mut self, id: DeviceId) -> Result<ExtentSet, TrackerError> {
+        let dirty = self
+            .core
+            .dirty(id)
+            .cloned()
+            .ok_or(TrackerError::UnknownDevice(id))?;
+        let info = self
+            .core
+            .remove(id)
+            .ok_or(TrackerError::UnknownDevice(id))?;
+        self.source
+            .set_filter(info.disk, &self.core.filter_for(info.disk))?;
+        tracing::info!(device = %info.path.display(), "unprotected");
+        Ok(dirty)
+    }
+
+    pub fn device(&self, id: DeviceId) -> Option<&DeviceInfo> {
+        self.core.info(id)
+    }
+
+    pub fn devices(&self) -> impl Iterator<Item = (DeviceId, &DeviceInfo)> + '_ {
+        self.core
+            .ids()
+            .filter_map(|id| Some((id, self.core.info(id)?)))
+    }
+
+    /// Processes every event available now, without waiting.
+    pub fn poll_now(&mut self) -> Result<Vec<Notice>, TrackerError> {
+        let mut out = Vec::new();
+        self.buf.clear();
+        self.source.drain(&mut self.buf)?;
+        self.events_seen += self.buf.len() as u64;
+        for ev in &self.buf {
+            self.core.handle_event(ev, &mut out);
+        }
+        self.core.end_batch(&mut out);
+        let mut disks: Vec<KernelDev> = self.devices().map(|(_, i)| i.disk).collect();
+        disks.dedup();
+        for disk in disks {
+            let n = self.source.drop_count(disk)?;
+            self.core.handle_drops(disk, n, &mut out);
+        }
+        Ok(out)
+    }
+
+    /// Waits for events and processes them. Returns after any batch, even one
+    /// that only re-dirtied ranges (completions): the caller should then look
+    /// at [`take_dirty`](Self::take_dirty) again.
+    pub async fn next(&mut self) -> Result<Vec<Notice>, TrackerError> {
+        loop {
+            self.source.readable().await?;
+            let before = self.events_seen;
+            let notices = self.poll_now()?;
+            if !notices.is_empty() || self.events_seen != before {
+                return Ok(notices);
+            }
+        }
+    }
+
+    /// The tracker as a stream of notices (errors end it).
+    pub fn into_stream(self) -> impl futures::Stream<Item = Result<Notice, TrackerError>> {
+        futures::stream::unfold((self, VecDeque::new()), |(mut t, mut q)| async move {
+            loop {
+                if let Some(n) = q.pop_front() {
+                    return Some((Ok(n), (t, q)));
+                }
+                match t.next().await {
+                    Ok(ns) => q.extend(ns),
+                    Err(e) => return Some((Err(e), (t, q))),
+                }
+            }
+        })
+    }
+
+    /// The dirty set of a device.
+    pub fn dirty(&self, id: DeviceId) -> Option<&ExtentSet> {
+        self.core.dirty(id)
+    }
+
+    /// Removes and returns up to `max_bytes` of the lowest dirty ranges.
+    pub fn take_dirty(&mut self, id: DeviceId, max_bytes: u64) -> Vec<Range<u64>> {
+        self.core.take_dirty(id, max_bytes)
+    }
+
+    /// Puts a range back (for example after a failed read).
+    pub fn mark_dirty(&mut self, id: DeviceId, range: Range<u64>) {
+        self.core.mark_dirty(id, range)
+    }
+
+    /// Bytes submitted to the device whose completion has not been seen (a hint).
+    pub fn in_flight_bytes(&self, id: DeviceId) -> u64 {
+        self.core.in_flight_bytes(id)
+    }
+
+    /// Whether tracking of the device was lost (until [`clear_resync`](Self::clear_resync)).
+    pub fn needs_resync(&self, id: DeviceId) -> bool {
+        self.core.needs_resync(id)
+    }
+
+    pub fn clear_resync(&mut self, id: DeviceId) {
+        self.core.clear_resync(id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::StreamExt;
+
+    fn disk() -> DeviceInfo {
+        let d = KernelDev::new(7, 3);
+        DeviceInfo {
+            path: "/dev/loop3".into(),
+            dev: d,
+            disk: d,
+            start_sector: 0,
+            sectors: 2048,
+        }
+    }
+
+    fn write(sector: u64, bytes: u32, phase: Phase) -> RawEvent {
+        RawEvent {
+            disk: KernelDev::new(7, 3),
+            sector,
+            bytes,
+            op: Op::Write,
+            phase,
+            preflush: false,
+            fua: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn stream_yields_coalesced_extents_and_resync() {
+        let mut t = Tracker::with_source(MemorySource::default());
+        let id = t.protect_device(disk()).unwrap();
+        assert_eq!(t.source().filters[&KernelDev::new(7, 3)], vec![0..2048]);
+        t.source_mut()
+            .queue
+            .extend([write(0, 4096, Phase::Submit), write(8, 4096, Phase::Submit)]);
+        t.source_mut().drops.insert(KernelDev::new(7, 3), 2);
+        let mut s = Box::pin(t.into_stream());
+        assert_eq!(
+            s.next().await.unwrap().unwrap(),
+            Notice::Extent {
+                device: id,
+                offset: 0,
+                len: 8192,
+                op: Op::Write
+            }
+        );
+        assert_eq!(
+            s.next().await.unwrap().unwrap(),
+            Notice::Resync {
+                device: id,
+                dropped: 2
+            }
+        );
+    }
+
+    #[test]
+    fn drops_before_protect_are_not_a_resync() {
+        let mut src = MemorySource::default();
+        src.drops.insert(KernelDev::new(7, 3), 5);
+        let mut t = Tracker::with_source(src);
+        let id = t.protect_device(disk()).unwrap();
+        assert!(t.poll_now().unwrap().is_empty());
+        assert!(!t.needs_resync(id));
+        assert!(t.dirty(id).unwrap().is_empty());
+    }
+
+    #[test]
+    fn unprotect_returns_the_dirty_set_and_clears_the_filter() {
+        let mut t = Tracker::with_source(MemorySource::default());
+        let id = t.protect_device(disk()).unwrap();
+        t.source_mut()
+            .queue
+            .push_back(write(8, 512, Phase::Complete));
+        t.poll_now().unwrap();
+        let dirty = t.unprotect(id).unwrap();
+        assert_eq!(dirty.iter().collect::<Vec<_>>(), vec![4096..4608]);
+        assert!(t.source().filters.is_empty());
+    }
+}

@@ -1,0 +1,311 @@
+//! The kernel end of the tracker: loads the programs of `ebpf/tracker.bpf.c`
+//! with aya, attaches them, fills the filter map and reads the ring buffer.
+//! Everything that needs root lives here, behind [`EventSource`]; aya owns the
+//! memory mapping of the ring buffer and `ring` its registration with tokio,
+//! so this module needs no `unsafe`.
+
+use std::ops::Range;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+use aya::maps::{Array, HashMap, MapData, RingBuf};
+use aya::programs::{BtfTracePoint, RawTracePoint, RawTracePointRunOptions, TestRun};
+use aya::{Btf, Ebpf, EbpfLoader};
+
+use super::abi::{self, RawEvent};
+use super::ring::Ring;
+use super::{EventSource, KernelDev, TrackerError};
+
+/// The compiled programs, built by `agent/build.rs` against this kernel's BTF.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracker.bpf.o"));
+
+const FILTER_WORDS: usize = 2 * abi::MAX_RANGES as usize;
+type Filter = [u64; FILTER_WORDS];
+
+/// One kernel hook and whether it attached.
+#[derive(Debug, Clone)]
+pub struct Hook {
+    pub program: &'static str,
+    pub tracepoint: &'static str,
+    /// What the hook is for.
+    pub role: &'static str,
+    /// Without it the tracker cannot keep its promise; loading fails.
+    pub required: bool,
+    /// `None` when attached, else why not.
+    pub error: Option<String>,
+}
+
+const HOOKS: [(&str, &str, &str, bool); 3] = [
+    (
+        "bf_bio_queue",
+        "block_bio_queue",
+        "submission of every bio",
+        true,
+    ),
+    (
+        "bf_rq_complete",
+        "block_rq_complete",
+        "completion on request-based disks",
+        true,
+    ),
+    (
+        "bf_bio_complete",
+        "block_bio_complete",
+        "completion on bio-based disks",
+        false,
+    ),
+];
+
+/// The real event source: the tracker programs loaded in this kernel. Dropping
+/// it detaches and unloads them.
+#[derive(Debug)]
+pub struct BpfSource {
+    ring: Ring,
+    protected: HashMap<MapData, u32, Filter>,
+    drops: HashMap<MapData, u32, u64>,
+    /// Decoding failures (records of an unknown layout): a lost event, so they
+    /// count as drops for every protected disk.
+    pub undecodable: u64,
+    hooks: Vec<Hook>,
+    kconsts: Vec<(&'static str, Option<u64>)>,
+    // Last: the programs (and their links) must outlive nothing above, and
+    // dropping the Ebpf detaches them.
+    _ebpf: Ebpf,
+}
+
+fn is_root() -> bool {
+    // /proc/self is owned by the effective uid of the process.
+    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+}
+
+/// Checks the prerequisites a person can fix, with advice.
+pub fn check_prerequisites() -> Result<(), TrackerError> {
+    if !Path::new("/sys/kernel/btf/vmlinux").exists() {
+        return Err(TrackerError::Unsupported(
+            "/sys/kernel/btf/vmlinux is missing: this kernel has no BTF (CONFIG_DEBUG_INFO_BTF), \
+             which the tracker's CO-RE programs need; boot a kernel with BTF (every major \
+             distribution ships one since 2020)"
+                .into(),
+        ));
+    }
+    if !is_root() {
+        return Err(TrackerError::Privilege(
+            "loading eBPF programs needs root (CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN): run as root".into(),
+        ));
+    }
+    Ok(())
+}
+
+fn map_err(name: &str, e: impl std::error::Error + Send + Sync + 'static) -> TrackerError {
+    TrackerError::Kernel {
+        what: format!("map {name}"),
+        source: Box::new(e),
+    }
+}
+
+impl BpfSource {
+    /// Loads the programs and attaches every hook. Fails if a required hook
+    /// does not attach; an optional one that fails is reported by [`hooks`](Self::hooks).
+    pub fn load() -> Result<BpfSource, TrackerError> {
+        check_prerequisites()?;
+        let btf = Btf::from_sys_fs().map_err(|e| TrackerError::Kernel {
+            what: "reading /sys/kernel/btf/vmlinux".into(),
+            source: Box::new(e),
+        })?;
+        let mut ebpf = EbpfLoader::new()
+            .btf(Some(&btf))
+            .load(OBJECT)
+            .map_err(|e| TrackerError::Kernel {
+                what: "loading the tracker object (maps and CO-RE relocations)".into(),
+                source: Box::new(e),
+            })?;
+
+        let mut hooks = Vec::new();
+        for (program, tracepoint, role, required) in HOOKS {
+            let error = attach(&mut ebpf, &btf, program, tracepoint).err();
+            if let Some(e) = &error {
+                if required {
+                    return Err(TrackerError::Kernel {
+                        what: format!("attaching {program} to tp_btf/{tracepoint}: {e}"),
+                        source: e.clone().into(),
+                    });
+                }
+                tracing::warn!(hook = tracepoint, error = %e, "optional hook not attached");
+            }
+            hooks.push(Hook {
+                program,
+                tracepoint,
+                role,
+                required,
+                error,
+            });
+        }
+        let kconsts = read_kconsts(&mut ebpf);
+
+        let take = |ebpf: &mut Ebpf, name: &str| {
+            ebpf.take_map(name).ok_or_else(|| TrackerError::Kernel {
+                what: format!("map {name} missing from the tracker object"),
+                source: "object and header disagree".into(),
+            })
+        };
+        let ring = RingBuf::try_from(take(&mut ebpf, abi::MAP_EVENTS)?)
+            .map_err(|e| map_err(abi::MAP_EVENTS, e))?;
+        let protected = HashMap::try_from(take(&mut ebpf, abi::MAP_PROTECTED)?)
+            .map_err(|e| map_err(abi::MAP_PROTECTED, e))?;
+        let drops = HashMap::try_from(take(&mut ebpf, abi::MAP_DROPS)?)
+            .map_err(|e| map_err(abi::MAP_DROPS, e))?;
+        Ok(BpfSource {
+            ring: Ring::Plain(ring),
+            protected,
+            drops,
+            undecodable: 0,
+            hooks,
+            kconsts,
+            _ebpf: ebpf,
+        })
+    }
+
+    /// The hooks and whether each attached.
+    pub fn hooks(&self) -> &[Hook] {
+        &self.hooks
+    }
+
+    /// The kernel enum values CO-RE resolved (`None`: not present on this kernel).
+    pub fn kernel_constants(&self) -> &[(&'static str, Option<u64>)] {
+        &self.kconsts
+    }
+}
+
+fn attach(ebpf: &mut Ebpf, btf: &Btf, program: &str, tracepoint: &str) -> Result<(), String> {
+    let prog: &mut BtfTracePoint = ebpf
+        .program_mut(program)
+        .ok_or_else(|| format!("program {program} missing from the object"))?
+        .try_into()
+        .map_err(|e| format!("{e}"))?;
+    prog.load(tracepoint, btf).map_err(|e| explain(&e))?;
+    prog.attach().map_err(|e| explain(&e))?;
+    Ok(())
+}
+
+/// An error with its causes, and advice for the one a person can fix.
+fn explain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        src = s.source();
+    }
+    if text.contains("Operation not permitted") {
+        text.push_str(" (needs root with CAP_BPF and CAP_PERFMON; under lockdown=confidentiality tracing programs are refused)");
+    }
+    text
+}
+
+/// Runs `bf_kconsts_fill` once (BPF_PROG_TEST_RUN) and reads what it stored.
+fn read_kconsts(ebpf: &mut Ebpf) -> Vec<(&'static str, Option<u64>)> {
+    const NAMES: [(&str, u64); 10] = [
+        ("REQ_OP_WRITE", abi::KC_REQ_OP_WRITE),
+        ("REQ_OP_FLUSH", abi::KC_REQ_OP_FLUSH),
+        ("REQ_OP_DISCARD", abi::KC_REQ_OP_DISCARD),
+        ("REQ_OP_SECURE_ERASE", abi::KC_REQ_OP_SECURE_ERASE),
+        ("REQ_OP_WRITE_ZEROES", abi::KC_REQ_OP_WRITE_ZEROES),
+        ("REQ_OP_ZONE_APPEND", abi::KC_REQ_OP_ZONE_APPEND),
+        ("REQ_OP_BITS", abi::KC_REQ_OP_BITS),
+        ("__REQ_PREFLUSH", abi::KC_REQ_PREFLUSH),
+        ("__REQ_FUA", abi::KC_REQ_FUA),
+        ("__REQ_NOUNMAP", abi::KC_REQ_NOUNMAP),
+    ];
+    let ran = (|| -> Result<(), String> {
+        let prog: &mut RawTracePoint = ebpf
+            .program_mut("bf_kconsts_fill")
+            .ok_or("program bf_kconsts_fill missing")?
+            .try_into()
+            .map_err(|e| format!("{e}"))?;
+        prog.load().map_err(|e| explain(&e))?;
+        prog.test_run(RawTracePointRunOptions::new())
+            .map_err(|e| explain(&e))?;
+        Ok(())
+    })();
+    if let Err(e) = ran {
+        tracing::warn!(error = %e, "cannot read the resolved kernel constants");
+        return NAMES.iter().map(|&(n, _)| (n, None)).collect();
+    }
+    let Some(map) = ebpf.map(abi::MAP_KCONSTS) else {
+        return NAMES.iter().map(|&(n, _)| (n, None)).collect();
+    };
+    let Ok(array) = Array::<&MapData, u64>::try_from(map) else {
+        return NAMES.iter().map(|&(n, _)| (n, None)).collect();
+    };
+    NAMES
+        .iter()
+        .map(|&(n, idx)| {
+            let v = array
+                .get(&(idx as u32), 0)
+                .ok()
+                .filter(|&v| v != abi::KC_MISSING);
+            (n, v)
+        })
+        .collect()
+}
+
+impl EventSource for BpfSource {
+    fn set_filter(&mut self, disk: KernelDev, sectors: &[Range<u64>]) -> Result<(), TrackerError> {
+        if sectors.is_empty() {
+            match self.protected.remove(&disk.0) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(abi::MAP_PROTECTED, e)),
+            }
+            return Ok(());
+        }
+        let mut filter: Filter = [0; FILTER_WORDS];
+        for (i, r) in sectors.iter().take(abi::MAX_RANGES as usize).enumerate() {
+            filter[2 * i] = r.start;
+            filter[2 * i + 1] = r.end;
+        }
+        // The drop counter must exist before the filter lets events through, or
+        // a failed reserve would have nowhere to be counted. BPF_NOEXIST keeps
+        // an existing count.
+        match self.drops.insert(disk.0, 0, 1) {
+            Ok(()) => {}
+            Err(aya::maps::MapError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
+            Err(e) => return Err(map_err(abi::MAP_DROPS, e)),
+        }
+        self.protected
+            .insert(disk.0, filter, 0)
+            .map_err(|e| map_err(abi::MAP_PROTECTED, e))
+    }
+
+    fn drop_count(&self, disk: KernelDev) -> Result<u64, TrackerError> {
+        match self.drops.get(&disk.0, 0) {
+            Ok(n) => Ok(n.saturating_add(self.undecodable)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(self.undecodable),
+            Err(e) => Err(map_err(abi::MAP_DROPS, e)),
+        }
+    }
+
+    async fn readable(&mut self) -> Result<(), TrackerError> {
+        self.ring.readable().await
+    }
+
+    fn drain(&mut self, out: &mut Vec<RawEvent>) -> Result<(), TrackerError> {
+        let mut bad = 0;
+        if let Some(ring) = self.ring.get_mut() {
+            while let Some(item) = ring.next() {
+                match RawEvent::decode(&item) {
+                    Some(ev) => out.push(ev),
+                    None => bad += 1,
+                }
+            }
+        }
+        if bad > 0 {
+            tracing::error!(
+                records = bad,
+                "undecodable tracker records: treating them as lost events"
+            );
+            self.undecodable += bad;
+        }
+        Ok(())
+    }
+}
