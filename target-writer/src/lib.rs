@@ -11,6 +11,7 @@ pub mod crashsafe;
 pub mod error;
 pub mod export;
 pub mod extents;
+pub mod feed;
 pub mod replica;
 pub mod retention;
 pub mod segment;
