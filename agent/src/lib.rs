@@ -1,4 +1,5 @@
 //! blockferry agent: tracks changed extents of protected disks in the kernel,
 //! reads them and ships them to the relay.
 
+pub mod reader;
 pub mod tracker;
