@@ -1,0 +1,758 @@
+//! The relay's durable spool: encoded frames of every disk, appended to segment
+//! files and fsynced before the agent is acked; released (and their segments
+//! deleted) only after the target acked them durable.
+//!
+//! On-disk layout in the spool directory:
+//!
+//! ```text
+//! seg-0000000000000001.log   records, appended; a new segment past `segment_bytes`
+//! positions                  per disk: the last (generation, seq) the target acked
+//! ```
+//!
+//! A record is `magic u32 | payload len u32 | disk 16 | generation u64 | seq u64 |
+//! check 16 | payload`, big endian, where `check` is blake3 over everything else.
+//! A torn or corrupt tail (a crash during append, a full disk) is cut off on open:
+//! it was never acked, so the agent still holds it and sends it again.
+//!
+//! `positions` is rewritten (temp file, fsync, rename, directory fsync) before
+//! any segment is deleted, so after a restart the relay still knows how far each
+//! disk got even when nothing of it is left in the spool.
+//!
+//! This module does blocking file I/O; the async shell calls it from a blocking
+//! thread.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use blockferry_proto::{DiskId, Generation, Seq};
+use bytes::Bytes;
+
+const MAGIC: u32 = u32::from_be_bytes(*b"BFSP");
+const RECORD_HEADER_LEN: usize = 4 + 4 + 16 + 8 + 8 + 16;
+/// A record's payload is one encoded frame; bound it like the protocol does.
+const MAX_RECORD_PAYLOAD: usize = blockferry_proto::frame::MAX_FRAME_LEN;
+const POSITIONS: &str = "positions";
+
+/// Errors of the spool.
+#[derive(Debug, thiserror::Error)]
+pub enum SpoolError {
+    #[error("spool {action} {path} at offset {offset}: {source}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        offset: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("spool record of {len} bytes exceeds the limit of {MAX_RECORD_PAYLOAD}")]
+    TooLarge { len: usize },
+    #[error(
+        "spool positions file {path} is corrupt: {detail}; move it away to rebuild from the target"
+    )]
+    BadPositions { path: PathBuf, detail: String },
+}
+
+impl SpoolError {
+    /// Whether the error is a full file system (the shell retries, never drops).
+    pub fn is_no_space(&self) -> bool {
+        match self {
+            SpoolError::Io { source, .. } => source.kind() == std::io::ErrorKind::StorageFull,
+            _ => false,
+        }
+    }
+}
+
+/// (generation, seq): the order of frames of one disk.
+pub type Position = (Generation, Seq);
+
+/// One frame to spool.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub disk: DiskId,
+    pub generation: Generation,
+    pub seq: Seq,
+    /// The encoded frame, as it goes to the target.
+    pub frame: Bytes,
+}
+
+/// Where a spooled frame lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordRef {
+    pub disk: DiskId,
+    pub generation: Generation,
+    pub seq: Seq,
+    segment: u64,
+    /// Offset of the payload in the segment.
+    offset: u64,
+    pub len: u32,
+}
+
+impl RecordRef {
+    pub fn position(&self) -> Position {
+        (self.generation, self.seq)
+    }
+}
+
+#[derive(Debug)]
+struct Segment {
+    file: File,
+    path: PathBuf,
+    len: u64,
+    live: usize,
+}
+
+/// Tunables of the spool.
+#[derive(Debug, Clone, Copy)]
+pub struct SpoolOptions {
+    /// A new segment starts once the current one is this large.
+    pub segment_bytes: u64,
+    /// fsync after each append (off only in tests of other things and benches
+    /// that measure without it; the relay always runs with it on).
+    pub fsync: bool,
+}
+
+impl Default for SpoolOptions {
+    fn default() -> Self {
+        SpoolOptions {
+            segment_bytes: 64 << 20,
+            fsync: true,
+        }
+    }
+}
+
+/// The spool of one relay.
+#[derive(Debug)]
+pub struct Spool {
+    dir: PathBuf,
+    opts: SpoolOptions,
+    segments: BTreeMap<u64, Segment>,
+    records: HashMap<DiskId, VecDeque<RecordRef>>,
+    /// The last position of each disk the target acked (persisted).
+    acked: HashMap<DiskId, Position>,
+    /// Payload bytes of unreleased records.
+    live_bytes: u64,
+}
+
+impl Spool {
+    /// Opens (or creates) the spool in `dir` and rebuilds its index, cutting
+    /// off a torn tail.
+    pub fn open(dir: &Path, opts: SpoolOptions) -> Result<Self, SpoolError> {
+        let io = |action, path: &Path, source| SpoolError::Io {
+            action,
+            path: path.to_path_buf(),
+            offset: 0,
+            source,
+        };
+        fs::create_dir_all(dir).map_err(|e| io("create directory", dir, e))?;
+        let acked = read_positions(&dir.join(POSITIONS))?;
+        let mut ids = Vec::new();
+        for entry in fs::read_dir(dir).map_err(|e| io("list", dir, e))? {
+            let entry = entry.map_err(|e| io("list", dir, e))?;
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            if let Some(id) = name
+                .strip_prefix("seg-")
+                .and_then(|s| s.strip_suffix(".log"))
+                .and_then(|s| u64::from_str_radix(s, 16).ok())
+            {
+                ids.push(id);
+            }
+        }
+        ids.sort_unstable();
+        let mut spool = Spool {
+            dir: dir.to_path_buf(),
+            opts,
+            segments: BTreeMap::new(),
+            records: HashMap::new(),
+            acked,
+            live_bytes: 0,
+        };
+        for id in ids {
+            spool.load_segment(id)?;
+        }
+        if spool.segments.is_empty() {
+            spool.new_segment(1)?;
+        }
+        Ok(spool)
+    }
+
+    fn segment_path(&self, id: u64) -> PathBuf {
+        self.dir.join(format!("seg-{id:016x}.log"))
+    }
+
+    fn load_segment(&mut self, id: u64) -> Result<(), SpoolError> {
+        let path = self.segment_path(id);
+        let io = |action, offset, source| SpoolError::Io {
+            action,
+            path: path.clone(),
+            offset,
+            source,
+        };
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(|e| io("open", 0, e))?;
+        let mut data = Vec::new();
+        file.read_to_end(&mut data).map_err(|e| io("read", 0, e))?;
+        let mut pos = 0usize;
+        let mut live = 0usize;
+        while let Some((rec, next)) = parse_record(&data, pos) {
+            let rec = RecordRef { segment: id, ..rec };
+            pos = next;
+            let acked = self.acked.get(&rec.disk).copied();
+            if acked.is_some_and(|a| rec.position() <= a) {
+                continue;
+            }
+            self.live_bytes += u64::from(rec.len);
+            live += 1;
+            self.records.entry(rec.disk).or_default().push_back(rec);
+        }
+        if pos < data.len() {
+            tracing::warn!(
+                path = %path.display(),
+                offset = pos,
+                cut = data.len() - pos,
+                "cutting a torn or corrupt spool tail (never acked, the agent resends it)"
+            );
+            file.set_len(pos as u64)
+                .map_err(|e| io("truncate", pos as u64, e))?;
+            file.sync_all().map_err(|e| io("fsync", pos as u64, e))?;
+        }
+        self.segments.insert(
+            id,
+            Segment {
+                file,
+                path: path.clone(),
+                len: pos as u64,
+                live,
+            },
+        );
+        Ok(())
+    }
+
+    fn new_segment(&mut self, id: u64) -> Result<(), SpoolError> {
+        let path = self.segment_path(id);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(|source| SpoolError::Io {
+                action: "create",
+                path: path.clone(),
+                offset: 0,
+                source,
+            })?;
+        sync_dir(&self.dir)?;
+        self.segments.insert(
+            id,
+            Segment {
+                file,
+                path,
+                len: 0,
+                live: 0,
+            },
+        );
+        Ok(())
+    }
+
+    /// Appends `entries` in order and makes them durable with one fsync. On any
+    /// error nothing of this call counts: the partial tail is cut off again.
+    pub fn append(&mut self, entries: &[Entry]) -> Result<Vec<RecordRef>, SpoolError> {
+        for e in entries {
+            if e.frame.len() > MAX_RECORD_PAYLOAD {
+                return Err(SpoolError::TooLarge { len: e.frame.len() });
+            }
+        }
+        let rotate = self
+            .segments
+            .last_key_value()
+            .map(|(id, s)| (s.len >= self.opts.segment_bytes).then_some(*id + 1))
+            .unwrap_or(Some(1));
+        if let Some(id) = rotate {
+            self.new_segment(id)?;
+        }
+        let (&id, seg) = self
+            .segments
+            .last_key_value()
+            .ok_or_else(|| SpoolError::Io {
+                action: "find the active segment in",
+                path: self.dir.clone(),
+                offset: 0,
+                source: std::io::Error::other("no segment"),
+            })?;
+        let start = seg.len;
+        let mut buf = Vec::with_capacity(
+            entries
+                .iter()
+                .map(|e| RECORD_HEADER_LEN + e.frame.len())
+                .sum(),
+        );
+        let mut refs = Vec::with_capacity(entries.len());
+        for e in entries {
+            let offset = start + (buf.len() + RECORD_HEADER_LEN) as u64;
+            encode_record(&mut buf, e);
+            refs.push(RecordRef {
+                disk: e.disk,
+                generation: e.generation,
+                seq: e.seq,
+                segment: id,
+                offset,
+                len: e.frame.len() as u32,
+            });
+        }
+        let result = (|| {
+            seg.file
+                .write_all_at(&buf, start)
+                .map_err(|source| SpoolError::Io {
+                    action: "write",
+                    path: seg.path.clone(),
+                    offset: start,
+                    source,
+                })?;
+            if self.opts.fsync {
+                seg.file.sync_data().map_err(|source| SpoolError::Io {
+                    action: "fsync",
+                    path: seg.path.clone(),
+                    offset: start,
+                    source,
+                })?;
+            }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            // Cut what may have landed so the next append starts at a record
+            // boundary; if even that fails, open() cuts it by checksum.
+            if let Err(t) = seg.file.set_len(start) {
+                tracing::error!(path = %seg.path.display(), offset = start, error = %t, "cannot cut a failed spool append");
+            }
+            return Err(e);
+        }
+        let seg = self.segments.get_mut(&id).ok_or_else(|| SpoolError::Io {
+            action: "find segment",
+            path: self.dir.clone(),
+            offset: start,
+            source: std::io::Error::other("segment vanished"),
+        })?;
+        seg.len = start + buf.len() as u64;
+        seg.live += refs.len();
+        for r in &refs {
+            self.live_bytes += u64::from(r.len);
+            self.records.entry(r.disk).or_default().push_back(*r);
+        }
+        Ok(refs)
+    }
+
+    /// Reads a spooled frame back.
+    pub fn read(&self, r: &RecordRef) -> Result<Bytes, SpoolError> {
+        let seg = self
+            .segments
+            .get(&r.segment)
+            .ok_or_else(|| SpoolError::Io {
+                action: "read released record from",
+                path: self.segment_path(r.segment),
+                offset: r.offset,
+                source: std::io::Error::from(std::io::ErrorKind::NotFound),
+            })?;
+        let mut buf = vec![0u8; r.len as usize];
+        seg.file
+            .read_exact_at(&mut buf, r.offset)
+            .map_err(|source| SpoolError::Io {
+                action: "read",
+                path: seg.path.clone(),
+                offset: r.offset,
+                source,
+            })?;
+        Ok(Bytes::from(buf))
+    }
+
+    /// Up to `max` unreleased records of `disk` after `after`, in order.
+    pub fn pending(&self, disk: DiskId, after: Option<Position>, max: usize) -> Vec<RecordRef> {
+        let Some(q) = self.records.get(&disk) else {
+            return Vec::new();
+        };
+        q.iter()
+            .filter(|r| after.is_none_or(|a| r.position() > a))
+            .take(max)
+            .copied()
+            .collect()
+    }
+
+    /// Disks with unreleased records or a known position.
+    pub fn disks(&self) -> Vec<DiskId> {
+        let mut d: Vec<DiskId> = self
+            .records
+            .keys()
+            .chain(self.acked.keys())
+            .copied()
+            .collect();
+        d.sort_unstable();
+        d.dedup();
+        d
+    }
+
+    /// The newest position of `disk` the relay holds durably (spooled or
+    /// already acked by the target).
+    pub fn durable_position(&self, disk: DiskId) -> Option<Position> {
+        let spooled = self
+            .records
+            .get(&disk)
+            .and_then(|q| q.back())
+            .map(RecordRef::position);
+        spooled.max(self.acked.get(&disk).copied())
+    }
+
+    /// The last position of `disk` the target acked.
+    pub fn acked_position(&self, disk: DiskId) -> Option<Position> {
+        self.acked.get(&disk).copied()
+    }
+
+    /// Payload bytes waiting for the target.
+    pub fn live_bytes(&self) -> u64 {
+        self.live_bytes
+    }
+
+    /// Number of frames of `disk` waiting for the target.
+    pub fn pending_count(&self, disk: DiskId) -> usize {
+        self.records.get(&disk).map_or(0, VecDeque::len)
+    }
+
+    /// The target acked `disk` up to `upto`: forget those records, persist the
+    /// position, and delete segments that hold nothing live. Returns the
+    /// payload bytes released.
+    pub fn release(&mut self, disk: DiskId, upto: Position) -> Result<u64, SpoolError> {
+        let mut freed = 0u64;
+        let mut emptied = false;
+        if let Some(q) = self.records.get_mut(&disk) {
+            while q.front().is_some_and(|r| r.position() <= upto) {
+                let Some(r) = q.pop_front() else { break };
+                freed += u64::from(r.len);
+                if let Some(seg) = self.segments.get_mut(&r.segment) {
+                    seg.live = seg.live.saturating_sub(1);
+                    emptied |= seg.live == 0;
+                }
+            }
+        }
+        self.live_bytes = self.live_bytes.saturating_sub(freed);
+        let prev = self.acked.get(&disk).copied();
+        if prev.is_none_or(|p| upto > p) {
+            self.acked.insert(disk, upto);
+        }
+        if emptied {
+            // Persist first: a deleted segment must never be the only record
+            // of how far a disk got.
+            self.write_positions()?;
+            self.delete_empty_segments()?;
+        }
+        Ok(freed)
+    }
+
+    /// Persists the acked positions now (also done before deleting segments).
+    pub fn write_positions(&self) -> Result<(), SpoolError> {
+        let path = self.dir.join(POSITIONS);
+        let tmp = self.dir.join("positions.tmp");
+        let io = |action, p: &Path, source| SpoolError::Io {
+            action,
+            path: p.to_path_buf(),
+            offset: 0,
+            source,
+        };
+        let mut text = String::new();
+        let mut disks: Vec<_> = self.acked.iter().collect();
+        disks.sort_unstable_by_key(|(d, _)| **d);
+        for (disk, (g, s)) in disks {
+            text.push_str(&format!("{disk} {} {}\n", g.0, s.0));
+        }
+        let mut f = File::create(&tmp).map_err(|e| io("create", &tmp, e))?;
+        f.write_all(text.as_bytes())
+            .map_err(|e| io("write", &tmp, e))?;
+        f.sync_all().map_err(|e| io("fsync", &tmp, e))?;
+        fs::rename(&tmp, &path).map_err(|e| io("rename", &path, e))?;
+        sync_dir(&self.dir)
+    }
+
+    fn delete_empty_segments(&mut self) -> Result<(), SpoolError> {
+        let active = self.segments.last_key_value().map(|(id, _)| *id);
+        let dead: Vec<u64> = self
+            .segments
+            .iter()
+            .filter(|(id, s)| s.live == 0 && Some(**id) != active)
+            .map(|(id, _)| *id)
+            .collect();
+        if dead.is_empty() {
+            // The active segment alone holds nothing live: start over in it
+            // rather than growing it forever.
+            if let Some((_, seg)) = self.segments.last_key_value()
+                && seg.live == 0
+                && seg.len >= self.opts.segment_bytes
+            {
+                let next = active.unwrap_or(0) + 1;
+                self.new_segment(next)?;
+                return self.delete_empty_segments();
+            }
+            return Ok(());
+        }
+        for id in dead {
+            if let Some(seg) = self.segments.remove(&id) {
+                fs::remove_file(&seg.path).map_err(|source| SpoolError::Io {
+                    action: "delete",
+                    path: seg.path.clone(),
+                    offset: 0,
+                    source,
+                })?;
+            }
+        }
+        sync_dir(&self.dir)
+    }
+
+    /// Bytes of segment files on disk.
+    pub fn file_bytes(&self) -> u64 {
+        self.segments.values().map(|s| s.len).sum()
+    }
+}
+
+fn encode_record(buf: &mut Vec<u8>, e: &Entry) {
+    let mut head = [0u8; RECORD_HEADER_LEN];
+    head[0..4].copy_from_slice(&MAGIC.to_be_bytes());
+    head[4..8].copy_from_slice(&(e.frame.len() as u32).to_be_bytes());
+    head[8..24].copy_from_slice(e.disk.as_bytes());
+    head[24..32].copy_from_slice(&e.generation.0.to_be_bytes());
+    head[32..40].copy_from_slice(&e.seq.0.to_be_bytes());
+    let check = checksum(&head[..40], &e.frame);
+    head[40..56].copy_from_slice(&check);
+    buf.extend_from_slice(&head);
+    buf.extend_from_slice(&e.frame);
+}
+
+fn checksum(head: &[u8], payload: &[u8]) -> [u8; 16] {
+    let mut h = blake3::Hasher::new();
+    h.update(head);
+    h.update(payload);
+    let mut out = [0u8; 16];
+    out.copy_from_slice(&h.finalize().as_bytes()[..16]);
+    out
+}
+
+/// Parses the record at `pos`; `None` at the end or at a torn/corrupt record.
+fn parse_record(data: &[u8], pos: usize) -> Option<(RecordRef, usize)> {
+    let head = data.get(pos..pos.checked_add(RECORD_HEADER_LEN)?)?;
+    if u32::from_be_bytes(head[0..4].try_into().ok()?) != MAGIC {
+        return None;
+    }
+    let len = u32::from_be_bytes(head[4..8].try_into().ok()?);
+    if len as usize > MAX_RECORD_PAYLOAD {
+        return None;
+    }
+    let start = pos + RECORD_HEADER_LEN;
+    let payload = data.get(start..start.checked_add(len as usize)?)?;
+    if checksum(&head[..40], payload) != head[40..56] {
+        return None;
+    }
+    let disk = DiskId::from_bytes(head[8..24].try_into().ok()?);
+    let generation = Generation(u64::from_be_bytes(head[24..32].try_into().ok()?));
+    let seq = Seq(u64::from_be_bytes(head[32..40].try_into().ok()?));
+    Some((
+        RecordRef {
+            disk,
+            generation,
+            seq,
+            segment: 0,
+            offset: start as u64,
+            len,
+        },
+        start + len as usize,
+    ))
+}
+
+fn read_positions(path: &Path) -> Result<HashMap<DiskId, Position>, SpoolError> {
+    let text = match fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(HashMap::new()),
+        Err(source) => {
+            return Err(SpoolError::Io {
+                action: "read",
+                path: path.to_path_buf(),
+                offset: 0,
+                source,
+            });
+        }
+    };
+    let bad = |line: usize| SpoolError::BadPositions {
+        path: path.to_path_buf(),
+        detail: format!("line {line}"),
+    };
+    let mut out = HashMap::new();
+    for (i, line) in text.lines().enumerate() {
+        let mut it = line.split_whitespace();
+        let disk: DiskId = it
+            .next()
+            .and_then(|d| d.parse().ok())
+            .ok_or_else(|| bad(i + 1))?;
+        let g: u64 = it
+            .next()
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| bad(i + 1))?;
+        let s: u64 = it
+            .next()
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| bad(i + 1))?;
+        out.insert(disk, (Generation(g), Seq(s)));
+    }
+    Ok(out)
+}
+
+fn sync_dir(dir: &Path) -> Result<(), SpoolError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|source| SpoolError::Io {
+            action: "fsync directory",
+            path: dir.to_path_buf(),
+            offset: 0,
+            source,
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn disk(n: u8) -> DiskId {
+        DiskId::from_bytes([n; 16])
+    }
+
+    fn entry(d: u8, seq: u64, len: usize) -> Entry {
+        Entry {
+            disk: disk(d),
+            generation: Generation(1),
+            seq: Seq(seq),
+            frame: Bytes::from(vec![seq as u8; len]),
+        }
+    }
+
+    fn small() -> SpoolOptions {
+        SpoolOptions {
+            segment_bytes: 4096,
+            fsync: true,
+        }
+    }
+
+    #[test]
+    fn appended_records_survive_reopen_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Spool::open(dir.path(), small()).unwrap();
+        for seq in 1..=20 {
+            s.append(&[entry(1, seq, 1000), entry(2, seq, 10)]).unwrap();
+        }
+        drop(s);
+        let s = Spool::open(dir.path(), small()).unwrap();
+        let p = s.pending(disk(1), None, 100);
+        assert_eq!(
+            p.iter().map(|r| r.seq.0).collect::<Vec<_>>(),
+            (1..=20).collect::<Vec<_>>()
+        );
+        for r in &p {
+            assert_eq!(s.read(r).unwrap(), Bytes::from(vec![r.seq.0 as u8; 1000]));
+        }
+        assert_eq!(
+            s.pending(disk(2), Some((Generation(1), Seq(18))), 100)
+                .len(),
+            2
+        );
+        assert_eq!(s.live_bytes(), 20 * 1010);
+    }
+
+    #[test]
+    fn released_records_are_gone_after_reopen_and_segments_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Spool::open(dir.path(), small()).unwrap();
+        for seq in 1..=20 {
+            s.append(&[entry(1, seq, 1000)]).unwrap();
+        }
+        let before = fs::read_dir(dir.path()).unwrap().count();
+        s.release(disk(1), (Generation(1), Seq(15))).unwrap();
+        let after = fs::read_dir(dir.path()).unwrap().count();
+        assert!(after < before, "{before} -> {after}");
+        drop(s);
+        let s = Spool::open(dir.path(), small()).unwrap();
+        let seqs: Vec<u64> = s
+            .pending(disk(1), None, 100)
+            .iter()
+            .map(|r| r.seq.0)
+            .collect();
+        assert_eq!(seqs, (16..=20).collect::<Vec<_>>());
+        assert_eq!(s.durable_position(disk(1)), Some((Generation(1), Seq(20))));
+    }
+
+    #[test]
+    fn fully_released_disk_keeps_its_position_across_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Spool::open(dir.path(), small()).unwrap();
+        for seq in 1..=10 {
+            s.append(&[entry(3, seq, 1000)]).unwrap();
+        }
+        s.release(disk(3), (Generation(1), Seq(10))).unwrap();
+        s.write_positions().unwrap();
+        drop(s);
+        let s = Spool::open(dir.path(), small()).unwrap();
+        assert_eq!(s.pending_count(disk(3)), 0);
+        assert_eq!(s.durable_position(disk(3)), Some((Generation(1), Seq(10))));
+    }
+
+    #[test]
+    fn torn_tail_is_cut_and_appending_continues() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Spool::open(dir.path(), SpoolOptions::default()).unwrap();
+        s.append(&[entry(1, 1, 100), entry(1, 2, 100)]).unwrap();
+        drop(s);
+        let seg = dir.path().join("seg-0000000000000001.log");
+        let len = fs::metadata(&seg).unwrap().len();
+        // A crash in the middle of the second record.
+        OpenOptions::new()
+            .write(true)
+            .open(&seg)
+            .unwrap()
+            .set_len(len - 30)
+            .unwrap();
+        let mut s = Spool::open(dir.path(), SpoolOptions::default()).unwrap();
+        assert_eq!(s.pending_count(disk(1)), 1);
+        s.append(&[entry(1, 2, 100)]).unwrap();
+        drop(s);
+        let s = Spool::open(dir.path(), SpoolOptions::default()).unwrap();
+        let seqs: Vec<u64> = s
+            .pending(disk(1), None, 10)
+            .iter()
+            .map(|r| r.seq.0)
+            .collect();
+        assert_eq!(seqs, vec![1, 2]);
+    }
+
+    #[test]
+    fn flipped_byte_is_detected_as_corrupt_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Spool::open(dir.path(), SpoolOptions::default()).unwrap();
+        s.append(&[entry(1, 1, 100), entry(1, 2, 100)]).unwrap();
+        drop(s);
+        let seg = dir.path().join("seg-0000000000000001.log");
+        let mut data = fs::read(&seg).unwrap();
+        let last = data.len() - 1;
+        data[last] ^= 0xff;
+        fs::write(&seg, data).unwrap();
+        let s = Spool::open(dir.path(), SpoolOptions::default()).unwrap();
+        assert_eq!(s.pending_count(disk(1)), 1);
+    }
+
+    #[test]
+    fn parse_record_never_panics_on_garbage() {
+        let mut data = vec![0u8; 200];
+        data[0..4].copy_from_slice(b"BFSP");
+        data[4..8].copy_from_slice(&u32::MAX.to_be_bytes());
+        for cut in 0..data.len() {
+            assert!(parse_record(&data[..cut], 0).is_none());
+        }
+        assert!(parse_record(&data, usize::MAX - 3).is_none());
+    }
+}
