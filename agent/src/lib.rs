@@ -2,4 +2,5 @@
 //! reads them and ships them to the relay.
 
 pub mod reader;
+pub mod resync;
 pub mod tracker;

@@ -192,7 +192,9 @@ fn dropping_the_events_stops_the_reader() {
 fn leaf_hashes_are_the_blake3_of_each_chunk() {
     let data = mixed_data(5 * 65536 + 100, 7);
     let f = temp_file(&data);
-    let leaves = reader::leaf_hashes(f.path(), &ReaderConfig::default()).unwrap();
+    let hashes = reader::leaf_hashes(f.path(), &ReaderConfig::default()).unwrap();
+    assert_eq!(hashes.size, data.len() as u64);
+    let leaves = hashes.leaves;
     let want: Vec<[u8; 32]> = data
         .chunks(65536)
         .map(|c| *blake3::hash(c).as_bytes())

@@ -102,8 +102,8 @@ fn loop_device_leaf_hashes_match_the_backing_file() {
     let backing = backing_file(&data);
     let lo = LoopDev::attach(backing.path(), true);
     let config = ReaderConfig::default();
-    let from_device = reader::leaf_hashes(&lo.dev, &config).unwrap();
-    let from_file = reader::leaf_hashes(backing.path(), &config).unwrap();
+    let from_device = reader::leaf_hashes(&lo.dev, &config).unwrap().leaves;
+    let from_file = reader::leaf_hashes(backing.path(), &config).unwrap().leaves;
     let want: Vec<[u8; 32]> = data
         .chunks(65536)
         .map(|c| *blake3::hash(c).as_bytes())

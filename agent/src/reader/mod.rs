@@ -223,9 +223,21 @@ pub fn device_size(file: &File) -> io::Result<u64> {
     }
 }
 
+/// The blake3 of every chunk of a device, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeafHashes {
+    /// Device size in bytes when it was read.
+    pub size: u64,
+    /// One hash per chunk; the last chunk may be short.
+    pub leaves: Vec<[u8; 32]>,
+}
+
 /// blake3 of every chunk of the device at `path`, in order: the leaves of
-/// the checksum-resync hash tree. Uses the reader in hash-only mode.
-pub fn leaf_hashes(path: &Path, config: &ReaderConfig) -> Result<Vec<[u8; 32]>, ReaderError> {
+/// the checksum-resync hash tree. Uses the reader in hash-only mode, so only
+/// reading and hashing run (zero chunks cost no hashing at all).
+///
+/// Blocks until the whole device is read (not from an async task).
+pub fn leaf_hashes(path: &Path, config: &ReaderConfig) -> Result<LeafHashes, ReaderError> {
     let config = ReaderConfig {
         hash_only: true,
         ..config.clone()
@@ -250,5 +262,5 @@ pub fn leaf_hashes(path: &Path, config: &ReaderConfig) -> Result<Vec<[u8; 32]>, 
             device: path.to_owned(),
         });
     }
-    Ok(leaves)
+    Ok(LeafHashes { size, leaves })
 }

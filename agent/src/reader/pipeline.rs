@@ -182,7 +182,8 @@ impl ReaderEvents {
         self.rx.recv().await
     }
 
-    /// Blocking variant, for threads outside an async runtime.
+    /// Blocking variant, for threads outside an async runtime (tokio panics
+    /// when it is called from an async task).
     pub fn blocking_next(&mut self) -> Option<ReaderEvent> {
         self.rx.blocking_recv()
     }
