@@ -689,7 +689,7 @@ impl VmdkImage {
     /// Flat kinds also create `NAME-flat.vmdk` next to it, full size and
     /// thin on the file system. Existing files are refused.
     pub fn create(path: &Path, opts: &CreateOptions) -> Result<VmdkImage, VmdkError> {
-        if opts.size == 0 || opts.size % SECTOR != 0 {
+        if opts.size == 0 || !opts.size.is_multiple_of(SECTOR) {
             return Err(VmdkError::Invalid {
                 path: path.to_owned(),
                 what: format!("disk size {} is not a positive multiple of 512", opts.size),
@@ -820,7 +820,7 @@ impl VmdkImage {
         let mut out: Vec<Range<u64>> = Vec::new();
         for e in &self.extents {
             let ranges = match &e.data {
-                ExtentData::Flat { .. } => vec![0..e.len],
+                ExtentData::Flat { .. } => std::iter::once(0..e.len).collect(),
                 ExtentData::Zero => vec![],
                 ExtentData::Sparse(s) => s.allocated()?,
             };

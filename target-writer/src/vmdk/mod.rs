@@ -106,6 +106,13 @@ pub enum VmdkError {
     Invalid { path: PathBuf, what: String },
     #[error("{path}: opened read-only; open it with OpenMode::ReadWrite to write")]
     ReadOnly { path: PathBuf },
+    /// A [`DiskRead`] implemented outside this module failed; wrap its error here.
+    #[error("reading the source disk at offset {offset}")]
+    Source {
+        offset: u64,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 impl VmdkError {
