@@ -1,0 +1,148 @@
+//! Crash injection with a real SIGKILL: the real binary applies a feed of
+//! batches and barriers and is killed at random moments; after each kill the
+//! replica must sit exactly at a batch boundary at or after the last one it
+//! acknowledged, and every sealed recovery point must still be exact.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+
+use blockferry_target::feed::{FeedItem, encode};
+use blockferry_target::{Barrier, Consistency, DiskStore, StoreOptions};
+use common::*;
+use rand::{Rng, SeedableRng, rngs::StdRng};
+
+const SIZE: u64 = 4 << 20;
+const BATCHES: u64 = 60;
+
+#[test]
+fn sigkill_at_random_moments_leaves_the_replica_at_a_batch_boundary() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("store");
+    let seed: u64 = std::env::var("BLOCKFERRY_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0xdead);
+    eprintln!("seed {seed}");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let batches: Vec<_> = (1..=BATCHES)
+        .map(|q| random_batch(&mut rng, q, SIZE))
+        .collect();
+    let mut feed = Vec::new();
+    for b in &batches {
+        encode(&FeedItem::Batch(b.clone()), &mut feed);
+        if b.seq % 5 == 0 {
+            let barrier = Barrier {
+                disk: DISK.into(),
+                generation: 1,
+                seq: b.seq,
+                label: Consistency::CrashConsistent,
+            };
+            encode(&FeedItem::Barrier(barrier), &mut feed);
+        }
+    }
+    let feed_path = tmp.path().join("feed.bin");
+    std::fs::write(&feed_path, &feed).unwrap();
+
+    let mut acked = 0u64;
+    let mut kills = 0;
+    for round in 0..40 {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_blockferry-target"))
+            .args(["apply-file", "--disk", DISK, "--create-size"])
+            .arg(SIZE.to_string())
+            .args(["--checkpoint-bytes", "200000", "--store"])
+            .arg(&root)
+            .arg("--input")
+            .arg(&feed_path)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn blockferry-target");
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        // Kill after a random number of acknowledged steps, often zero, so the
+        // kill also lands in recovery and in creation.
+        let wait_for = rng.gen_range(0..6);
+        let mut seen = 0;
+        let mut finished = true;
+        while let Some(Ok(line)) = lines.next() {
+            // Count only new steps: replays of what is already durable are quick.
+            if line.ends_with("Applied") {
+                seen += 1;
+            }
+            if let Some(rest) = line.strip_prefix("applied ") {
+                let seq: u64 = rest.split(' ').next().unwrap().parse().unwrap();
+                acked = acked.max(seq);
+            }
+            if seen >= wait_for && round < 14 {
+                // Spin a random, short while so the kill lands inside a step.
+                let spin = rng.gen_range(0..200_000u32);
+                let mut x = 0u64;
+                for i in 0..spin {
+                    x = x.wrapping_add(std::hint::black_box(i as u64));
+                }
+                std::hint::black_box(x);
+                child.kill().unwrap();
+                kills += 1;
+                finished = false;
+                break;
+            }
+        }
+        let status = child.wait().unwrap();
+        // A run that printed nothing may have been killed before creation.
+        if !root.join(DISK).join("state.json").exists() {
+            continue;
+        }
+        if finished {
+            assert!(status.success(), "round {round}: {status}");
+        }
+        let mut s = DiskStore::open(&root, DISK, StoreOptions::default()).unwrap();
+        let applied = s.applied_seq();
+        assert!(
+            applied >= acked,
+            "round {round}: acked {acked} but applied {applied}"
+        );
+        assert_eq!(
+            first_diff(&replica_bytes(s.dir()), &model_at(&batches, SIZE, applied)),
+            None,
+            "round {round}: replica is not at batch boundary {applied}"
+        );
+        let points = s.points().to_vec();
+        for p in &points {
+            assert_eq!(p.seq % 5, 0, "round {round}: point at a non-barrier seq");
+            let img = s.point_image(p.id).unwrap();
+            let mut got = vec![0u8; SIZE as usize];
+            img.read_at(&mut got, 0).unwrap();
+            assert_eq!(
+                first_diff(&got, &model_at(&batches, SIZE, p.seq)),
+                None,
+                "round {round}: point {} (seq {})",
+                p.id,
+                p.seq
+            );
+        }
+        // Exactly one point per barrier reached, even across replays; the
+        // barrier right after the last applied batch may not have arrived.
+        let n = points.len() as u64;
+        assert!(
+            n == applied / 5 || (applied % 5 == 0 && n + 1 == applied / 5),
+            "round {round}: {n} points after batch {applied}"
+        );
+        s.close().unwrap();
+        eprintln!(
+            "round {round}: killed={} applied={applied} points={n}",
+            !finished
+        );
+        if applied == BATCHES {
+            break;
+        }
+    }
+    assert!(kills >= 3, "only {kills} kills");
+    let s = DiskStore::open(&root, DISK, StoreOptions::default()).unwrap();
+    if s.applied_seq() == BATCHES && have_qemu_img() {
+        let model = tmp.path().join("model.raw");
+        std::fs::write(&model, model_at(&batches, SIZE, BATCHES)).unwrap();
+        assert!(qemu_same(&model, s.replica_path()));
+    }
+}
