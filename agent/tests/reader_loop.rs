@@ -111,3 +111,46 @@ fn loop_device_leaf_hashes_match_the_backing_file() {
     assert_eq!(from_device, want);
     assert_eq!(from_file, want);
 }
+
+#[test]
+fn grown_loop_device_is_read_to_its_new_end_after_a_size_refresh() {
+    if !is_root_or_skip("grown_loop_device_is_read_to_its_new_end_after_a_size_refresh") {
+        return;
+    }
+    let mut data = mixed_data(1024 * 1024 + 512, 13);
+    let mut backing = backing_file(&data);
+    let lo = LoopDev::attach(backing.path(), true);
+    let (handle, mut events) = reader::spawn(&lo.dev, &ReaderConfig::default()).unwrap();
+    let old = data.len() as u64;
+    assert_eq!(handle.size(), old);
+
+    let more = mixed_data(700 * 1024, 14);
+    backing.write_all(&more).unwrap();
+    backing.as_file().sync_all().unwrap();
+    data.extend_from_slice(&more);
+    let status = Command::new("losetup")
+        .arg("-c")
+        .arg(&lo.dev)
+        .status()
+        .unwrap();
+    assert!(status.success(), "losetup -c failed");
+
+    // Until the size is refreshed the new space is refused, not guessed.
+    assert!(matches!(
+        handle.submit(old, 512),
+        Err(ReaderError::BeyondEnd { .. })
+    ));
+    assert_eq!(handle.refresh_size().unwrap(), data.len() as u64);
+    let whole = (0, data.len() as u64);
+    handle.submit(whole.0, whole.1).unwrap();
+    handle.close();
+    let mut result = reader_support::RangeResult::default();
+    while let Some(ev) = events.blocking_next() {
+        match ev {
+            reader::ReaderEvent::Chunk { chunk, .. } => result.chunks.push(chunk),
+            reader::ReaderEvent::RangeDone { ok, .. } => result.ok = Some(ok),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    check_range(&data, 65536, whole, &result);
+}

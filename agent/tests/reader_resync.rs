@@ -97,7 +97,7 @@ async fn resync_files(source: &[u8], replica: &mut Vec<u8>) -> resync::ResyncPla
     .unwrap();
     let mut shipped = 0u64;
     for c in results {
-        let plain = c.decode().unwrap();
+        let plain = reader_support::plain(&c);
         replica[c.offset as usize..c.offset as usize + plain.len()].copy_from_slice(&plain);
         shipped += u64::from(c.len);
     }

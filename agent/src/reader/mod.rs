@@ -10,6 +10,10 @@
 //!                   buffers
 //! ```
 //!
+//! * Chunks are the protocol's [`Chunk`]: blake3 of the plain data, then a
+//!   zero marker, zstd (when it saves at least 1/16), or the raw bytes. In
+//!   hash-only mode (checksum resync) non-zero chunks are `Raw` with an empty
+//!   payload.
 //! * Ranges are widened to the chunk grid (`chunk_size`, 64 KiB by default);
 //!   the last chunk of the device may be short.
 //! * **Order**: chunks come out in the order the ranges were submitted, and by
@@ -31,50 +35,12 @@ use std::io;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use bytes::Bytes;
-
+pub use blockferry_proto::frame::{Chunk, Encoding};
 pub use pipeline::{ReadHandle, ReaderEvents, spawn};
 pub use uring::evict_page_cache;
 
 /// Default chunk size: 64 KiB.
 pub const DEFAULT_CHUNK_SIZE: u32 = 64 * 1024;
-
-/// How the payload of a chunk is encoded.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Encoding {
-    /// The plain bytes.
-    Raw,
-    /// A zstd frame of the plain bytes.
-    Zstd,
-    /// All bytes are zero; no payload.
-    Zero,
-}
-
-/// One chunk of the device, hashed and encoded.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Chunk {
-    /// Byte offset on the device (a multiple of the chunk size).
-    pub offset: u64,
-    /// Plain length in bytes (the chunk size, or less for the device's last chunk).
-    pub len: u32,
-    /// blake3 of the plain bytes.
-    pub hash: [u8; 32],
-    pub encoding: Encoding,
-    /// Empty for `Zero`, and for every chunk in hash-only mode.
-    pub payload: Bytes,
-}
-
-impl Chunk {
-    /// The plain bytes again (for tests and verification).
-    pub fn decode(&self) -> io::Result<Vec<u8>> {
-        let len = self.len as usize;
-        match self.encoding {
-            Encoding::Zero => Ok(vec![0; len]),
-            Encoding::Raw => Ok(self.payload.to_vec()),
-            Encoding::Zstd => zstd::bulk::decompress(&self.payload, len),
-        }
-    }
-}
 
 /// Identifies a submitted range in the events.
 pub type RangeId = u64;
@@ -104,7 +70,8 @@ pub enum ReaderEvent {
 /// Reader settings.
 #[derive(Debug, Clone)]
 pub struct ReaderConfig {
-    /// Chunk size: a power of two, at least 4 KiB, at most 16 MiB.
+    /// Chunk size: a power of two, at least 4 KiB, at most the protocol's
+    /// largest chunk (1 MiB).
     pub chunk_size: u32,
     /// Reads in flight on the ring.
     pub queue_depth: u32,

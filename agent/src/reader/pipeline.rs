@@ -2,12 +2,15 @@
 //! workers, and a sequencer that restores submission order.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, SendError, Sender, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+
+use blockferry_proto::frame::MAX_CHUNK_LEN;
 
 use super::encode::Encoder;
 use super::uring::{ALIGN, BufferPool, Completion, Lease, PushError, ReadOp, UringReader};
@@ -71,7 +74,9 @@ enum ToSequencer {
 pub struct ReadHandle {
     ctl: Sender<ControlBox>,
     device: PathBuf,
-    size: u64,
+    /// A second descriptor of the device, to re-read its size.
+    file: File,
+    size: Arc<AtomicU64>,
     chunk_size: u64,
     direct: bool,
     next_id: AtomicU64,
@@ -93,14 +98,15 @@ impl ReadHandle {
     /// Queues the byte range `[offset, offset + len)`, widened to the chunk
     /// grid. Refused when it ends past the device end.
     pub fn submit(&self, offset: u64, len: u64) -> Result<RangeId, ReaderError> {
+        let size = self.size();
         let end = offset
             .checked_add(len)
-            .filter(|&e| e <= self.size)
+            .filter(|&e| e <= size)
             .ok_or_else(|| ReaderError::BeyondEnd {
                 device: self.device.clone(),
                 offset,
                 len,
-                size: self.size,
+                size,
             })?;
         if self.closed.load(Ordering::Acquire) {
             return Err(self.stopped());
@@ -111,7 +117,7 @@ impl ReadHandle {
         } else {
             (
                 offset / cs * cs,
-                end.div_ceil(cs).saturating_mul(cs).min(self.size),
+                end.div_ceil(cs).saturating_mul(cs).min(size),
             )
         };
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
@@ -131,9 +137,25 @@ impl ReadHandle {
         }
     }
 
-    /// Size of the device in bytes, as seen when the reader started.
+    /// Size of the device in bytes, as of the start or the last
+    /// [`refresh_size`](Self::refresh_size).
     pub fn size(&self) -> u64 {
-        self.size
+        self.size.load(Ordering::Acquire)
+    }
+
+    /// Re-reads the device size (after a resize, e.g. `losetup -c`): later
+    /// ranges may reach the new end, and the old short last chunk is read
+    /// whole. After a shrink, chunks past the new end fail loudly.
+    pub fn refresh_size(&self) -> Result<u64, ReaderError> {
+        let size = super::device_size(&self.file).map_err(|source| ReaderError::Size {
+            device: self.device.clone(),
+            source,
+        })?;
+        let old = self.size.swap(size, Ordering::AcqRel);
+        if old != size {
+            tracing::info!(device = %self.device.display(), old, new = size, "device size changed");
+        }
+        Ok(size)
     }
 
     pub fn device(&self) -> &Path {
@@ -194,9 +216,60 @@ pub fn spawn(
     path: &Path,
     config: &ReaderConfig,
 ) -> Result<(ReadHandle, ReaderEvents), ReaderError> {
+    spawn_with(path, config, Faults::default())
+}
+
+/// Errors injected into completions, so that tests can drive the retry and
+/// failure paths with real reads.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct Faults {
+    /// Every n-th completion becomes EINTR or EAGAIN (alternately).
+    pub(crate) interrupt_every: u64,
+    /// Every n-th completion is cut short, to an unaligned length.
+    pub(crate) short_every: u64,
+    /// Reads of the chunk at this offset fail with EIO.
+    pub(crate) eio_at: Option<u64>,
+    seen: u64,
+}
+
+impl Faults {
+    fn apply(&mut self, dev_offset: u64, result: io::Result<usize>) -> io::Result<usize> {
+        self.seen += 1;
+        if self.eio_at == Some(dev_offset) {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        if self.interrupt_every > 0 && self.seen.is_multiple_of(self.interrupt_every) {
+            let errno = if self.seen.is_multiple_of(2 * self.interrupt_every) {
+                libc::EINTR
+            } else {
+                libc::EAGAIN
+            };
+            return Err(io::Error::from_raw_os_error(errno));
+        }
+        match result {
+            Ok(n)
+                if n > 1 && self.short_every > 0 && self.seen.is_multiple_of(self.short_every) =>
+            {
+                Ok((n / 2).saturating_sub(100).max(1))
+            }
+            other => other,
+        }
+    }
+}
+
+pub(crate) fn spawn_with(
+    path: &Path,
+    config: &ReaderConfig,
+    faults: Faults,
+) -> Result<(ReadHandle, ReaderEvents), ReaderError> {
     validate(config)?;
     let (file, size, direct) = open_device(path, config.direct)?;
     let device = path.to_owned();
+    let size = Arc::new(AtomicU64::new(size));
+    let handle_file = file.try_clone().map_err(|source| ReaderError::Open {
+        device: device.clone(),
+        source,
+    })?;
     let (ctl_tx, ctl_rx) = mpsc::channel::<ControlBox>();
     let home_tx = ctl_tx.clone();
     let home = Arc::new(
@@ -257,10 +330,11 @@ pub fn spawn(
         closed: false,
         queue_depth: config.queue_depth as usize,
         chunk_size: u64::from(config.chunk_size),
-        size,
+        size: Arc::clone(&size),
         direct,
         device: device.clone(),
         cancelled,
+        faults,
     };
     threads.push(
         std::thread::Builder::new()
@@ -268,11 +342,13 @@ pub fn spawn(
             .spawn(move || state.run())
             .map_err(spawn_err)?,
     );
-    tracing::debug!(device = %device.display(), size, direct, "reader started");
+    tracing::debug!(device = %device.display(), size = size.load(Ordering::Relaxed), direct,
+        "reader started");
     Ok((
         ReadHandle {
             ctl: ctl_tx,
             device,
+            file: handle_file,
             size,
             chunk_size: u64::from(config.chunk_size),
             direct,
@@ -286,10 +362,12 @@ pub fn spawn(
 
 fn validate(c: &ReaderConfig) -> Result<(), ReaderError> {
     let bad = |m: String| Err(ReaderError::Config(m));
-    if !c.chunk_size.is_power_of_two() || (c.chunk_size as usize) < ALIGN || c.chunk_size > 1 << 24
+    if !c.chunk_size.is_power_of_two()
+        || (c.chunk_size as usize) < ALIGN
+        || c.chunk_size > MAX_CHUNK_LEN
     {
         return bad(format!(
-            "chunk size {} must be a power of two between 4096 and 16777216",
+            "chunk size {} must be a power of two between {ALIGN} and {MAX_CHUNK_LEN}",
             c.chunk_size
         ));
     }
@@ -328,10 +406,11 @@ struct UringLoop {
     closed: bool,
     queue_depth: usize,
     chunk_size: u64,
-    size: u64,
+    size: Arc<AtomicU64>,
     direct: bool,
     device: PathBuf,
     cancelled: Arc<AtomicBool>,
+    faults: Faults,
 }
 
 impl UringLoop {
@@ -435,14 +514,34 @@ impl UringLoop {
                 }
                 let Some(lease) = self.free.pop() else { break };
                 let offset = front.next;
-                let chunk_end = offset.saturating_add(self.chunk_size).min(self.size);
-                let last = chunk_end >= front.end;
+                let grid_end = offset.saturating_add(self.chunk_size);
+                let size = self.size.load(Ordering::Acquire);
+                // The size may have changed since the range was submitted:
+                // a grown device gives the old short last chunk in full.
+                let chunk_end = grid_end.min(size);
+                let last = grid_end >= front.end;
                 let range = front.id;
-                front.next = chunk_end;
+                front.next = grid_end;
                 if last {
                     self.pending.pop_front();
                 }
                 let seq = self.take_seq();
+                if chunk_end <= offset {
+                    self.free.push(lease);
+                    let error = ReaderError::UnexpectedEof {
+                        device: self.device.clone(),
+                        offset,
+                        size,
+                    };
+                    let done = Done::Failed {
+                        range,
+                        last,
+                        offset,
+                        error,
+                    };
+                    self.to_sequencer(seq, done)?;
+                    continue;
+                }
                 ReadOp {
                     lease,
                     dev_offset: offset,
@@ -486,6 +585,7 @@ impl UringLoop {
 
     fn complete(&mut self, c: Completion<Tag>) -> Result<(), ReaderError> {
         let Completion { mut op, result } = c;
+        let result = self.faults.apply(op.dev_offset, result);
         let at = op.dev_offset + op.filled as u64;
         match result {
             Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EAGAIN)) => {
@@ -505,7 +605,7 @@ impl UringLoop {
                 let error = ReaderError::UnexpectedEof {
                     device: self.device.clone(),
                     offset: at,
-                    size: self.size,
+                    size: self.size.load(Ordering::Acquire),
                 };
                 self.fail(op, error)
             }
@@ -695,4 +795,96 @@ fn emit(done: Done, out: &tokio::sync::mpsc::Sender<ReaderEvent>, range_ok: &mut
         }
     }
     true
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::*;
+
+    fn data(len: usize) -> Vec<u8> {
+        let mut x = 0x1234_5678_9abc_def1u64;
+        (0..len)
+            .map(|i| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                if (i / 65536) % 3 == 2 { 0 } else { x as u8 }
+            })
+            .collect()
+    }
+
+    fn run(
+        src: &[u8],
+        config: &ReaderConfig,
+        faults: Faults,
+    ) -> (Vec<Chunk>, Vec<(u64, ReaderError)>, Vec<bool>) {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(src).unwrap();
+        let (handle, mut events) = spawn_with(f.path(), config, faults).unwrap();
+        handle.submit(0, src.len() as u64).unwrap();
+        handle.submit(100_000, 300_000).unwrap();
+        handle.close();
+        let (mut chunks, mut failed, mut done) = (Vec::new(), Vec::new(), Vec::new());
+        while let Some(ev) = events.blocking_next() {
+            match ev {
+                ReaderEvent::Chunk { chunk, .. } => chunks.push(chunk),
+                ReaderEvent::ChunkFailed { offset, error, .. } => failed.push((offset, error)),
+                ReaderEvent::RangeDone { ok, .. } => done.push(ok),
+                ReaderEvent::Fatal(e) => panic!("{e}"),
+            }
+        }
+        handle.join();
+        (chunks, failed, done)
+    }
+
+    fn assert_matches_source(src: &[u8], chunks: &[Chunk]) {
+        for c in chunks {
+            let plain = blockferry_proto::verify_chunk(c).unwrap().to_bytes();
+            let at = c.offset as usize;
+            assert!(plain[..] == src[at..at + plain.len()], "chunk at {at}");
+        }
+    }
+
+    #[test]
+    fn interrupted_and_short_reads_are_retried_until_the_bytes_are_right() {
+        let src = data(2 * 1024 * 1024 + 5000);
+        for direct in [true, false] {
+            let config = ReaderConfig {
+                direct,
+                queue_depth: 4,
+                ..ReaderConfig::default()
+            };
+            let faults = Faults {
+                interrupt_every: 3,
+                short_every: 2,
+                ..Faults::default()
+            };
+            let (chunks, failed, done) = run(&src, &config, faults);
+            assert!(failed.is_empty(), "{failed:?}");
+            assert_eq!(done, vec![true, true]);
+            // 33 chunks for the whole file, then 6 for the second range.
+            assert_eq!(chunks.len(), 33 + 6);
+            assert_matches_source(&src, &chunks);
+        }
+    }
+
+    #[test]
+    fn a_failed_read_is_reported_in_place_and_the_range_is_not_ok() {
+        let src = data(1024 * 1024);
+        let faults = Faults {
+            eio_at: Some(131072),
+            ..Faults::default()
+        };
+        let (chunks, failed, done) = run(&src, &ReaderConfig::default(), faults);
+        assert_eq!(done, vec![false, false]);
+        let offsets: Vec<u64> = failed.iter().map(|(o, _)| *o).collect();
+        assert_eq!(offsets, vec![131072, 131072]);
+        let msg = failed[0].1.to_string();
+        assert!(msg.contains("offset 131072"), "{msg}");
+        assert!(chunks.iter().all(|c| c.offset != 131072));
+        assert_eq!(chunks.len(), 16 - 1 + 6 - 1);
+        assert_matches_source(&src, &chunks);
+    }
 }
