@@ -1,0 +1,402 @@
+//! The receiving endpoint shared by the relay (from agents) and the target
+//! (from the relay): accepts authenticated connections, one bidirectional
+//! stream per disk, and drives proto's [`DiskReceiver`] for each. The embedding
+//! process only implements [`FrameSink`]: where frames go and how they become
+//! durable.
+//!
+//! Per stream, one task owns the receiver: it reads frames, hands accepted
+//! ones to an apply task through a bounded queue (backpressure: when the sink
+//! is slow the reader stops, and QUIC flow control stops the sender), and
+//! turns the apply task's "durable through N" into acks.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use blockferry_proto::receiver::{DiskReceiver, ReceiverConfig};
+use blockferry_proto::sender::sequenced;
+use blockferry_proto::{
+    DiskId, ErrorCode, Frame, Generation, HashRangeReply, HashRangeRequest, Hello, Seq,
+};
+use bytes::Bytes;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::framed::{FrameReader, FrameWriter, FramedError, close_with_error};
+use crate::tls::{PeerIdentity, peer_identity};
+
+/// A refusal or failure of the sink, sent to the peer as an error frame.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct SinkError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl SinkError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        SinkError {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// Durable state of a disk at the sink, answered to a Hello.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DiskState {
+    pub generation: Generation,
+    pub durable_seq: Seq,
+}
+
+/// A frame accepted in order, with its encoded bytes as received.
+#[derive(Debug, Clone)]
+pub struct Accepted {
+    pub frame: Frame,
+    pub raw: Bytes,
+}
+
+/// What a receiving process plugs into [`serve`].
+pub trait FrameSink: Send + Sync + 'static {
+    /// `peer` opened the stream of `hello.disk`: authorize it and return the
+    /// disk's durable state (zero sequence for a disk never seen).
+    fn open(
+        &self,
+        peer: &PeerIdentity,
+        hello: &Hello,
+    ) -> impl Future<Output = Result<DiskState, SinkError>> + Send;
+
+    /// Applies consecutive batches/barriers of `disk` (already checked by the
+    /// receiver) and returns once they are durable. An error closes the
+    /// connection; the sender resends everything after the last ack.
+    fn apply(
+        &self,
+        disk: DiskId,
+        frames: Vec<Accepted>,
+    ) -> impl Future<Output = Result<(), SinkError>> + Send;
+
+    /// Answers a checksum-resync request.
+    fn hash_ranges(
+        &self,
+        peer: &PeerIdentity,
+        req: HashRangeRequest,
+    ) -> impl Future<Output = Result<HashRangeReply, SinkError>> + Send;
+
+    /// The connection of `peer` closed (metrics, logs). Default: nothing.
+    fn disconnected(&self, _peer: &PeerIdentity) {}
+}
+
+/// Options of [`serve`].
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// Verify every chunk (decode and blake3) before it is applied.
+    pub verify_chunks: bool,
+    /// Frames queued between reader and apply per stream.
+    pub apply_queue: usize,
+    /// Most frames handed to one `apply` call (group commit).
+    pub max_apply_frames: usize,
+    /// Most encoded bytes handed to one `apply` call.
+    pub max_apply_bytes: usize,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        ServeOptions {
+            verify_chunks: true,
+            apply_queue: 16,
+            max_apply_frames: 64,
+            max_apply_bytes: 32 << 20,
+        }
+    }
+}
+
+/// Accepts connections on `endpoint` until `cancel` fires, serving each with `sink`.
+pub async fn serve<S: FrameSink>(
+    endpoint: quinn::Endpoint,
+    sink: Arc<S>,
+    opts: ServeOptions,
+    cancel: CancellationToken,
+) {
+    loop {
+        let incoming = tokio::select! {
+            _ = cancel.cancelled() => break,
+            i = endpoint.accept() => match i {
+                Some(i) => i,
+                None => break,
+            },
+        };
+        let sink = sink.clone();
+        let opts = opts.clone();
+        let cancel = cancel.clone();
+        tokio::spawn(async move {
+            let remote = incoming.remote_address();
+            let conn = match incoming.await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(%remote, error = %e, "refused a connection at the handshake");
+                    return;
+                }
+            };
+            let peer = match peer_identity(&conn) {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::warn!(%remote, error = %e, "refused a connection without a usable identity");
+                    conn.close(
+                        quinn::VarInt::from_u32(u32::from(ErrorCode::NotAuthorized.as_u16())),
+                        b"no identity",
+                    );
+                    return;
+                }
+            };
+            let span = tracing::info_span!("peer", peer = %peer.name, %remote);
+            serve_connection(conn, peer, sink, opts, cancel)
+                .instrument(span)
+                .await;
+        });
+    }
+    endpoint.close(quinn::VarInt::from_u32(0), b"shutting down");
+}
+
+async fn serve_connection<S: FrameSink>(
+    conn: quinn::Connection,
+    peer: PeerIdentity,
+    sink: Arc<S>,
+    opts: ServeOptions,
+    cancel: CancellationToken,
+) {
+    tracing::info!("connected");
+    loop {
+        let (send, recv) = tokio::select! {
+            _ = cancel.cancelled() => {
+                conn.close(quinn::VarInt::from_u32(0), b"shutting down");
+                break;
+            }
+            s = conn.accept_bi() => match s {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::info!(reason = %e, "disconnected");
+                    break;
+                }
+            },
+        };
+        let conn = conn.clone();
+        let peer = peer.clone();
+        let sink = sink.clone();
+        let opts = opts.clone();
+        let cancel = cancel.clone();
+        tokio::spawn(
+            async move {
+                if let Err(e) = serve_stream(&conn, send, recv, &peer, sink, opts, cancel).await {
+                    tracing::warn!(error = %e.message, code = ?e.code, "closing the connection");
+                    conn.close(
+                        quinn::VarInt::from_u32(u32::from(e.code.as_u16())),
+                        e.message
+                            .as_bytes()
+                            .get(..e.message.len().min(256))
+                            .unwrap_or(b""),
+                    );
+                }
+            }
+            .in_current_span(),
+        );
+    }
+    sink.disconnected(&peer);
+}
+
+async fn serve_stream<S: FrameSink>(
+    conn: &quinn::Connection,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    peer: &PeerIdentity,
+    sink: Arc<S>,
+    opts: ServeOptions,
+    cancel: CancellationToken,
+) -> Result<(), SinkError> {
+    let mut reader = FrameReader::new(recv);
+    let mut writer = FrameWriter::new(send);
+    let protocol = |e: FramedError| SinkError::new(e.code(), e.to_string());
+    let hello = match reader.next().await {
+        Ok(Some(Frame::Hello(h))) => h,
+        Ok(Some(other)) => {
+            let msg = format!("expected hello, got {:?}", other.frame_type());
+            close_with_error(conn, Some(&mut writer), ErrorCode::Protocol, &msg).await;
+            return Err(SinkError::new(ErrorCode::Protocol, msg));
+        }
+        Ok(None) => return Ok(()),
+        Err(e) => {
+            if e.is_protocol_violation() {
+                close_with_error(conn, Some(&mut writer), e.code(), &e.to_string()).await;
+            }
+            return Err(protocol(e));
+        }
+    };
+    let disk = hello.disk;
+    let span = tracing::info_span!("disk", %disk);
+    async move {
+        let state = match sink.open(peer, &hello).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(code = ?e.code, error = %e.message, "refused the disk");
+                close_with_error(conn, Some(&mut writer), e.code, &e.message).await;
+                return Err(e);
+            }
+        };
+        let mut rx = DiskReceiver::new(
+            ReceiverConfig {
+                verify_chunks: opts.verify_chunks,
+            },
+            disk,
+            state.generation,
+            state.durable_seq,
+        );
+        rx.handle_frame(Frame::Hello(hello))
+            .map_err(|e| SinkError::new(e.code(), e.to_string()))?;
+
+        let (out_tx, mut out_rx) = mpsc::channel::<Frame>(64);
+        let write_task = tokio::spawn(async move {
+            while let Some(f) = out_rx.recv().await {
+                if let Err(e) = writer.send(&f).await {
+                    tracing::debug!(error = %e, "reply stream closed");
+                    break;
+                }
+            }
+        });
+        let (apply_tx, apply_rx) = mpsc::channel::<Accepted>(opts.apply_queue.max(1));
+        let (durable_tx, mut durable_rx) = mpsc::unbounded_channel::<Result<Seq, SinkError>>();
+        let apply_task = tokio::spawn(
+            apply_loop(sink.clone(), disk, apply_rx, durable_tx, opts.clone()).in_current_span(),
+        );
+        let result = async {
+            flush(&mut rx, &out_tx).await;
+            loop {
+                tokio::select! {
+                    _ = cancel.cancelled() => return Ok(()),
+                    d = durable_rx.recv() => match d {
+                        Some(Ok(seq)) => rx.handle_durable(seq),
+                        Some(Err(e)) => return Err(e),
+                        None => return Err(SinkError::new(ErrorCode::Internal, "apply task ended")),
+                    },
+                    f = reader.next_raw() => match f {
+                        Ok(Some((Frame::HashRequest(req), _))) => {
+                            let reply = sink.hash_ranges(peer, req).await?;
+                            if out_tx.send(Frame::HashReply(reply)).await.is_err() {
+                                return Ok(());
+                            }
+                        }
+                        Ok(Some((frame, raw))) => match rx.handle_frame(frame) {
+                            Ok(Some(frame)) => {
+                                let accepted = Accepted { frame, raw };
+                                // While the apply queue is full keep turning
+                                // durable notices into acks, or both sides wait.
+                                let mut pending = Some(accepted);
+                                while let Some(a) = pending.take() {
+                                    match apply_tx.try_send(a) {
+                                        Ok(()) => {}
+                                        Err(mpsc::error::TrySendError::Full(a)) => {
+                                            tokio::select! {
+                                                p = apply_tx.reserve() => match p {
+                                                    Ok(permit) => permit.send(a),
+                                                    Err(_) => return Err(SinkError::new(ErrorCode::Internal, "apply task ended")),
+                                                },
+                                                d = durable_rx.recv() => {
+                                                    match d {
+                                                        Some(Ok(seq)) => rx.handle_durable(seq),
+                                                        Some(Err(e)) => return Err(e),
+                                                        None => return Err(SinkError::new(ErrorCode::Internal, "apply task ended")),
+                                                    }
+                                                    flush(&mut rx, &out_tx).await;
+                                                    pending = Some(a);
+                                                }
+                                            }
+                                        }
+                                        Err(mpsc::error::TrySendError::Closed(_)) => {
+                                            return Err(SinkError::new(ErrorCode::Internal, "apply task ended"));
+                                        }
+                                    }
+                                }
+                            }
+                            Ok(None) => {}
+                            Err(e) if e.is_fatal() => {
+                                return Err(SinkError::new(e.code(), e.to_string()));
+                            }
+                            Err(e) => tracing::warn!(error = %e, "refused a frame (nacked)"),
+                        },
+                        Ok(None) => return Ok(()),
+                        Err(e) => {
+                            if e.is_protocol_violation() {
+                                tracing::warn!(error = %e, "malformed frame");
+                            }
+                            return Err(protocol(e));
+                        }
+                    },
+                }
+                flush(&mut rx, &out_tx).await;
+            }
+        }
+        .await;
+        drop(apply_tx);
+        drop(out_tx);
+        // Frames already handed over finish applying (they are in order and
+        // valid); acks for them simply do not go out.
+        if let Err(e) = apply_task.await {
+            tracing::error!(error = %e, "apply task failed");
+        }
+        if let Err(e) = write_task.await {
+            tracing::error!(error = %e, "writer task failed");
+        }
+        result
+    }
+    .instrument(span)
+    .await
+}
+
+async fn flush(rx: &mut DiskReceiver, out: &mpsc::Sender<Frame>) {
+    while let Some(f) = rx.poll_transmit() {
+        if out.send(f).await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn apply_loop<S: FrameSink>(
+    sink: Arc<S>,
+    disk: DiskId,
+    mut rx: mpsc::Receiver<Accepted>,
+    durable: mpsc::UnboundedSender<Result<Seq, SinkError>>,
+    opts: ServeOptions,
+) {
+    while let Some(first) = rx.recv().await {
+        let mut bytes = first.raw.len();
+        let mut group = vec![first];
+        // Group commit: whatever is already queued shares one fsync.
+        while group.len() < opts.max_apply_frames && bytes < opts.max_apply_bytes {
+            match rx.try_recv() {
+                Ok(a) => {
+                    bytes += a.raw.len();
+                    group.push(a);
+                }
+                Err(_) => break,
+            }
+        }
+        let last = group
+            .last()
+            .and_then(|a| sequenced(&a.frame))
+            .map(|(_, _, s)| s);
+        match sink.apply(disk, group).await {
+            Ok(()) => {
+                if let Some(seq) = last
+                    && durable.send(Ok(seq)).is_err()
+                {
+                    return;
+                }
+            }
+            Err(e) => {
+                tracing::error!(code = ?e.code, error = %e.message, "apply failed");
+                if durable.send(Err(e)).is_err() {
+                    tracing::debug!("stream already closed");
+                }
+                return;
+            }
+        }
+    }
+}
