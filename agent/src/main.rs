@@ -32,8 +32,11 @@ struct TrackArgs {
     #[arg(long)]
     device: PathBuf,
     /// One JSON object per line: {"device","offset","len","op"} (byte offsets).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "quiet")]
     json: bool,
+    /// Print nothing per extent, only a summary at exit (to measure the tracker's cost).
+    #[arg(long)]
+    quiet: bool,
 }
 
 fn main() -> Result<()> {
@@ -68,37 +71,74 @@ async fn track(args: TrackArgs) -> Result<()> {
         .with_context(|| format!("cannot track {}", args.device.display()))?;
     let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    // Scripts wait for this line: from here on every write is reported.
+    eprintln!("tracking {} (interrupt to stop)", args.device.display());
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let mut summary = Summary::default();
     loop {
         let notices = tokio::select! {
             n = tracker.next() => n.context("tracking failed")?,
             _ = term.recv() => break,
             _ = int.recv() => break,
         };
-        for n in &notices {
-            if args.json {
-                if let Some(line) = tracker::notice_json(&args.device, n) {
-                    writeln!(out, "{line}")?;
-                }
-                if let tracker::Notice::Resync { .. } = n {
-                    eprintln!("{}", tracker::notice_text(&args.device, n));
-                }
-            } else {
-                writeln!(out, "{}", tracker::notice_text(&args.device, n))?;
-            }
-        }
-        out.flush()?;
+        print_notices(&args, &notices, &mut out, &mut summary)?;
         // The diagnostic has no reader: keep the dirty set from growing without bound.
         tracker.take_dirty(id, u64::MAX);
     }
     // Events already in the ring buffer at the signal belong to the output too.
-    for n in tracker.poll_now()? {
-        if let Some(line) = if args.json {
-            tracker::notice_json(&args.device, &n)
+    let notices = tracker.poll_now()?;
+    print_notices(&args, &notices, &mut out, &mut summary)?;
+    if args.quiet {
+        writeln!(
+            out,
+            "{}: {} extents, {} bytes, {} flushes, {} resyncs",
+            args.device.display(),
+            summary.extents,
+            summary.bytes,
+            summary.flushes,
+            summary.resyncs
+        )?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
+#[derive(Default)]
+struct Summary {
+    extents: u64,
+    bytes: u64,
+    flushes: u64,
+    resyncs: u64,
+}
+
+fn print_notices(
+    args: &TrackArgs,
+    notices: &[tracker::Notice],
+    out: &mut impl Write,
+    summary: &mut Summary,
+) -> Result<()> {
+    for n in notices {
+        match n {
+            tracker::Notice::Extent { len, .. } => {
+                summary.extents += 1;
+                summary.bytes += len;
+            }
+            tracker::Notice::Flush { .. } => summary.flushes += 1,
+            tracker::Notice::Resync { .. } => {
+                summary.resyncs += 1;
+                // Loud whatever the output format: tracking was lost.
+                eprintln!("{}", tracker::notice_text(&args.device, n));
+            }
+        }
+        if args.quiet {
+            continue;
+        }
+        if args.json {
+            if let Some(line) = tracker::notice_json(&args.device, n) {
+                writeln!(out, "{line}")?;
+            }
         } else {
-            Some(tracker::notice_text(&args.device, &n))
-        } {
-            writeln!(out, "{line}")?;
+            writeln!(out, "{}", tracker::notice_text(&args.device, n))?;
         }
     }
     out.flush()?;
