@@ -379,9 +379,21 @@ fn check_sparse(p: &Path, sectors: u64, report: &mut CheckReport) {
         Ok(h) => h,
         Err(e) => return report.push(bad(e.to_string())),
     };
-    if h.is_compressed() || h.gd_offset == sparse::GD_AT_END {
-        return report.push(bad("streamOptimized extents are not checked".into()));
-    }
+    let h = if h.gd_offset == sparse::GD_AT_END {
+        let mut fb = [0u8; HEADER_LEN];
+        let footer = file_len
+            .checked_sub(sparse::FOOTER_FROM_END)
+            .ok_or_else(|| "too short for a footer".to_owned())
+            .and_then(|off| file.read_exact_at(&mut fb, off).map_err(|e| e.to_string()))
+            .and_then(|()| SparseHeader::parse(&fb).map_err(|e| e.to_string()));
+        match footer {
+            Ok(f) if f.gd_offset != sparse::GD_AT_END => f,
+            Ok(_) => return report.push(bad("footer has no grain directory offset".into())),
+            Err(e) => return report.push(bad(format!("footer: {e}"))),
+        }
+    } else {
+        h
+    };
     if h.capacity < sectors {
         report.push(Problem::CapacityMismatch {
             file: p.to_owned(),
@@ -507,7 +519,12 @@ fn check_sparse(p: &Path, sectors: u64, report: &mut CheckReport) {
     // short tail on the grain that ends the file, nothing else.
     let last_start = grains.iter().map(|g| g.1).max().unwrap_or(0);
     for &(grain, s) in &grains {
-        let end = s + h.grain_size;
+        // A compressed grain's length is in its marker; count its first sector.
+        let end = if h.is_compressed() {
+            s + 1
+        } else {
+            s + h.grain_size
+        };
         if s >= file_sectors || (end > file_sectors && s != last_start) {
             report.push(Problem::GrainPastEof {
                 file: p.to_owned(),

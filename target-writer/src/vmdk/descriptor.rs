@@ -318,6 +318,10 @@ fn parse_extent(line: usize, s: &str) -> Result<Extent, DescriptorError> {
         .and_then(|t| ExtentKind::parse(t))
         .ok_or(bad("unknown extent type"))?;
     let file = toks.get(3).map(|s| (*s).to_owned());
+    if file.as_deref().is_some_and(|f| f.contains('"')) {
+        // It could not be written back inside quotes.
+        return Err(bad("file name contains a double quote"));
+    }
     if kind != ExtentKind::Zero && file.as_deref().is_none_or(str::is_empty) {
         return Err(bad("extent has no file name"));
     }

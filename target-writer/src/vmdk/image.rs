@@ -188,6 +188,8 @@ pub(crate) fn replace_file(path: &Path, contents: &[u8]) -> Result<(), VmdkError
 enum Grain {
     /// Byte offset of the grain in the extent file.
     Data(u64),
+    /// Byte offset of the marker of a compressed grain.
+    Compressed(u64),
     Zero,
     Unallocated,
 }
@@ -207,14 +209,45 @@ pub(crate) struct SparseExtent {
 }
 
 impl SparseExtent {
-    fn open(file: File, path: &Path, header: SparseHeader) -> Result<SparseExtent, VmdkError> {
-        if header.is_compressed() || header.gd_offset == sparse::GD_AT_END {
+    fn open(
+        file: File,
+        path: &Path,
+        header: SparseHeader,
+        mode: OpenMode,
+    ) -> Result<SparseExtent, VmdkError> {
+        if header.is_compressed() && mode == OpenMode::ReadWrite {
             return Err(VmdkError::Unsupported {
                 path: path.to_owned(),
-                what: "streamOptimized (compressed grains)".into(),
+                what: "writing a streamOptimized (compressed) extent".into(),
             });
         }
         let file_len = file_len(&file, path)?;
+        let header = if header.gd_offset == sparse::GD_AT_END {
+            // streamOptimized written in one pass: the directory's place is
+            // only known at the end, in the footer copy of the header.
+            let off = file_len
+                .checked_sub(sparse::FOOTER_FROM_END)
+                .ok_or_else(|| {
+                    corrupt(path, 0, "stream-optimized file is too short for its footer")
+                })?;
+            let mut b = [0u8; HEADER_LEN];
+            file.read_exact_at(&mut b, off)
+                .map_err(VmdkError::io("read footer of", path, off))?;
+            let footer = SparseHeader::parse(&b).map_err(|source| VmdkError::Header {
+                path: path.to_owned(),
+                source,
+            })?;
+            if footer.gd_offset == sparse::GD_AT_END {
+                return Err(corrupt(
+                    path,
+                    off,
+                    "footer does not say where the grain directory is",
+                ));
+            }
+            footer
+        } else {
+            header
+        };
         let gd_bytes = header.num_gd_entries() * 4;
         let read_dir = |sector: u64, what: &str| -> Result<Vec<u32>, VmdkError> {
             let off = sector * SECTOR;
@@ -294,8 +327,28 @@ impl SparseExtent {
             // Sector 1 is always header or metadata, never a grain: treat a
             // 1 as zeroed even when the flag is missing.
             GTE_ZERO => Grain::Zero,
+            s if self.header.is_compressed() => Grain::Compressed(u64::from(s) * SECTOR),
             s => Grain::Data(u64::from(s) * SECTOR),
         })
+    }
+
+    /// Read and inflate the compressed grain whose marker is at byte `at`.
+    fn read_compressed(&self, at: u64, out: &mut [u8]) -> Result<(), VmdkError> {
+        let mut m = [0u8; sparse::GRAIN_MARKER_LEN];
+        self.file.read_exact_at(&mut m, at).map_err(VmdkError::io(
+            "read grain marker of",
+            &self.path,
+            at,
+        ))?;
+        let grain_err = |e: sparse::GrainError| corrupt(&self.path, at, e.to_string());
+        let (_, size) =
+            sparse::parse_grain_marker(&m, self.header.grain_bytes()).map_err(grain_err)?;
+        let mut data = vec![0u8; size as usize];
+        let off = at + sparse::GRAIN_MARKER_LEN as u64;
+        self.file
+            .read_exact_at(&mut data, off)
+            .map_err(VmdkError::io("read compressed grain of", &self.path, off))?;
+        sparse::inflate_grain(&data, out).map_err(grain_err)
     }
 
     /// Allocate a primary and a redundant table for a GD entry that has none.
@@ -530,7 +583,7 @@ impl VmdkImage {
                 path: path.to_owned(),
                 source,
             })?;
-            let ext = SparseExtent::open(file, path, header)?;
+            let ext = SparseExtent::open(file, path, header, mode)?;
             (d, true, Some(ext))
         } else if head.starts_with(b"COWD") {
             return Err(VmdkError::Unsupported {
@@ -561,10 +614,11 @@ impl VmdkImage {
             | CreateType::MonolithicSparse
             | CreateType::TwoGbMaxExtentFlat
             | CreateType::TwoGbMaxExtentSparse => {}
+            CreateType::StreamOptimized if mode == OpenMode::ReadOnly => {}
             CreateType::StreamOptimized => {
                 return Err(VmdkError::Unsupported {
                     path: path.to_owned(),
-                    what: "createType streamOptimized (compressed grains)".into(),
+                    what: "writing createType streamOptimized (compressed grains)".into(),
                 });
             }
             other => {
@@ -618,7 +672,7 @@ impl VmdkImage {
                                     path: p.clone(),
                                     source,
                                 })?;
-                            SparseExtent::open(f, &p, header)?
+                            SparseExtent::open(f, &p, header, mode)?
                         }
                     };
                     if ext.header.capacity < e.sectors {
@@ -740,6 +794,11 @@ impl VmdkImage {
                     cid,
                 );
                 d.set_disk_database(&opts.adapter, opts.hw_version, uuid, true);
+                if path.symlink_metadata().is_ok() {
+                    return Err(VmdkError::io("create", path, 0)(std::io::Error::from(
+                        std::io::ErrorKind::AlreadyExists,
+                    )));
+                }
                 let f = new_file(&flat_path)?;
                 f.set_len(opts.size).map_err(VmdkError::io(
                     "set length of",
@@ -750,10 +809,7 @@ impl VmdkImage {
                     .map_err(VmdkError::io("fsync", &flat_path, 0))?;
                 drop(f);
                 // The descriptor is created last: its presence means the disk is complete.
-                let text = d.render();
-                let tmp_check = new_file(path)?;
-                drop(tmp_check);
-                replace_file(path, text.as_bytes())?;
+                replace_file(path, d.render().as_bytes())?;
             }
             DiskKind::MonolithicSparse => {
                 let mut d = Descriptor::new(
@@ -993,6 +1049,12 @@ impl VmdkImage {
                                             pieces: Vec::new(),
                                         },
                                         Grain::Zero => GrainPlan::New(vec![0u8; gb as usize]),
+                                        // Compressed extents only open read-only.
+                                        Grain::Compressed(_) => {
+                                            return Err(VmdkError::ReadOnly {
+                                                path: self.path.clone(),
+                                            });
+                                        }
                                         Grain::Unallocated => {
                                             let mut buf = vec![0u8; gb as usize];
                                             if !whole {
@@ -1202,6 +1264,12 @@ impl VmdkImage {
                         &s.path,
                         off,
                     ))?;
+                }
+                Grain::Compressed(at) => {
+                    let mut g = vec![0u8; gb as usize];
+                    s.read_compressed(at, &mut g)?;
+                    let from = (p - grain_start) as usize;
+                    dst.copy_from_slice(&g[from..from + dst.len()]);
                 }
                 Grain::Zero => dst.fill(0),
                 Grain::Unallocated => self.read_beneath(dst, ext.start + p, ext.start + ext.len)?,

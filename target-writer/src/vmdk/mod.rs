@@ -25,7 +25,8 @@
 //!   embedded descriptors are rewritten in place within their sectors.
 //! - Read anything: [`DiskRead`] (`size`, `read_at`) is implemented by
 //!   [`VmdkImage`] (any opened chain; unallocated sparse grains read through
-//!   to the parent named by `parentFileNameHint`, or zeros) and [`RawDisk`].
+//!   to the parent named by `parentFileNameHint`, or zeros), [`RawDisk`],
+//!   and [`ReadFn`] (a size and a closure, for sources defined elsewhere).
 //! - Export: [`export::export_flat`], [`export::export_sparse`],
 //!   [`export::export_delta`] take any [`DiskRead`], optionally the ranges
 //!   that may hold data, and a progress callback.
@@ -153,6 +154,42 @@ impl<T: DiskRead + ?Sized> DiskRead for Box<T> {
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), VmdkError> {
         (**self).read_at(buf, offset)
+    }
+}
+
+/// A [`DiskRead`] from a size and a closure, for sources defined elsewhere
+/// (a recovery point of the store, a block device reader). The closure's
+/// error is kept as the source of [`VmdkError::Source`].
+pub struct ReadFn<F> {
+    size: u64,
+    read: F,
+}
+
+impl<F> ReadFn<F> {
+    pub fn new(size: u64, read: F) -> ReadFn<F> {
+        ReadFn { size, read }
+    }
+}
+
+impl<F> std::fmt::Debug for ReadFn<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReadFn").field("size", &self.size).finish()
+    }
+}
+
+impl<F, E> DiskRead for ReadFn<F>
+where
+    F: Fn(&mut [u8], u64) -> Result<(), E>,
+    E: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    fn size(&self) -> u64 {
+        self.size
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), VmdkError> {
+        (self.read)(buf, offset).map_err(|e| VmdkError::Source {
+            offset,
+            source: e.into(),
+        })
     }
 }
 

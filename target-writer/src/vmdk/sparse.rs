@@ -280,6 +280,59 @@ impl Layout {
     }
 }
 
+/// streamOptimized: the footer copy of the header sits this many bytes
+/// before the end of the file (then comes the end-of-stream marker).
+pub const FOOTER_FROM_END: u64 = 1024;
+/// streamOptimized: bytes of the marker before compressed grain data
+/// (`lba: u64`, `size: u32`).
+pub const GRAIN_MARKER_LEN: usize = 12;
+
+/// What is wrong with a compressed grain.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum GrainError {
+    #[error("grain marker is {0} bytes, needs 12")]
+    ShortMarker(usize),
+    #[error("compressed grain of {size} bytes is larger than the {max} a grain may take")]
+    TooLarge { size: u32, max: u64 },
+    #[error("compressed grain does not inflate: {0}")]
+    Inflate(String),
+    #[error("compressed grain inflates to more than the {0} bytes of a grain")]
+    Overflow(u64),
+}
+
+/// Decode a streamOptimized grain marker: (virtual sector, compressed size).
+/// The size is bounded by what a grain could deflate to.
+pub fn parse_grain_marker(b: &[u8], grain_bytes: u64) -> Result<(u64, u32), GrainError> {
+    if b.len() < GRAIN_MARKER_LEN {
+        return Err(GrainError::ShortMarker(b.len()));
+    }
+    let lba = u64_at(b, 0);
+    let size = u32_at(b, 8);
+    // Deflate never grows data by more than a small fraction.
+    let max = grain_bytes + grain_bytes / 8 + 1024;
+    if u64::from(size) > max {
+        return Err(GrainError::TooLarge { size, max });
+    }
+    Ok((lba, size))
+}
+
+/// Inflate one zlib-wrapped grain into `out` (a full grain; a short stream
+/// leaves the rest zero).
+pub fn inflate_grain(data: &[u8], out: &mut [u8]) -> Result<(), GrainError> {
+    let v =
+        miniz_oxide::inflate::decompress_to_vec_zlib_with_limit(data, out.len()).map_err(|e| {
+            match e.status {
+                miniz_oxide::inflate::TINFLStatus::HasMoreOutput => {
+                    GrainError::Overflow(out.len() as u64)
+                }
+                s => GrainError::Inflate(format!("{s:?}")),
+            }
+        })?;
+    out[..v.len()].copy_from_slice(&v);
+    out[v.len()..].fill(0);
+    Ok(())
+}
+
 /// Decode little-endian u32 entries (a GD or a GT); a trailing partial entry is ignored.
 pub fn decode_entries(b: &[u8]) -> Vec<u32> {
     b.chunks_exact(4)
@@ -356,6 +409,13 @@ mod tests {
                 // Derived sizes of an accepted header never overflow.
                 let _ = (h.num_gd_entries(), h.gd_sectors(), h.gt_sectors(), h.grain_bytes());
             }
+        }
+
+        #[test]
+        fn grain_decoders_never_panic(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..300)) {
+            let _ = parse_grain_marker(&bytes, 65536);
+            let mut out = vec![0u8; 4096];
+            let _ = inflate_grain(&bytes, &mut out);
         }
 
         #[test]

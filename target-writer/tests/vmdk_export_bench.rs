@@ -1,0 +1,131 @@
+//! Export speed against `qemu-img convert -O vmdk` of the same data, in the
+//! same run. A benchmark, not a test: ignored by default, never asserts a
+//! timing. Run it in release:
+//!
+//! ```text
+//! cargo test --release -p blockferry-target --test vmdk_export_bench -- --ignored --nocapture
+//! ```
+//!
+//! `BLOCKFERRY_BENCH_EXPORT_MIB` sets the disk size (default 2048). The last
+//! line printed is `export_sparse_ratio=… export_flat_ratio=…` (our time /
+//! qemu-img's time; below 1.0 is faster than qemu-img).
+
+use std::fs::OpenOptions;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use blockferry_target::vmdk::export::{ExportOptions, export_flat, export_sparse};
+use blockferry_target::vmdk::{DiskKind, RawDisk};
+use rand::rngs::StdRng;
+use rand::{RngCore, SeedableRng};
+
+fn qemu_convert(src: &Path, out: &Path, sub: &str) -> Duration {
+    let t = Instant::now();
+    let st = Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "vmdk", "-o"])
+        .arg(format!("subformat={sub}"))
+        .arg(src)
+        .arg(out)
+        .status()
+        .expect("run qemu-img convert");
+    let d = t.elapsed();
+    assert!(st.success());
+    d
+}
+
+fn remove(dir: &Path, prefix: &str) {
+    for e in std::fs::read_dir(dir).unwrap() {
+        let e = e.unwrap();
+        if e.file_name().to_string_lossy().starts_with(prefix) {
+            std::fs::remove_file(e.path()).unwrap();
+        }
+    }
+}
+
+#[test]
+#[ignore = "benchmark: run with --release -- --ignored --nocapture"]
+fn export_vs_qemu_img_convert() {
+    let mib: u64 = std::env::var("BLOCKFERRY_BENCH_EXPORT_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2048);
+    let size = mib << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src.raw");
+    // A used disk: the first 60 % holds data with one 64 KiB grain in eight
+    // zero, the rest was never written.
+    {
+        let f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&src)
+            .unwrap();
+        f.set_len(size).unwrap();
+        let mut rng = StdRng::seed_from_u64(42);
+        let mut buf = vec![0u8; 4 << 20];
+        let used = size / 10 * 6;
+        let mut off = 0;
+        while off < used {
+            rng.fill_bytes(&mut buf);
+            for g in buf.chunks_mut(64 << 10).step_by(8) {
+                g.fill(0);
+            }
+            let n = (used - off).min(buf.len() as u64) as usize;
+            f.write_all_at(&buf[..n], off).unwrap();
+            off += n as u64;
+        }
+        f.sync_all().unwrap();
+    }
+    let raw = RawDisk::open(&src).unwrap();
+    let opts = ExportOptions::default();
+    let mut ours_sparse = Duration::MAX;
+    let mut ours_flat = Duration::MAX;
+    let mut qemu_sparse = Duration::MAX;
+    let mut qemu_flat = Duration::MAX;
+    // Interleaved, best of two, so cache and disk state favour no one.
+    for round in 0..2 {
+        let q = dir.path().join("q.vmdk");
+        qemu_sparse = qemu_sparse.min(qemu_convert(&src, &q, "monolithicSparse"));
+        remove(dir.path(), "q");
+
+        let o = dir.path().join("o.vmdk");
+        let t = Instant::now();
+        export_sparse(&raw, None, &o, &opts, &mut |_| {}).unwrap();
+        ours_sparse = ours_sparse.min(t.elapsed());
+        if round == 0 {
+            let st = Command::new("qemu-img")
+                .args(["compare", "-q", "-f", "raw", "-F", "vmdk"])
+                .arg(&src)
+                .arg(&o)
+                .status()
+                .unwrap();
+            assert!(st.success(), "sparse export differs from the source");
+        }
+        remove(dir.path(), "o");
+
+        let q = dir.path().join("q.vmdk");
+        qemu_flat = qemu_flat.min(qemu_convert(&src, &q, "monolithicFlat"));
+        remove(dir.path(), "q");
+
+        let o = dir.path().join("o.vmdk");
+        let t = Instant::now();
+        export_flat(&raw, None, &o, DiskKind::Vmfs, &opts, &mut |_| {}).unwrap();
+        ours_flat = ours_flat.min(t.elapsed());
+        remove(dir.path(), "o");
+    }
+    println!(
+        "{mib} MiB: sparse ours {:.3}s qemu-img {:.3}s; flat ours {:.3}s qemu-img {:.3}s",
+        ours_sparse.as_secs_f64(),
+        qemu_sparse.as_secs_f64(),
+        ours_flat.as_secs_f64(),
+        qemu_flat.as_secs_f64()
+    );
+    println!(
+        "export_sparse_ratio={:.2} export_flat_ratio={:.2}",
+        ours_sparse.as_secs_f64() / qemu_sparse.as_secs_f64(),
+        ours_flat.as_secs_f64() / qemu_flat.as_secs_f64()
+    );
+}
