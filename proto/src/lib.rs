@@ -6,6 +6,9 @@ pub mod extent;
 pub mod frame;
 pub mod hashtree;
 pub mod ids;
+pub mod receiver;
+pub mod relay;
+pub mod sender;
 
 pub use chunk::{ChunkError, PlainData, build_chunk, verify_chunk};
 pub use frame::{
@@ -14,3 +17,6 @@ pub use frame::{
     Nack, RangeDigest, RejectReason,
 };
 pub use ids::{DiskId, Generation, Seq};
+pub use receiver::{DiskReceiver, ReceiveError, ReceiverConfig, check_batch};
+pub use relay::{RelayDisk, RelayEvent, RelayRestore};
+pub use sender::{DiskSender, PushError, ResyncReason, SenderConfig, SenderEvent};
