@@ -1,3 +1,123 @@
-fn main() -> anyhow::Result<()> {
+//! `blockferry-relay`: parses arguments and wires the library together.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use blockferry_relay::Config;
+use blockferry_transport::pki;
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    name = "blockferry-relay",
+    version,
+    about = "blockferry relay: receives from agents, spools durably, forwards to the target"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the relay.
+    Serve {
+        /// Path of relay.toml.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Certificates for relay, target and agents.
+    Pki {
+        #[command(subcommand)]
+        cmd: PkiCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum PkiCmd {
+    /// Create a CA and the relay and target certificates in DIR.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        /// Name in the relay's certificate (agents' `server_name`).
+        #[arg(long, default_value = "relay")]
+        relay_name: String,
+        /// Name in the target's certificate (relay.toml `target.server_name`).
+        #[arg(long, default_value = "target")]
+        target_name: String,
+    },
+    /// Issue the certificate of agent NAME with the CA in DIR.
+    IssueAgent {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        name: String,
+    },
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().cmd {
+        Cmd::Pki { cmd } => match cmd {
+            PkiCmd::Init {
+                dir,
+                relay_name,
+                target_name,
+            } => {
+                let files = pki::init(
+                    &dir,
+                    &pki::InitNames {
+                        relay: relay_name,
+                        target: target_name,
+                    },
+                )?;
+                println!("CA:     {}", files.ca_cert.display());
+                println!("relay:  {}", files.relay.cert.display());
+                println!("target: {}", files.target.cert.display());
+                Ok(())
+            }
+            PkiCmd::IssueAgent { dir, name } => {
+                let files = pki::issue_agent(&dir, &name)?;
+                println!(
+                    "agent {name}: {} {}",
+                    files.cert.display(),
+                    files.key.display()
+                );
+                Ok(())
+            }
+        },
+        Cmd::Serve { config } => {
+            let cfg = Config::load(&config)?;
+            let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+            rt.block_on(serve(cfg))
+        }
+    }
+}
+
+async fn serve(cfg: Config) -> Result<()> {
+    let cancel = CancellationToken::new();
+    let handle = blockferry_relay::start(cfg, cancel.clone()).await?;
+    // One line on stdout tells scripts (and tests) where the relay listens
+    // when the config asked for port 0.
+    match handle.metrics_addr {
+        Some(m) => println!("listening quic={} metrics={m}", handle.listen_addr),
+        None => println!("listening quic={}", handle.listen_addr),
+    }
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("cannot install the SIGTERM handler")?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r.context("cannot wait for SIGINT")?,
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+    cancel.cancel();
+    handle.stopped().await;
     Ok(())
 }

@@ -132,6 +132,8 @@ pub struct Spool {
     records: HashMap<DiskId, VecDeque<RecordRef>>,
     /// The last position of each disk the target acked (persisted).
     acked: HashMap<DiskId, Position>,
+    /// Size of each disk as its agent announced it (persisted).
+    sizes: HashMap<DiskId, u64>,
     /// Payload bytes of unreleased records.
     live_bytes: u64,
 }
@@ -147,7 +149,7 @@ impl Spool {
             source,
         };
         fs::create_dir_all(dir).map_err(|e| io("create directory", dir, e))?;
-        let acked = read_positions(&dir.join(POSITIONS))?;
+        let (acked, sizes) = read_positions(&dir.join(POSITIONS))?;
         let mut ids = Vec::new();
         for entry in fs::read_dir(dir).map_err(|e| io("list", dir, e))? {
             let entry = entry.map_err(|e| io("list", dir, e))?;
@@ -168,6 +170,7 @@ impl Spool {
             segments: BTreeMap::new(),
             records: HashMap::new(),
             acked,
+            sizes,
             live_bytes: 0,
         };
         for id in ids {
@@ -370,16 +373,13 @@ impl Spool {
         Ok(Bytes::from(buf))
     }
 
-    /// Up to `max` unreleased records of `disk` after `after`, in order.
-    pub fn pending(&self, disk: DiskId, after: Option<Position>, max: usize) -> Vec<RecordRef> {
+    /// Up to `max` unreleased records of `disk` with a sequence after `after`, in order.
+    pub fn pending(&self, disk: DiskId, after: Seq, max: usize) -> Vec<RecordRef> {
         let Some(q) = self.records.get(&disk) else {
             return Vec::new();
         };
-        q.iter()
-            .filter(|r| after.is_none_or(|a| r.position() > a))
-            .take(max)
-            .copied()
-            .collect()
+        let start = q.partition_point(|r| r.seq <= after);
+        q.range(start..).take(max).copied().collect()
     }
 
     /// Disks with unreleased records or a known position.
@@ -388,6 +388,7 @@ impl Spool {
             .records
             .keys()
             .chain(self.acked.keys())
+            .chain(self.sizes.keys())
             .copied()
             .collect();
         d.sort_unstable();
@@ -404,6 +405,20 @@ impl Spool {
             .and_then(|q| q.back())
             .map(RecordRef::position);
         spooled.max(self.acked.get(&disk).copied())
+    }
+
+    /// Records the size of `disk` (persisted at once when new or changed).
+    pub fn register_disk(&mut self, disk: DiskId, size: u64) -> Result<(), SpoolError> {
+        if self.sizes.get(&disk) == Some(&size) {
+            return Ok(());
+        }
+        self.sizes.insert(disk, size);
+        self.write_positions()
+    }
+
+    /// The size of `disk` as last announced by its agent.
+    pub fn disk_size(&self, disk: DiskId) -> Option<u64> {
+        self.sizes.get(&disk).copied()
     }
 
     /// The last position of `disk` the target acked.
@@ -424,13 +439,20 @@ impl Spool {
     /// The target acked `disk` up to `upto`: forget those records, persist the
     /// position, and delete segments that hold nothing live. Returns the
     /// payload bytes released.
-    pub fn release(&mut self, disk: DiskId, upto: Position) -> Result<u64, SpoolError> {
+    /// Sequences grow across generations, so `through` alone decides.
+    pub fn release(&mut self, disk: DiskId, through: Seq) -> Result<u64, SpoolError> {
         let mut freed = 0u64;
         let mut emptied = false;
+        let mut upto = self
+            .acked
+            .get(&disk)
+            .copied()
+            .unwrap_or((Generation(0), Seq::ZERO));
         if let Some(q) = self.records.get_mut(&disk) {
-            while q.front().is_some_and(|r| r.position() <= upto) {
+            while q.front().is_some_and(|r| r.seq <= through) {
                 let Some(r) = q.pop_front() else { break };
                 freed += u64::from(r.len);
+                upto = upto.max(r.position());
                 if let Some(seg) = self.segments.get_mut(&r.segment) {
                     seg.live = seg.live.saturating_sub(1);
                     emptied |= seg.live == 0;
@@ -465,7 +487,17 @@ impl Spool {
         let mut disks: Vec<_> = self.acked.iter().collect();
         disks.sort_unstable_by_key(|(d, _)| **d);
         for (disk, (g, s)) in disks {
-            text.push_str(&format!("{disk} {} {}\n", g.0, s.0));
+            let size = self.sizes.get(disk).copied().unwrap_or(0);
+            text.push_str(&format!("{disk} {} {} {size}\n", g.0, s.0));
+        }
+        let mut unacked: Vec<_> = self
+            .sizes
+            .iter()
+            .filter(|(d, _)| !self.acked.contains_key(d))
+            .collect();
+        unacked.sort_unstable_by_key(|(d, _)| **d);
+        for (disk, size) in unacked {
+            text.push_str(&format!("{disk} - - {size}\n"));
         }
         let mut f = File::create(&tmp).map_err(|e| io("create", &tmp, e))?;
         f.write_all(text.as_bytes())
@@ -568,10 +600,14 @@ fn parse_record(data: &[u8], pos: usize) -> Option<(RecordRef, usize)> {
     ))
 }
 
-fn read_positions(path: &Path) -> Result<HashMap<DiskId, Position>, SpoolError> {
+type Positions = (HashMap<DiskId, Position>, HashMap<DiskId, u64>);
+
+fn read_positions(path: &Path) -> Result<Positions, SpoolError> {
     let text = match fs::read_to_string(path) {
         Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(HashMap::new()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Ok((HashMap::new(), HashMap::new()));
+        }
         Err(source) => {
             return Err(SpoolError::Io {
                 action: "read",
@@ -586,23 +622,25 @@ fn read_positions(path: &Path) -> Result<HashMap<DiskId, Position>, SpoolError> 
         detail: format!("line {line}"),
     };
     let mut out = HashMap::new();
+    let mut sizes = HashMap::new();
     for (i, line) in text.lines().enumerate() {
         let mut it = line.split_whitespace();
         let disk: DiskId = it
             .next()
             .and_then(|d| d.parse().ok())
             .ok_or_else(|| bad(i + 1))?;
-        let g: u64 = it
-            .next()
-            .and_then(|v| v.parse().ok())
-            .ok_or_else(|| bad(i + 1))?;
-        let s: u64 = it
-            .next()
-            .and_then(|v| v.parse().ok())
-            .ok_or_else(|| bad(i + 1))?;
-        out.insert(disk, (Generation(g), Seq(s)));
+        let g = it.next().ok_or_else(|| bad(i + 1))?;
+        let s = it.next().ok_or_else(|| bad(i + 1))?;
+        if g != "-" {
+            let g: u64 = g.parse().map_err(|_| bad(i + 1))?;
+            let s: u64 = s.parse().map_err(|_| bad(i + 1))?;
+            out.insert(disk, (Generation(g), Seq(s)));
+        }
+        if let Some(size) = it.next() {
+            sizes.insert(disk, size.parse().map_err(|_| bad(i + 1))?);
+        }
     }
-    Ok(out)
+    Ok((out, sizes))
 }
 
 fn sync_dir(dir: &Path) -> Result<(), SpoolError> {
@@ -649,7 +687,7 @@ mod tests {
         }
         drop(s);
         let s = Spool::open(dir.path(), small()).unwrap();
-        let p = s.pending(disk(1), None, 100);
+        let p = s.pending(disk(1), Seq::ZERO, 100);
         assert_eq!(
             p.iter().map(|r| r.seq.0).collect::<Vec<_>>(),
             (1..=20).collect::<Vec<_>>()
@@ -657,11 +695,7 @@ mod tests {
         for r in &p {
             assert_eq!(s.read(r).unwrap(), Bytes::from(vec![r.seq.0 as u8; 1000]));
         }
-        assert_eq!(
-            s.pending(disk(2), Some((Generation(1), Seq(18))), 100)
-                .len(),
-            2
-        );
+        assert_eq!(s.pending(disk(2), Seq(18), 100).len(), 2);
         assert_eq!(s.live_bytes(), 20 * 1010);
     }
 
@@ -673,13 +707,13 @@ mod tests {
             s.append(&[entry(1, seq, 1000)]).unwrap();
         }
         let before = fs::read_dir(dir.path()).unwrap().count();
-        s.release(disk(1), (Generation(1), Seq(15))).unwrap();
+        s.release(disk(1), Seq(15)).unwrap();
         let after = fs::read_dir(dir.path()).unwrap().count();
         assert!(after < before, "{before} -> {after}");
         drop(s);
         let s = Spool::open(dir.path(), small()).unwrap();
         let seqs: Vec<u64> = s
-            .pending(disk(1), None, 100)
+            .pending(disk(1), Seq::ZERO, 100)
             .iter()
             .map(|r| r.seq.0)
             .collect();
@@ -691,15 +725,17 @@ mod tests {
     fn fully_released_disk_keeps_its_position_across_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let mut s = Spool::open(dir.path(), small()).unwrap();
+        s.register_disk(disk(3), 1 << 30).unwrap();
         for seq in 1..=10 {
             s.append(&[entry(3, seq, 1000)]).unwrap();
         }
-        s.release(disk(3), (Generation(1), Seq(10))).unwrap();
+        s.release(disk(3), Seq(10)).unwrap();
         s.write_positions().unwrap();
         drop(s);
         let s = Spool::open(dir.path(), small()).unwrap();
         assert_eq!(s.pending_count(disk(3)), 0);
         assert_eq!(s.durable_position(disk(3)), Some((Generation(1), Seq(10))));
+        assert_eq!(s.disk_size(disk(3)), Some(1 << 30));
     }
 
     #[test]
@@ -723,7 +759,7 @@ mod tests {
         drop(s);
         let s = Spool::open(dir.path(), SpoolOptions::default()).unwrap();
         let seqs: Vec<u64> = s
-            .pending(disk(1), None, 10)
+            .pending(disk(1), Seq::ZERO, 10)
             .iter()
             .map(|r| r.seq.0)
             .collect();

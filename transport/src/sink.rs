@@ -82,6 +82,9 @@ pub trait FrameSink: Send + Sync + 'static {
         req: HashRangeRequest,
     ) -> impl Future<Output = Result<HashRangeReply, SinkError>> + Send;
 
+    /// `peer` connected (metrics, logs). Default: nothing.
+    fn connected(&self, _peer: &PeerIdentity) {}
+
     /// The connection of `peer` closed (metrics, logs). Default: nothing.
     fn disconnected(&self, _peer: &PeerIdentity) {}
 }
@@ -165,6 +168,7 @@ async fn serve_connection<S: FrameSink>(
     cancel: CancellationToken,
 ) {
     tracing::info!("connected");
+    sink.connected(&peer);
     loop {
         let (send, recv) = tokio::select! {
             _ = cancel.cancelled() => {

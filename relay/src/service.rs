@@ -1,0 +1,573 @@
+//! The relay service: agents in (through the shared receiving loop of
+//! `blockferry_transport::sink`), the spool in the middle, one forwarder per
+//! disk out to the target. The sequence, ack and resume logic is proto's
+//! (`DiskReceiver` upstream, a forwarding `DiskSender` downstream); this module
+//! only moves bytes between them, the spool and the sockets.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use blockferry_proto::sender::sequenced;
+use blockferry_proto::{
+    DiskId, DiskSender, ErrorCode, Frame, Generation, HashRangeReply, HashRangeRequest, Hello,
+    PushError, SenderConfig, Seq,
+};
+use blockferry_transport::sink::{self, Accepted, DiskState, FrameSink, ServeOptions, SinkError};
+use blockferry_transport::tls::load_certs;
+use blockferry_transport::{
+    ChannelError, Connector, DiskChannel, PeerIdentity, RevocationList, TlsIdentity, Tuning,
+    client_config, client_endpoint, server_config, server_endpoint,
+};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::bucket::TokenBucket;
+use crate::config::Config;
+use crate::gate::ByteGate;
+use crate::metrics::{self, Metrics};
+use crate::spool::{Entry, Spool, SpoolError, SpoolOptions};
+
+/// Errors starting the relay.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error(transparent)]
+    Tls(#[from] blockferry_transport::tls::TlsError),
+    #[error(transparent)]
+    Endpoint(#[from] blockferry_transport::endpoint::EndpointError),
+    #[error(transparent)]
+    Spool(#[from] SpoolError),
+    #[error("revocation list {path}: {detail}")]
+    Revocation { path: String, detail: String },
+    #[error("cannot listen for metrics on {addr}: {source}")]
+    Metrics {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("spool task failed: {0}")]
+    Join(String),
+}
+
+/// A running relay.
+#[derive(Debug)]
+pub struct RelayHandle {
+    /// The QUIC address agents connect to.
+    pub listen_addr: SocketAddr,
+    /// The metrics address, if enabled.
+    pub metrics_addr: Option<SocketAddr>,
+    pub metrics: Arc<Metrics>,
+    serve: tokio::task::JoinHandle<()>,
+}
+
+impl RelayHandle {
+    /// Waits until the relay has stopped (after its cancellation token fired).
+    pub async fn stopped(self) {
+        if let Err(e) = self.serve.await {
+            tracing::error!(error = %e, "relay task failed");
+        }
+    }
+}
+
+struct Forwarder {
+    wake: Arc<Notify>,
+    channel: DiskChannel,
+}
+
+struct Shared {
+    cfg: Config,
+    spool: Arc<Mutex<Spool>>,
+    gate: ByteGate,
+    metrics: Arc<Metrics>,
+    forwarders: Mutex<HashMap<DiskId, Arc<Forwarder>>>,
+    target: Arc<Connector>,
+    /// The relay's own name, sent to the target in each Hello.
+    identity: String,
+    bucket: Option<Mutex<TokenBucket>>,
+    cancel: CancellationToken,
+}
+
+/// Runs `f` on the spool from a blocking thread (file I/O and fsync).
+async fn on_spool<T: Send + 'static>(
+    spool: &Arc<Mutex<Spool>>,
+    f: impl FnOnce(&mut Spool) -> Result<T, SpoolError> + Send + 'static,
+) -> Result<T, SpoolError> {
+    let spool = spool.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut s = spool.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut s)
+    })
+    .await
+    .map_err(|e| SpoolError::Io {
+        action: "run spool task for",
+        path: Default::default(),
+        offset: 0,
+        source: std::io::Error::other(e.to_string()),
+    })?
+}
+
+/// Starts the relay described by `cfg`; it runs until `cancel` fires.
+pub async fn start(cfg: Config, cancel: CancellationToken) -> Result<RelayHandle, RelayError> {
+    let tuning = if cfg.loopback_tuning {
+        Tuning::loopback()
+    } else {
+        Tuning::default()
+    };
+    let ca = load_certs(&cfg.ca)?;
+    let identity = TlsIdentity::load(&cfg.cert, &cfg.key)?;
+    let own_name = identity
+        .chain
+        .first()
+        .map(|c| PeerIdentity::from_der(c))
+        .transpose()?
+        .map(|p| p.name)
+        .unwrap_or_else(|| "relay".into());
+    let revoked = match &cfg.revocation_list {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| RelayError::Revocation {
+                path: path.display().to_string(),
+                detail: e.to_string(),
+            })?;
+            RevocationList::parse(&text).map_err(|detail| RelayError::Revocation {
+                path: path.display().to_string(),
+                detail,
+            })?
+        }
+        None => RevocationList::default(),
+    };
+    let server = server_endpoint(
+        cfg.listen,
+        server_config(&ca, identity.clone(), revoked, &tuning)?,
+        &tuning,
+    )?;
+    let listen_addr = server.local_addr().map_err(|source| {
+        blockferry_transport::endpoint::EndpointError::Bind {
+            addr: cfg.listen,
+            source,
+        }
+    })?;
+    let client = client_endpoint(
+        blockferry_transport::endpoint::any_addr_for(cfg.target.address),
+        client_config(&ca, identity, &tuning)?,
+        &tuning,
+    )?;
+    let target = Connector::new(client, cfg.target.address, cfg.target.server_name.clone());
+
+    let spool_dir = cfg.spool_dir.clone();
+    let opts = SpoolOptions {
+        segment_bytes: cfg.spool_segment_bytes,
+        fsync: true,
+    };
+    let spool = tokio::task::spawn_blocking(move || Spool::open(&spool_dir, opts))
+        .await
+        .map_err(|e| RelayError::Join(e.to_string()))??;
+    let used = spool.live_bytes();
+    let disks = spool.disks();
+    let metrics = Arc::new(Metrics::default());
+    metrics.spool_bytes.store(used, Ordering::Relaxed);
+    tracing::info!(
+        spool = %cfg.spool_dir.display(),
+        bytes = used,
+        disks = disks.len(),
+        "spool opened"
+    );
+
+    let metrics_addr = match cfg.metrics_listen {
+        Some(addr) => {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| RelayError::Metrics { addr, source })?;
+            let bound = l
+                .local_addr()
+                .map_err(|source| RelayError::Metrics { addr, source })?;
+            tokio::spawn(metrics::serve(l, metrics.clone(), cancel.clone()));
+            Some(bound)
+        }
+        None => None,
+    };
+
+    let bucket = cfg
+        .target
+        .bandwidth_limit
+        .map(|rate| Mutex::new(TokenBucket::new(rate, rate.max(1 << 20), Instant::now())));
+    let shared = Arc::new(Shared {
+        gate: ByteGate::new(cfg.spool_limit, used),
+        cfg,
+        spool: Arc::new(Mutex::new(spool)),
+        metrics: metrics.clone(),
+        forwarders: Mutex::new(HashMap::new()),
+        target,
+        identity: own_name,
+        bucket,
+        cancel: cancel.clone(),
+    });
+    // Replay: every disk with spooled frames (or a known position) forwards
+    // again from where the target left off.
+    for disk in disks {
+        shared.forwarder(disk);
+    }
+    tracing::info!(quic = %listen_addr, target = %shared.cfg.target.address, "relay listening");
+    let sink = Arc::new(RelaySink {
+        shared: shared.clone(),
+    });
+    let serve = tokio::spawn(async move {
+        sink::serve(server, sink, ServeOptions::default(), cancel.clone()).await;
+        shared
+            .target
+            .endpoint()
+            .close(0u32.into(), b"relay stopping");
+    });
+    Ok(RelayHandle {
+        listen_addr,
+        metrics_addr,
+        metrics,
+        serve,
+    })
+}
+
+impl Shared {
+    fn spool_lock(&self) -> std::sync::MutexGuard<'_, Spool> {
+        self.spool.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The forwarder of `disk`, started on first use.
+    fn forwarder(self: &Arc<Self>, disk: DiskId) -> Arc<Forwarder> {
+        let mut map = self.forwarders.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(f) = map.get(&disk) {
+            return f.clone();
+        }
+        let (size, generation) = {
+            let s = self.spool_lock();
+            let pos = s.durable_position(disk);
+            (
+                s.disk_size(disk).unwrap_or(0),
+                pos.map_or(Generation(0), |p| p.0),
+            )
+        };
+        let sender = DiskSender::forwarding(
+            SenderConfig {
+                max_unacked_frames: 256,
+                max_unacked_bytes: 128 << 20,
+                retransmit_after: None,
+            },
+            self.identity.clone(),
+            disk,
+            size,
+            generation,
+        );
+        let channel = DiskChannel::spawn(self.target.clone(), sender, self.cancel.clone());
+        let f = Arc::new(Forwarder {
+            wake: Arc::new(Notify::new()),
+            channel,
+        });
+        map.insert(disk, f.clone());
+        let span = tracing::info_span!("forward", %disk);
+        tokio::spawn(forward(self.clone(), disk, f.clone()).instrument(span.clone()));
+        tokio::spawn(release(self.clone(), disk, f.channel.clone()).instrument(span));
+        f
+    }
+}
+
+/// Reads spooled frames of `disk` in order and pushes them to the target.
+async fn forward(shared: Arc<Shared>, disk: DiskId, fwd: Arc<Forwarder>) {
+    let progress = fwd.channel.progress();
+    let mut pushed = shared
+        .spool_lock()
+        .acked_position(disk)
+        .map_or(Seq::ZERO, |p| p.1);
+    loop {
+        pushed = pushed.max(progress.borrow().durable);
+        let after = pushed;
+        let recs = match on_spool(&shared.spool, move |s| Ok(s.pending(disk, after, 32))).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot list the spool");
+                Vec::new()
+            }
+        };
+        if recs.is_empty() {
+            tokio::select! {
+                _ = shared.cancel.cancelled() => return,
+                _ = fwd.wake.notified() => {}
+            }
+            continue;
+        }
+        for r in recs {
+            let raw = match on_spool(&shared.spool, move |s| s.read(&r)).await {
+                Ok(b) => b,
+                Err(e) => {
+                    // Released meanwhile (the target already had it) or an I/O
+                    // error: start over from the spool's current state.
+                    tracing::debug!(error = %e, seq = %r.seq, "re-reading the spool");
+                    break;
+                }
+            };
+            let frame = match Frame::decode_exact(raw) {
+                Ok(f) => f,
+                Err(e) => {
+                    // The record passed its checksum, so this is a bug, not a
+                    // torn write: stop this disk loudly rather than skip data.
+                    tracing::error!(seq = %r.seq, error = %e, "spooled frame does not decode; forwarding of this disk stopped");
+                    return;
+                }
+            };
+            let frame = match shared.cfg.target.recompress_level {
+                Some(level) => {
+                    match tokio::task::spawn_blocking(move || recompress(frame, level)).await {
+                        Ok(f) => f,
+                        Err(e) => {
+                            tracing::error!(error = %e, "recompression task failed");
+                            return;
+                        }
+                    }
+                }
+                None => frame,
+            };
+            let len = frame.encoded_len() as u64;
+            if let Some(bucket) = &shared.bucket {
+                let wait = bucket
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .take(len, Instant::now());
+                if !wait.is_zero() {
+                    tokio::select! {
+                        _ = shared.cancel.cancelled() => return,
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                }
+            }
+            match fwd.channel.push_numbered(frame).await {
+                Ok(seq) => {
+                    pushed = seq;
+                    shared.metrics.bytes_out.fetch_add(len, Ordering::Relaxed);
+                }
+                Err(ChannelError::Push(PushError::OutOfSequence { .. })) => {
+                    // The target is ahead (it acked more than we knew after a
+                    // restart): continue after its durable sequence.
+                    break;
+                }
+                Err(e) => {
+                    tracing::info!(error = %e, "forwarder stopped");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Turns the target's acks into spool releases.
+async fn release(shared: Arc<Shared>, disk: DiskId, channel: DiskChannel) {
+    let mut progress = channel.progress();
+    let mut released = Seq::ZERO;
+    let mut connected = false;
+    loop {
+        let (durable, now_connected, resync) = {
+            let p = progress.borrow_and_update();
+            (p.durable, p.connected, p.resync)
+        };
+        if now_connected != connected {
+            connected = now_connected;
+            shared
+                .metrics
+                .target_connected
+                .store(u64::from(connected), Ordering::Relaxed);
+        }
+        if let Some(r) = resync {
+            tracing::error!(reason = ?r, "the target cannot continue this disk from the spool: a checksum resync from the agent is needed");
+        }
+        if durable > released {
+            match on_spool(&shared.spool, move |s| s.release(disk, durable)).await {
+                Ok(freed) => {
+                    released = durable;
+                    shared.gate.release(freed);
+                    shared.metrics.set_target_acked(disk, durable.0);
+                    let live = shared.spool_lock().live_bytes();
+                    shared.metrics.spool_bytes.store(live, Ordering::Relaxed);
+                    tracing::trace!(%durable, freed, "released");
+                }
+                Err(e) => tracing::error!(error = %e, "cannot release spooled frames"),
+            }
+        }
+        tokio::select! {
+            _ = shared.cancel.cancelled() => return,
+            r = progress.changed() => if r.is_err() { return },
+        }
+    }
+}
+
+/// Re-encodes the chunks of a batch at `level` where that makes them smaller.
+fn recompress(frame: Frame, level: i32) -> Frame {
+    let Frame::Batch(mut b) = frame else {
+        return frame;
+    };
+    for c in &mut b.chunks {
+        if c.encoding == blockferry_proto::Encoding::Zero {
+            continue;
+        }
+        let Ok(plain) = blockferry_proto::verify_chunk(c) else {
+            continue;
+        };
+        if let Ok(n) = blockferry_proto::build_chunk(c.offset, &plain.to_bytes(), Some(level))
+            && n.payload.len() < c.payload.len()
+        {
+            *c = n;
+        }
+    }
+    Frame::Batch(b)
+}
+
+/// The relay's side of the receiving loop: authorize, spool, wake the forwarder.
+struct RelaySink {
+    shared: Arc<Shared>,
+}
+
+/// Pause between attempts while the spool's file system is full.
+const NO_SPACE_RETRY: Duration = Duration::from_secs(1);
+
+impl FrameSink for RelaySink {
+    async fn open(&self, peer: &PeerIdentity, hello: &Hello) -> Result<DiskState, SinkError> {
+        let disk = hello.disk;
+        if hello.agent != peer.name {
+            self.shared
+                .metrics
+                .refused_connections_total
+                .fetch_add(1, Ordering::Relaxed);
+            return Err(SinkError::new(
+                ErrorCode::NotAuthorized,
+                format!(
+                    "hello names agent {:?} but the certificate is {:?}: configure the agent with its certificate's name",
+                    hello.agent, peer.name
+                ),
+            ));
+        }
+        if !self.shared.cfg.may_write(&peer.name, disk) {
+            self.shared
+                .metrics
+                .refused_connections_total
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(agent = %peer.name, %disk, "refused: disk not registered to this agent");
+            return Err(SinkError::new(
+                ErrorCode::NotAuthorized,
+                format!(
+                    "agent {} may not write disk {disk}: register the disk under its [[agents]] entry in relay.toml",
+                    peer.name
+                ),
+            ));
+        }
+        let size = hello.disk_size;
+        let pos = on_spool(&self.shared.spool, move |s| {
+            s.register_disk(disk, size)?;
+            Ok(s.durable_position(disk))
+        })
+        .await
+        .map_err(|e| SinkError::new(ErrorCode::Unavailable, e.to_string()))?;
+        self.shared.forwarder(disk);
+        let (generation, durable_seq) = pos.unwrap_or((Generation(0), Seq::ZERO));
+        tracing::info!(agent = %peer.name, %disk, %durable_seq, "disk stream opened");
+        Ok(DiskState {
+            generation,
+            durable_seq,
+        })
+    }
+
+    async fn apply(&self, disk: DiskId, frames: Vec<Accepted>) -> Result<(), SinkError> {
+        let shared = &self.shared;
+        let bytes: u64 = frames.iter().map(|a| a.raw.len() as u64).sum();
+        if shared.gate.is_full_for(bytes) {
+            tracing::debug!(%disk, used = shared.gate.used(), "spool full: holding the agent back");
+        }
+        tokio::select! {
+            _ = shared.cancel.cancelled() => {
+                return Err(SinkError::new(ErrorCode::Unavailable, "relay shutting down"));
+            }
+            _ = shared.gate.reserve(bytes) => {}
+        }
+        let mut entries = Vec::with_capacity(frames.len());
+        for a in frames {
+            let Some((d, generation, seq)) = sequenced(&a.frame) else {
+                continue;
+            };
+            entries.push(Entry {
+                disk: d,
+                generation,
+                seq,
+                frame: a.raw,
+            });
+        }
+        let last = entries.last().map(|e| e.seq);
+        let entries = Arc::new(entries);
+        loop {
+            let batch = entries.clone();
+            match on_spool(&shared.spool, move |s| s.append(&batch)).await {
+                Ok(_) => break,
+                Err(e) if e.is_no_space() => {
+                    // Never ack, never drop: the agent keeps the data and waits.
+                    tracing::error!(%disk, error = %e, "spool file system is full: acks stopped until space is freed");
+                    tokio::select! {
+                        _ = shared.cancel.cancelled() => {
+                            shared.gate.release(bytes);
+                            return Err(SinkError::new(ErrorCode::Unavailable, "relay shutting down"));
+                        }
+                        _ = tokio::time::sleep(NO_SPACE_RETRY) => {}
+                    }
+                }
+                Err(e) => {
+                    shared.gate.release(bytes);
+                    tracing::error!(%disk, error = %e, "spool write failed");
+                    return Err(SinkError::new(ErrorCode::Unavailable, e.to_string()));
+                }
+            }
+        }
+        shared.metrics.bytes_in.fetch_add(bytes, Ordering::Relaxed);
+        shared
+            .metrics
+            .spool_bytes
+            .store(shared.gate.used(), Ordering::Relaxed);
+        if let Some(seq) = last {
+            shared.metrics.set_spooled(disk, seq.0);
+        }
+        shared.forwarder(disk).wake.notify_one();
+        Ok(())
+    }
+
+    async fn hash_ranges(
+        &self,
+        _peer: &PeerIdentity,
+        req: HashRangeRequest,
+    ) -> Result<HashRangeReply, SinkError> {
+        // The replica is at the target: let everything spooled reach it first,
+        // so the digests describe the data the agent already sent.
+        let disk = req.disk;
+        let fwd = self.shared.forwarder(disk);
+        let spooled = self
+            .shared
+            .spool_lock()
+            .durable_position(disk)
+            .map_or(Seq::ZERO, |p| p.1);
+        fwd.channel
+            .wait_durable(spooled)
+            .await
+            .map_err(|e| SinkError::new(ErrorCode::Unavailable, e.to_string()))?;
+        fwd.channel
+            .hash_ranges(req)
+            .await
+            .map_err(|e| SinkError::new(ErrorCode::Unavailable, e.to_string()))
+    }
+
+    fn connected(&self, _peer: &PeerIdentity) {
+        let m = &self.shared.metrics;
+        m.agent_connections.fetch_add(1, Ordering::Relaxed);
+        m.agent_connections_total.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn disconnected(&self, _peer: &PeerIdentity) {
+        let m = &self.shared.metrics;
+        // Paired with `connected`; never below zero.
+        m.agent_connections
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| v.checked_sub(1))
+            .ok();
+    }
+}
