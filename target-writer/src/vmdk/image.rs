@@ -1374,10 +1374,22 @@ pub(crate) fn sparse_layout_for(
     let desc_sectors = (d.render().len() as u64 + 1024)
         .div_ceil(SECTOR)
         .max(DEFAULT_DESCRIPTOR_SECTORS);
-    Layout::new(sectors, desc_sectors).map_err(|source| VmdkError::Header {
+    let layout = Layout::new(sectors, desc_sectors).map_err(|source| VmdkError::Header {
         path: path.to_owned(),
         source,
-    })
+    })?;
+    // Grain table entries are 32-bit sector numbers: every grain must start
+    // below 2 TiB in the file.
+    if layout.header.overhead.saturating_add(sectors) > 1 << 32 {
+        return Err(VmdkError::Invalid {
+            path: path.to_owned(),
+            what: format!(
+                "a sparse VMDK holds at most 2 TiB, this disk is {} bytes; use a flat (vmfs) disk",
+                sectors * SECTOR
+            ),
+        });
+    }
+    Ok(layout)
 }
 
 impl DiskRead for VmdkImage {

@@ -34,9 +34,32 @@
 //!   structural problems qemu-img does not look for.
 //!
 //! Supported for reading: vmfs, monolithicFlat, monolithicSparse,
-//! twoGbMaxExtentSparse, twoGbMaxExtentFlat (and ZERO extents). Not
-//! supported, with a clear error: streamOptimized (compressed grains), ESX
-//! `COWD`/`VMFSSPARSE`, `SESPARSE`, raw device mappings.
+//! twoGbMaxExtentSparse, twoGbMaxExtentFlat, streamOptimized (compressed
+//! grains, also with the directory only in the footer), ZERO extents. For
+//! writing: everything but streamOptimized. Not supported, with an error
+//! that names the file and the feature: ESX `COWD`/`VMFSSPARSE`,
+//! `SESPARSE`, raw device mappings. Sparse disks hold at most 2 TiB (32-bit
+//! grain table entries); larger disks are flat.
+//!
+//! # Example
+//!
+//! ```no_run
+//! use blockferry_target::vmdk::{CreateOptions, DiskKind, DiskRead, OpenMode, VmdkImage, WriteOp};
+//! # fn main() -> Result<(), blockferry_target::vmdk::VmdkError> {
+//! let path = std::path::Path::new("/srv/replica/disk0.vmdk");
+//! let mut disk = VmdkImage::create(path, &CreateOptions::new(8 << 30, DiskKind::Vmfs))?;
+//! disk.apply(&[
+//!     WriteOp::Data { offset: 1 << 20, data: &[0xab; 4096] },
+//!     WriteOp::Zero { offset: 2 << 20, len: 1 << 20 },
+//! ])?;
+//! disk.set_cid(blockferry_target::vmdk::new_cid())?;
+//! drop(disk);
+//! let disk = VmdkImage::open(path, OpenMode::ReadOnly)?;
+//! let mut buf = vec![0u8; 4096];
+//! disk.read_at(&mut buf, 1 << 20)?;
+//! # Ok(())
+//! # }
+//! ```
 
 pub mod check;
 pub mod descriptor;
