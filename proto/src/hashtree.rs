@@ -799,4 +799,66 @@ mod tests {
         assert!(!cmp.is_done());
         assert_eq!(cmp.poll_request().unwrap().ranges, req.ranges);
     }
+
+    #[test]
+    fn a_million_chunks_with_ten_changes_take_five_round_trips() {
+        // Leaves only (no disk bytes): 1,000,000 chunks of 64 KiB = 61 GiB.
+        let s = TreeShape::new(65536, 64).unwrap();
+        let n = 1_000_000u64;
+        let leaves: Vec<Hash> = (0..n)
+            .map(|i| *blake3::hash(&i.to_le_bytes()).as_bytes())
+            .collect();
+        let mut other = leaves.clone();
+        let changed: Vec<u64> = (0..10).map(|i| i * 99_991 + 7).collect();
+        for &c in &changed {
+            other[c as usize][0] ^= 1;
+        }
+        let size = n * 65536;
+        let mut cmp = Comparer::new(
+            HashTree::new(s, size, leaves).unwrap(),
+            size,
+            DiskId::default(),
+            Generation(1),
+            ComparerLimits::default(),
+        );
+        let mut resp = Responder::new(HashTree::new(s, size, other).unwrap());
+        while let Some(req) = cmp.poll_request() {
+            let reply = resp.handle_request(&req).unwrap();
+            cmp.handle_reply(&reply).unwrap();
+        }
+        assert!(cmp.is_done());
+        assert_eq!(flatten(&cmp.differing_chunks()), changed);
+        // Height 4 (64^4 > 10^6): one round-trip per level.
+        assert_eq!(cmp.stats().requests, 5);
+        // About 2.6 k digests instead of a million leaf hashes.
+        assert!(cmp.stats().ranges_asked <= 1 + 4 * 10 * 64);
+        assert!(cmp.stats().bytes() < 200_000, "{:?}", cmp.stats());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn node_ranges_round_trip(level in 0u8..8, index in 0u64..1 << 30, fanout in 2u32..300) {
+            let s = TreeShape::new(4096, fanout).unwrap();
+            let node = NodeId { level, index };
+            if let Some(r) = s.byte_range(node) {
+                proptest::prop_assert_eq!(s.node_of(r), Some(node));
+            }
+        }
+
+        #[test]
+        fn responder_never_panics_on_any_range(offset: u64, len: u64, fanout in 2u32..100) {
+            let s = TreeShape::new(4096, fanout).unwrap();
+            let mut r = Responder::new(HashTree::from_bytes(s, &random_disk(50_000, 3)).unwrap());
+            let req = HashRangeRequest {
+                disk: DiskId::default(),
+                generation: Generation(0),
+                request_id: 0,
+                ranges: vec![ByteRange { offset, len }],
+            };
+            if let Ok(reply) = r.handle_request(&req) {
+                proptest::prop_assert_eq!(reply.digests.len(), 1);
+                proptest::prop_assert!(reply.digests[0].range.len <= len);
+            }
+        }
+    }
 }
