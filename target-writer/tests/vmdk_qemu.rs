@@ -690,3 +690,67 @@ fn out_of_range_and_read_only_are_refused() {
     // Nothing was written by the refused writes.
     assert!(ro.allocated_ranges().unwrap().is_empty());
 }
+
+#[test]
+fn writes_into_qemu_made_multi_extent_images() {
+    if !have_qemu_img() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // Three 2 GiB extents, all thin on the file system.
+    let size: u64 = (4 << 30) + (512 << 20);
+    for sub in [
+        "twoGbMaxExtentSparse",
+        "twoGbMaxExtentFlat",
+        "monolithicSparse",
+    ] {
+        let model = Model::new(dir.path().join(format!("{sub}.raw")), size);
+        let path = dir.path().join(format!("{sub}.vmdk"));
+        let out = qemu(
+            &[
+                "create",
+                "-q",
+                "-f",
+                "vmdk",
+                "-o",
+                &format!("subformat={sub}"),
+            ],
+            &[&path, Path::new(&size.to_string())],
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut img = VmdkImage::open(&path, OpenMode::ReadWrite).unwrap();
+        assert_eq!(img.size(), size);
+        let mut rng = StdRng::seed_from_u64(5);
+        // Straddle both extent boundaries, then random places.
+        let a = vec![0x77u8; 300_000];
+        let b = vec![0x99u8; 8192];
+        let mut ops = vec![
+            WriteOp::Data {
+                offset: (2 << 30) - 100_000,
+                data: &a,
+            },
+            WriteOp::Data {
+                offset: (4 << 30) - 4096,
+                data: &b,
+            },
+            WriteOp::Zero {
+                offset: (2 << 30) - 10_000,
+                len: 2 * GRAIN,
+            },
+        ];
+        let batches: Vec<_> = (0..6).map(|_| random_batch(&mut rng, size)).collect();
+        for batch in &batches {
+            ops.extend(as_ops(batch));
+        }
+        img.apply(&ops).unwrap();
+        model.apply(&ops);
+        drop(img);
+        assert_qemu_same(&model.path, &path);
+        let report = check(&path).unwrap();
+        assert!(report.is_clean(), "{sub}: {:?}", report.problems);
+    }
+}
