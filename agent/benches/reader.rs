@@ -7,6 +7,7 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -44,6 +45,29 @@ fn plain_read(path: &Path) -> u64 {
     let mut total = 0u64;
     loop {
         let n = f.read(&mut buf).expect("read bench file");
+        if n == 0 {
+            return total;
+        }
+        total += n as u64;
+    }
+}
+
+/// Plain `read` with O_DIRECT, 1 MiB at a time: what the device gives a
+/// single synchronous reader that bypasses the page cache like the reader.
+fn direct_read(path: &Path) -> u64 {
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .expect("open bench file with O_DIRECT");
+    // O_DIRECT wants an aligned buffer: over-allocate and start at the first
+    // 4 KiB boundary.
+    let mut raw = vec![0u8; (1 << 20) + 4096];
+    let skip = raw.as_ptr().align_offset(4096);
+    let buf = &mut raw[skip..skip + (1 << 20)];
+    let mut total = 0u64;
+    loop {
+        let n = f.read(buf).expect("read bench file");
         if n == 0 {
             return total;
         }
@@ -100,6 +124,7 @@ fn main() {
     if smoke {
         assert_eq!(pipeline(&path, &ship).0, len as u64);
         assert_eq!(plain_read(&path), len as u64);
+        assert_eq!(direct_read(&path), len as u64);
         return;
     }
     let hash_only = ReaderConfig {
@@ -116,6 +141,7 @@ fn main() {
         let mut g = c.benchmark_group("reader");
         g.throughput(Throughput::Bytes(len as u64));
         g.bench_function("baseline_plain_read", |b| b.iter(|| plain_read(&path)));
+        g.bench_function("baseline_direct_read", |b| b.iter(|| direct_read(&path)));
         g.bench_function("uring_blake3_zstd1", |b| b.iter(|| pipeline(&path, &ship)));
         g.bench_function("uring_blake3_hash_only", |b| {
             b.iter(|| pipeline(&path, &hash_only))
@@ -126,12 +152,16 @@ fn main() {
 
     // Interleaved runs in this same invocation, so that the noise of a
     // shared machine hits both sides alike.
-    let (mut base, mut full, mut hashed) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut base, mut direct, mut full, mut hashed) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut ratio_wire = 0.0;
     for _ in 0..3 {
         let t = Instant::now();
         assert_eq!(plain_read(&path), len as u64);
         base.push(t.elapsed());
+        let t = Instant::now();
+        assert_eq!(direct_read(&path), len as u64);
+        direct.push(t.elapsed());
         let t = Instant::now();
         let (plain, wire) = pipeline(&path, &ship);
         full.push(t.elapsed());
@@ -142,18 +172,20 @@ fn main() {
         hashed.push(t.elapsed());
     }
     let mbps = |d: Duration| len as f64 / d.as_secs_f64() / 1e6;
-    let (b, f, h) = (median(base), median(full), median(hashed));
+    let (b, d, f, h) = (median(base), median(direct), median(full), median(hashed));
     println!(
-        "reader {mib} MiB half-compressible: plain read {:.0} MB/s, read+blake3+zstd1 {:.0} MB/s \
-         (wire/plain {:.2}), read+blake3 only {:.0} MB/s",
+        "reader {mib} MiB half-compressible: plain read {:.0} MB/s, O_DIRECT read {:.0} MB/s, \
+         read+blake3+zstd1 {:.0} MB/s (wire/plain {:.2}), read+blake3 only {:.0} MB/s",
         mbps(b),
+        mbps(d),
         mbps(f),
         ratio_wire,
         mbps(h)
     );
     println!(
-        "pipeline_vs_read_ratio={:.2} hash_only_vs_read_ratio={:.2}",
+        "pipeline_vs_read_ratio={:.2} pipeline_vs_direct_read_ratio={:.2} hash_only_vs_read_ratio={:.2}",
         mbps(f) / mbps(b),
+        mbps(f) / mbps(d),
         mbps(h) / mbps(b)
     );
 }
