@@ -364,3 +364,162 @@ impl DiskReceiver {
         None
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chunk::build_chunk;
+    use crate::frame::{Barrier, Consistency, ExtentBatch, Hello};
+
+    const D: DiskId = DiskId([3; 16]);
+
+    fn hello() -> Frame {
+        Frame::Hello(Hello {
+            agent: "host".into(),
+            disk: D,
+            disk_size: 1 << 20,
+            generation: Generation(1),
+            oldest_held: Seq::ZERO,
+            next_seq: Seq::ZERO,
+        })
+    }
+
+    fn barrier(seq: u64) -> Frame {
+        Frame::Barrier(Barrier {
+            disk: D,
+            generation: Generation(1),
+            seq: Seq(seq),
+            consistency: Consistency::NotConsistent,
+            timestamp_ns: 0,
+        })
+    }
+
+    fn greeted() -> DiskReceiver {
+        let mut r = DiskReceiver::new(ReceiverConfig::default(), D, Generation(1), Seq::ZERO);
+        r.handle_frame(hello()).unwrap();
+        assert!(matches!(r.poll_transmit(), Some(Frame::HelloReply(_))));
+        r
+    }
+
+    #[test]
+    fn duplicates_are_handed_out_once_and_reacked() {
+        let mut r = greeted();
+        assert_eq!(r.handle_frame(barrier(1)), Ok(Some(barrier(1))));
+        assert_eq!(r.handle_frame(barrier(1)), Ok(None));
+        assert_eq!(r.poll_transmit(), None, "no ack before durable");
+        r.handle_durable(Seq(1));
+        assert!(matches!(r.poll_transmit(), Some(Frame::Ack(a)) if a.durable_seq == Seq(1)));
+        assert_eq!(r.handle_frame(barrier(1)), Ok(None));
+        assert!(matches!(r.poll_transmit(), Some(Frame::Ack(a)) if a.durable_seq == Seq(1)));
+    }
+
+    #[test]
+    fn gap_is_a_typed_error_and_a_nack() {
+        let mut r = greeted();
+        let err = r.handle_frame(barrier(2)).unwrap_err();
+        assert!(matches!(
+            err,
+            ReceiveError::Gap {
+                expected: Seq(1),
+                got: Seq(2),
+                ..
+            }
+        ));
+        assert!(!err.is_fatal());
+        assert!(matches!(
+            r.poll_transmit(),
+            Some(Frame::Nack(n)) if n.reason == RejectReason::Gap { expected: Seq(1) }
+        ));
+        assert_eq!(r.received_seq(), Seq::ZERO);
+    }
+
+    #[test]
+    fn hello_reply_waits_until_received_frames_are_durable() {
+        let mut r = greeted();
+        r.handle_frame(barrier(1)).unwrap();
+        r.handle_frame(barrier(2)).unwrap();
+        r.handle_durable(Seq(1));
+        // The sender reconnects (it may have restarted and would renumber).
+        r.handle_disconnected();
+        r.handle_frame(hello()).unwrap();
+        assert_eq!(
+            r.poll_transmit(),
+            None,
+            "reply must not report 1 while 2 is in flight"
+        );
+        r.handle_durable(Seq(2));
+        assert!(matches!(
+            r.poll_transmit(),
+            Some(Frame::HelloReply(h)) if h.durable_seq == Seq(2)
+        ));
+    }
+
+    #[test]
+    fn persist_failure_accepts_the_frames_again() {
+        let mut r = greeted();
+        r.handle_frame(barrier(1)).unwrap();
+        r.handle_persist_failed();
+        assert_eq!(r.handle_frame(barrier(1)), Ok(Some(barrier(1))));
+    }
+
+    #[test]
+    fn corrupt_or_out_of_range_chunks_are_refused() {
+        let mut r = greeted();
+        let mut c = build_chunk(0, &[7u8; 4096], None).unwrap();
+        c.hash[0] ^= 1;
+        let bad = Frame::Batch(ExtentBatch {
+            disk: D,
+            generation: Generation(1),
+            seq: Seq(1),
+            chunks: vec![c],
+        });
+        assert!(matches!(
+            r.handle_frame(bad),
+            Err(ReceiveError::Integrity { .. })
+        ));
+        assert!(matches!(
+            r.poll_transmit(),
+            Some(Frame::Nack(n)) if n.reason == RejectReason::HashMismatch { offset: 0 }
+        ));
+        let beyond = Frame::Batch(ExtentBatch {
+            disk: D,
+            generation: Generation(1),
+            seq: Seq(1),
+            chunks: vec![build_chunk(1 << 20, &[7u8; 4096], None).unwrap()],
+        });
+        assert!(matches!(
+            r.handle_frame(beyond),
+            Err(ReceiveError::Integrity { .. })
+        ));
+        assert_eq!(r.received_seq(), Seq::ZERO);
+    }
+
+    #[test]
+    fn older_generation_is_refused_after_a_newer_one() {
+        let mut r = greeted();
+        let mut f = barrier(1);
+        if let Frame::Barrier(b) = &mut f {
+            b.generation = Generation(2);
+        }
+        r.handle_frame(f).unwrap();
+        let err = r.handle_frame(barrier(2)).unwrap_err();
+        assert!(matches!(
+            err,
+            ReceiveError::StaleGeneration {
+                current: Generation(2),
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn data_before_hello_and_foreign_disks_are_fatal() {
+        let mut r = DiskReceiver::new(ReceiverConfig::default(), D, Generation(1), Seq::ZERO);
+        assert!(r.handle_frame(barrier(1)).unwrap_err().is_fatal());
+        let mut other = barrier(1);
+        if let Frame::Barrier(b) = &mut other {
+            b.disk = DiskId([4; 16]);
+        }
+        assert!(r.handle_frame(other).unwrap_err().is_fatal());
+    }
+}
