@@ -9,6 +9,12 @@
 //! given up with [`DiskReceiver::handle_persist_failed`]), so the durable
 //! sequence in the reply is exact: a sender that restarted and renumbers
 //! from it never collides with frames still being persisted.
+//!
+//! Keep one receiver per disk across connections. A shell that builds one per
+//! connection instead must let the previous connection's frames become
+//! durable (or be abandoned) before it reads the durable sequence for the new
+//! receiver; otherwise a restarted sender reuses sequence numbers of frames
+//! still being applied, and the applier drops its data as duplicates.
 
 use std::collections::VecDeque;
 
