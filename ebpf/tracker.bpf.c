@@ -106,6 +106,17 @@ static __always_inline bool protected_range(__u32 dev, __u64 sector, __u32 bytes
 	return false;
 }
 
+/* Batch wakeups: waking the agent for every record makes the writer pay a
+ * context switch per write; it drains on a timer and is woken early only when
+ * the ring fills up (see BF_WAKEUP_DIVISOR). */
+static __always_inline __u64 wakeup_flag(void)
+{
+	__u64 avail = bpf_ringbuf_query(&bf_events, BPF_RB_AVAIL_DATA);
+	__u64 size = bpf_ringbuf_query(&bf_events, BPF_RB_RING_SIZE);
+
+	return avail >= size / BF_WAKEUP_DIVISOR ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP;
+}
+
 static __always_inline void emit(__u32 dev, __u64 sector, __u32 bytes, __u8 op, __u8 phase,
 				 __u16 flags)
 {
@@ -127,7 +138,7 @@ static __always_inline void emit(__u32 dev, __u64 sector, __u32 bytes, __u8 op, 
 	e->phase = phase;
 	e->flags = flags;
 	e->cpu = bpf_get_smp_processor_id();
-	bpf_ringbuf_submit(e, 0);
+	bpf_ringbuf_submit(e, wakeup_flag());
 }
 
 /* Every bio, for request-based and bio-based disks alike, with the whole-disk

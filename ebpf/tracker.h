@@ -20,6 +20,11 @@
 
 /* Ring buffer size in bytes (power of two, multiple of the page size). */
 #define BF_RINGBUF_BYTES 4194304
+/* Wakeups: a record does not wake user space until the ring holds
+ * 1/BF_WAKEUP_DIVISOR of its size; user space drains every BF_POLL_MS anyway.
+ * A wakeup per write costs the writer more than the tracking itself. */
+#define BF_WAKEUP_DIVISOR 8
+#define BF_POLL_MS 10
 /* Maximum number of protected whole disks at once. */
 #define BF_MAX_DISKS 256
 /* Sector ranges per whole disk (several partitions of one disk may be protected). */

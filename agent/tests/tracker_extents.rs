@@ -251,3 +251,31 @@ fn tracker_sees_completions_on_bio_based_zram() {
         "bio-based completions were not seen"
     );
 }
+
+/// A ring buffer too small for the burst: the kernel counts the lost events,
+/// and the tracker turns them into a resync of the whole device, never silence.
+#[test]
+fn tracker_turns_ring_buffer_overflow_into_resync() {
+    if !require_root("tracker_turns_ring_buffer_overflow_into_resync") {
+        return;
+    }
+    let disk = LoopDev::new(16 * MIB, true);
+    // One page: 128 records of 32 bytes with their headers.
+    let mut t = Tracker::load_with_ring_bytes(4096).expect("load tracker");
+    let id = t.protect(&disk.path).expect("protect");
+    // 400 writes, 800 events, not drained while they happen.
+    dd_write(disk.path_str(), 4096, 0, 400, &[]);
+    let notices = t.poll_now().expect("poll");
+    let resync: Vec<_> = notices
+        .iter()
+        .filter(|n| matches!(n, Notice::Resync { .. }))
+        .collect();
+    assert_eq!(resync.len(), 1, "one resync notice: {notices:?}");
+    assert!(matches!(resync[0], Notice::Resync { dropped, .. } if *dropped > 0));
+    assert!(t.needs_resync(id));
+    assert_eq!(
+        t.dirty(id).expect("dirty").iter().collect::<Vec<_>>(),
+        vec![0..16 * MIB],
+        "the whole device must be marked dirty"
+    );
+}

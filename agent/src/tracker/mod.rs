@@ -126,6 +126,13 @@ impl Tracker<BpfSource> {
     pub fn load() -> Result<Self, TrackerError> {
         Ok(Tracker::with_source(BpfSource::load()?))
     }
+
+    /// Loads with a ring buffer of `bytes` (power of two, at least a page).
+    pub fn load_with_ring_bytes(bytes: u32) -> Result<Self, TrackerError> {
+        Ok(Tracker::with_source(BpfSource::load_with_ring_bytes(
+            bytes,
+        )?))
+    }
 }
 
 impl<S: EventSource> Tracker<S> {

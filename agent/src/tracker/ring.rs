@@ -37,8 +37,13 @@ impl Ring {
         }
     }
 
-    /// Waits until the kernel signals new records. Must run inside a tokio runtime.
-    pub(super) async fn readable(&mut self) -> Result<(), TrackerError> {
+    /// Waits until the kernel signals new records or the poll interval passes
+    /// (the kernel wakes user space only when the ring fills up; see
+    /// `BF_WAKEUP_DIVISOR`). Must run inside a tokio runtime.
+    pub(super) async fn readable(
+        &mut self,
+        tick: &mut tokio::time::Interval,
+    ) -> Result<(), TrackerError> {
         if matches!(self, Ring::Plain(_)) {
             let Ring::Plain(ring) = std::mem::replace(self, Ring::Gone) else {
                 return Ok(());
@@ -68,16 +73,18 @@ impl Ring {
                 source: std::io::Error::other("the ring buffer is gone"),
             });
         };
-        let mut guard = afd
-            .readable_mut()
-            .await
-            .map_err(|source| TrackerError::Io {
-                what: "waiting on the ring buffer".into(),
-                source,
-            })?;
-        // Cleared before the caller drains: a record committed after this point
-        // wakes the next wait, so none is left unread.
-        guard.clear_ready();
+        tokio::select! {
+            guard = afd.readable_mut() => {
+                let mut guard = guard.map_err(|source| TrackerError::Io {
+                    what: "waiting on the ring buffer".into(),
+                    source,
+                })?;
+                // Cleared before the caller drains: a wakeup after this point
+                // ends the next wait.
+                guard.clear_ready();
+            }
+            _ = tick.tick() => {}
+        }
         Ok(())
     }
 }

@@ -61,6 +61,7 @@ const HOOKS: [(&str, &str, &str, bool); 3] = [
 #[derive(Debug)]
 pub struct BpfSource {
     ring: Ring,
+    tick: Option<tokio::time::Interval>,
     protected: HashMap<MapData, u32, Filter>,
     drops: HashMap<MapData, u32, u64>,
     /// Decoding failures (records of an unknown layout): a lost event, so they
@@ -107,6 +108,12 @@ impl BpfSource {
     /// Loads the programs and attaches every hook. Fails if a required hook
     /// does not attach; an optional one that fails is reported by [`hooks`](Self::hooks).
     pub fn load() -> Result<BpfSource, TrackerError> {
+        Self::load_with_ring_bytes(abi::RINGBUF_BYTES as u32)
+    }
+
+    /// Like [`load`](Self::load) with a ring buffer of `bytes` (a power of two,
+    /// at least the page size): small ones let tests provoke overflows.
+    pub fn load_with_ring_bytes(bytes: u32) -> Result<BpfSource, TrackerError> {
         check_prerequisites()?;
         let btf = Btf::from_sys_fs().map_err(|e| TrackerError::Kernel {
             what: "reading /sys/kernel/btf/vmlinux".into(),
@@ -114,6 +121,7 @@ impl BpfSource {
         })?;
         let mut ebpf = EbpfLoader::new()
             .btf(Some(&btf))
+            .map_max_entries(abi::MAP_EVENTS, bytes)
             .load(OBJECT)
             .map_err(|e| TrackerError::Kernel {
                 what: "loading the tracker object (maps and CO-RE relocations)".into(),
@@ -156,6 +164,7 @@ impl BpfSource {
             .map_err(|e| map_err(abi::MAP_DROPS, e))?;
         Ok(BpfSource {
             ring: Ring::Plain(ring),
+            tick: None,
             protected,
             drops,
             undecodable: 0,
@@ -286,7 +295,13 @@ impl EventSource for BpfSource {
     }
 
     async fn readable(&mut self) -> Result<(), TrackerError> {
-        self.ring.readable().await
+        // Created on first use: an Interval needs the runtime, loading does not.
+        let tick = self.tick.get_or_insert_with(|| {
+            let mut i = tokio::time::interval(std::time::Duration::from_millis(abi::POLL_MS));
+            i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            i
+        });
+        self.ring.readable(tick).await
     }
 
     fn drain(&mut self, out: &mut Vec<RawEvent>) -> Result<(), TrackerError> {
