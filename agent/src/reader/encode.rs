@@ -13,7 +13,6 @@ const PAYS_DIVISOR: usize = 16;
 /// Per-worker state: a reusable zstd context and the hash of an all-zero chunk.
 pub(crate) struct Encoder {
     compressor: Option<zstd::bulk::Compressor<'static>>,
-    scratch: Vec<u8>,
     zero_hash: Option<(usize, [u8; 32])>,
     hash_only: bool,
 }
@@ -35,7 +34,6 @@ impl Encoder {
         };
         Ok(Encoder {
             compressor,
-            scratch: Vec::new(),
             zero_hash: None,
             hash_only,
         })
@@ -73,31 +71,38 @@ impl Encoder {
                 payload: Bytes::new(),
             };
         }
+        // One allocation per chunk, sized for zstd's worst case, becomes the
+        // payload either way: no copy of the compressed bytes, and the raw
+        // fallback reuses it.
+        let mut out = Vec::with_capacity(zstd::zstd_safe::compress_bound(data.len()));
         if let Some(c) = self.compressor.as_mut() {
             let limit = data.len() - data.len() / PAYS_DIVISOR;
-            self.scratch.clear();
-            self.scratch
-                .reserve(zstd::zstd_safe::compress_bound(data.len()));
             // An error here only means "did not fit" or a zstd failure; in
             // both cases the raw bytes are the correct fallback.
-            if let Ok(n) = c.compress_to_buffer(data, &mut self.scratch)
+            if let Ok(n) = c.compress_to_buffer(data, &mut out)
                 && n <= limit
             {
+                out.truncate(n);
+                // Batches wait for acks holding their payloads: give back
+                // the slack (glibc shrinks in place, without a copy).
+                out.shrink_to_fit();
                 return Chunk {
                     offset,
                     len,
                     hash,
                     encoding: Encoding::Zstd,
-                    payload: Bytes::copy_from_slice(&self.scratch[..n]),
+                    payload: Bytes::from(out),
                 };
             }
         }
+        out.clear();
+        out.extend_from_slice(data);
         Chunk {
             offset,
             len,
             hash,
             encoding: Encoding::Raw,
-            payload: Bytes::copy_from_slice(data),
+            payload: Bytes::from(out),
         }
     }
 }
