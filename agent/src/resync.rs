@@ -6,10 +6,12 @@
 //! module only reads the device and moves requests and replies through a
 //! [`HashExchange`] supplied by the transport.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use blockferry_proto::frame::{ByteRange, HashRangeReply, HashRangeRequest};
-use blockferry_proto::hashtree::{Comparer, ExchangeStats, HashTree, HashTreeError, TreeShape};
+use blockferry_proto::hashtree::{
+    Comparer, ExchangeStats, HashTree, HashTreeError, Responder, TreeShape,
+};
 
 use crate::reader::{self, ReaderConfig, ReaderError};
 
@@ -24,6 +26,8 @@ pub enum ResyncError {
     ChunkSize { chunk_size: u64, reason: String },
     #[error("hash exchange with the peer failed: {0}")]
     Exchange(String),
+    #[error("hashing task failed: {0}")]
+    Task(String),
 }
 
 /// Hash tree of the device (or file) at `path`, built from the blake3 of
@@ -48,6 +52,27 @@ pub fn local_tree(
     };
     let hashes = reader::leaf_hashes(path, &config)?;
     Ok(HashTree::new(shape, hashes.size, hashes.leaves)?)
+}
+
+/// [`local_tree`] on a blocking thread, for async callers.
+pub async fn local_tree_async(
+    path: PathBuf,
+    shape: TreeShape,
+    config: ReaderConfig,
+) -> Result<HashTree, ResyncError> {
+    tokio::task::spawn_blocking(move || local_tree(&path, shape, &config))
+        .await
+        .map_err(|e| ResyncError::Task(e.to_string()))?
+}
+
+/// The answering side over a local device: used when the agent's disk is
+/// the replica being compared (reprotect, failback).
+pub fn local_responder(
+    path: &Path,
+    shape: TreeShape,
+    config: &ReaderConfig,
+) -> Result<Responder, ResyncError> {
+    Ok(Responder::new(local_tree(path, shape, config)?))
 }
 
 /// How requests reach the peer and replies come back (a QUIC stream in the

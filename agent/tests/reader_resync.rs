@@ -50,13 +50,16 @@ async fn resync_files(source: &[u8], replica: &mut Vec<u8>) -> resync::ResyncPla
     let shape = TreeShape::new(65536, 64).unwrap();
     let src = temp_file(source);
     let dst = temp_file(replica);
-    let tree_of = |path: std::path::PathBuf| {
-        tokio::task::spawn_blocking(move || {
-            resync::local_tree(&path, shape, &ReaderConfig::default()).unwrap()
-        })
-    };
-    let local = tree_of(src.path().to_owned()).await.unwrap();
-    let remote = tree_of(dst.path().to_owned()).await.unwrap();
+    let config = ReaderConfig::default();
+    let local = resync::local_tree_async(src.path().to_owned(), shape, config.clone())
+        .await
+        .unwrap();
+    let responder = tokio::task::spawn_blocking({
+        let path = dst.path().to_owned();
+        move || resync::local_responder(&path, shape, &config).unwrap()
+    })
+    .await
+    .unwrap();
     let comparer = Comparer::new(
         local,
         replica.len() as u64,
@@ -65,7 +68,7 @@ async fn resync_files(source: &[u8], replica: &mut Vec<u8>) -> resync::ResyncPla
         ComparerLimits::default(),
     );
     let mut peer = InMemoryPeer {
-        responder: Responder::new(remote),
+        responder,
         replies: VecDeque::new(),
     };
     let plan = resync::compare(comparer, &mut peer).await.unwrap();
