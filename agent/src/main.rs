@@ -4,7 +4,9 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
+use blockferry_agent::config::Config;
 use blockferry_agent::tracker::{self, Tracker};
+use blockferry_agent::{service, status};
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Parser)]
@@ -24,6 +26,22 @@ enum Cmd {
     Track(TrackArgs),
     /// Load and attach the kernel programs, report hooks and kernel features, detach.
     Probe,
+    /// Run the replication service: initial sync, continuous replication, resync.
+    Run {
+        /// The agent configuration (TOML).
+        #[arg(long, default_value = "/etc/blockferry/agent.toml")]
+        config: PathBuf,
+    },
+    /// Show each protected disk: state, RPO, backlog, bytes sent, last resync.
+    Status {
+        #[arg(long, default_value = "/etc/blockferry/agent.toml")]
+        config: PathBuf,
+        /// The status as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a new random disk id for a `[[disk]]` entry of the configuration.
+    NewDiskId,
 }
 
 #[derive(Args)]
@@ -39,12 +57,20 @@ struct TrackArgs {
     quiet: bool,
 }
 
+/// The service logs its progress; the diagnostic commands only warnings.
+fn default_log_level() -> &'static str {
+    match std::env::args().nth(1).as_deref() {
+        Some("run") => "info",
+        _ => "warn",
+    }
+}
+
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_log_level())),
         )
         .init();
     let cli = Cli::parse();
@@ -59,7 +85,61 @@ fn main() -> Result<()> {
             .build()
             .context("cannot start the async runtime")?
             .block_on(track(args)),
+        Cmd::Run { config } => {
+            let config = Config::load(&config)?;
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .context("cannot start the async runtime")?
+                .block_on(run(config))
+        }
+        Cmd::Status { config, json } => {
+            let config = Config::load(&config)?;
+            let st = status::read(&config.state_dir)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&st)?);
+            } else {
+                let now_ms = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64);
+                print!("{}", status::render(&st, now_ms));
+            }
+            Ok(())
+        }
+        Cmd::NewDiskId => {
+            let mut bytes = [0u8; 16];
+            getrandom(&mut bytes)?;
+            println!("{}", blockferry_proto::DiskId::from_bytes(bytes));
+            Ok(())
+        }
     }
+}
+
+fn getrandom(buf: &mut [u8]) -> Result<()> {
+    use std::io::Read;
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(buf))
+        .context("cannot read /dev/urandom")
+}
+
+async fn run(config: Config) -> Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    let stopper = cancel.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::info!("stop requested");
+        stopper.cancel();
+    });
+    service::run(config, cancel).await?;
+    Ok(())
 }
 
 async fn track(args: TrackArgs) -> Result<()> {

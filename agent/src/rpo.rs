@@ -5,13 +5,15 @@
 //! of its oldest write, and a batch cut from it inherits that time until the target
 //! acknowledges it durable, even when the batch held only younger writes.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 #[derive(Debug, Default)]
 pub struct Rpo {
-    /// Time of the oldest write still in the dirty set (not yet read).
+    /// Time of the oldest write still in the dirty set (not yet taken for reading).
     dirty_since: Option<Instant>,
+    /// Ranges taken for reading, not yet shipped: the age each inherited.
+    reading: HashMap<u64, Instant>,
     /// Per shipped-but-unacknowledged run of sequence numbers: the last sequence
     /// number of the run and the time of the oldest write it may contain.
     in_flight: VecDeque<(u64, Instant)>,
@@ -31,14 +33,31 @@ impl Rpo {
         }
     }
 
-    /// Data was cut from the dirty set and sent with sequence numbers up to
-    /// `last_seq`; `emptied` tells whether the dirty set is now empty.
-    pub fn handle_shipped(&mut self, last_seq: u64, emptied: bool) {
+    /// Range `read` was cut from the dirty set for reading; `emptied` tells
+    /// whether the dirty set is now empty.
+    pub fn handle_taken(&mut self, read: u64, emptied: bool) {
         if let Some(t) = self.dirty_since {
-            self.in_flight.push_back((last_seq, t));
+            self.reading.insert(read, t);
         }
         if emptied {
             self.dirty_since = None;
+        }
+    }
+
+    /// Range `read` went back to the dirty set (its read failed).
+    pub fn handle_returned(&mut self, read: u64) {
+        if let Some(t) = self.reading.remove(&read) {
+            self.handle_dirty(t);
+        }
+    }
+
+    /// Range `read` was shipped in frames up to sequence `last_seq`.
+    pub fn handle_shipped(&mut self, read: u64, last_seq: u64) {
+        if let Some(t) = self.reading.remove(&read) {
+            match self.in_flight.back_mut() {
+                Some((seq, t0)) if *seq >= last_seq => *t0 = (*t0).min(t),
+                _ => self.in_flight.push_back((last_seq, t)),
+            }
         }
     }
 
@@ -53,20 +72,13 @@ impl Rpo {
         }
     }
 
-    /// Everything must be resent (reconnect to a relay that lost nothing is not
-    /// this case; a new generation is): forget acks in flight but keep their age.
-    pub fn handle_restart(&mut self, now: Instant) {
-        let oldest = self.oldest().unwrap_or(now);
-        self.in_flight.clear();
-        self.dirty_since = Some(oldest);
-    }
-
     fn oldest(&self) -> Option<Instant> {
-        let flying = self.in_flight.iter().map(|&(_, t)| t).min();
-        match (self.dirty_since, flying) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        self.in_flight
+            .iter()
+            .map(|&(_, t)| t)
+            .chain(self.reading.values().copied())
+            .chain(self.dirty_since)
+            .min()
     }
 
     /// The current RPO: zero when everything written is durable at the target.
@@ -102,8 +114,10 @@ mod tests {
         r.handle_dirty(t0);
         r.handle_dirty(t0 + s);
         assert_eq!(r.current(t0 + 2 * s), 2 * s);
-        r.handle_shipped(10, true);
-        // Shipped is not durable: the age keeps growing.
+        r.handle_taken(1, true);
+        // Taken for reading is not durable: the age keeps growing.
+        assert_eq!(r.current(t0 + 3 * s), 3 * s);
+        r.handle_shipped(1, 10);
         assert_eq!(r.current(t0 + 3 * s), 3 * s);
         r.handle_dirty(t0 + 3 * s);
         r.handle_ack(9);
@@ -111,7 +125,8 @@ mod tests {
         r.handle_ack(10);
         // Only the write at 3 s is left.
         assert_eq!(r.current(t0 + 4 * s), s);
-        r.handle_shipped(11, true);
+        r.handle_taken(2, true);
+        r.handle_shipped(2, 11);
         r.handle_ack(11);
         assert_eq!(r.current(t0 + 5 * s), Duration::ZERO);
         assert_eq!(r.worst(), 4 * s);
@@ -123,20 +138,21 @@ mod tests {
         let s = Duration::from_secs(1);
         let mut r = Rpo::new();
         r.handle_dirty(t0);
-        r.handle_shipped(1, false);
+        r.handle_taken(1, false);
+        r.handle_shipped(1, 1);
         r.handle_ack(1);
         assert_eq!(r.current(t0 + s), s);
     }
 
     #[test]
-    fn restart_keeps_the_age_of_what_was_in_flight() {
+    fn failed_read_returns_its_age_to_the_dirty_set() {
         let t0 = Instant::now();
         let s = Duration::from_secs(1);
         let mut r = Rpo::new();
         r.handle_dirty(t0);
-        r.handle_shipped(5, true);
-        r.handle_restart(t0 + s);
-        r.handle_ack(5);
+        r.handle_taken(1, true);
+        r.handle_returned(1);
+        r.handle_dirty(t0 + s);
         assert_eq!(r.current(t0 + 2 * s), 2 * s);
     }
 }

@@ -1,0 +1,191 @@
+//! What `blockferry-agent status` shows: the running service writes a snapshot of
+//! every disk's replication state next to its state file once a second.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+const FILE: &str = "status.json";
+
+/// Snapshot of the service.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Status {
+    pub pid: u32,
+    /// Unix milliseconds of the snapshot.
+    pub updated_ms: u64,
+    pub relay: String,
+    pub connected: bool,
+    pub disks: Vec<DiskStatus>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct DiskStatus {
+    pub id: String,
+    pub device: String,
+    pub size: u64,
+    pub generation: u64,
+    /// initial-sync, resync, replicating, disconnected, or error.
+    pub state: String,
+    /// Percent of the initial sync done, while it runs.
+    pub sync_percent: Option<f64>,
+    /// Age of the oldest write not yet durable at the target, milliseconds.
+    pub rpo_ms: u64,
+    /// Worst RPO seen since start, milliseconds.
+    pub worst_rpo_ms: u64,
+    /// Bytes tracked dirty, being read, or sent and not yet durable.
+    pub backlog_bytes: u64,
+    /// Plain bytes of the device shipped since start.
+    pub bytes_read: u64,
+    /// Encoded payload bytes put on the wire since start.
+    pub bytes_sent: u64,
+    /// Bytes of hash traffic of checksum resyncs since start.
+    pub resync_hash_bytes: u64,
+    /// Last completed resync, Unix seconds.
+    pub last_resync: Option<u64>,
+    pub durable_seq: u64,
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StatusError {
+    #[error(
+        "no status at {path}: is `blockferry-agent run` running with this configuration? ({source})"
+    )]
+    Missing {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("status file {path} is unreadable: {message}")]
+    Bad { path: PathBuf, message: String },
+    #[error("cannot write status file {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+pub fn path(state_dir: &Path) -> PathBuf {
+    state_dir.join(FILE)
+}
+
+/// Replaces the snapshot. Not fsynced: it describes the moment, it is not state.
+pub fn write(state_dir: &Path, status: &Status) -> Result<(), StatusError> {
+    let dst = path(state_dir);
+    let tmp = state_dir.join(format!(".{FILE}.tmp"));
+    let err = |source| StatusError::Write {
+        path: dst.clone(),
+        source,
+    };
+    let bytes = serde_json::to_vec_pretty(status).map_err(|e| err(e.into()))?;
+    std::fs::write(&tmp, bytes).map_err(err)?;
+    std::fs::rename(&tmp, &dst).map_err(err)
+}
+
+pub fn read(state_dir: &Path) -> Result<Status, StatusError> {
+    let p = path(state_dir);
+    let bytes = std::fs::read(&p).map_err(|source| StatusError::Missing {
+        path: p.clone(),
+        source,
+    })?;
+    serde_json::from_slice(&bytes).map_err(|e| StatusError::Bad {
+        path: p,
+        message: e.to_string(),
+    })
+}
+
+/// The human-readable table of `blockferry-agent status`.
+pub fn render(status: &Status, now_ms: u64) -> String {
+    let age = now_ms.saturating_sub(status.updated_ms);
+    let mut out = format!(
+        "agent pid {} · relay {} ({}) · updated {:.1} s ago{}\n",
+        status.pid,
+        status.relay,
+        if status.connected {
+            "connected"
+        } else {
+            "not connected"
+        },
+        age as f64 / 1000.0,
+        if age > 5000 {
+            " — stale: is the agent still running?"
+        } else {
+            ""
+        }
+    );
+    out.push_str(&format!(
+        "{:<38} {:<14} {:<13} {:>9} {:>12} {:>12} {:>8}\n",
+        "DISK", "DEVICE", "STATE", "RPO", "BACKLOG", "SENT", "GEN"
+    ));
+    for d in &status.disks {
+        let state = match d.sync_percent {
+            Some(p) => format!("{} {p:.0}%", d.state),
+            None => d.state.clone(),
+        };
+        out.push_str(&format!(
+            "{:<38} {:<14} {:<13} {:>8.1}s {:>12} {:>12} {:>8}\n",
+            d.id,
+            d.device,
+            state,
+            d.rpo_ms as f64 / 1000.0,
+            human(d.backlog_bytes),
+            human(d.bytes_sent),
+            d.generation
+        ));
+        if let Some(e) = &d.last_error {
+            out.push_str(&format!("    last error: {e}\n"));
+        }
+    }
+    out
+}
+
+fn human(b: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_round_trips_and_renders() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Status {
+            pid: 42,
+            updated_ms: 1000,
+            relay: "127.0.0.1:4433".into(),
+            connected: true,
+            disks: vec![DiskStatus {
+                id: "00000000-0000-0000-0000-000000000001".into(),
+                device: "/dev/loop3".into(),
+                state: "initial-sync".into(),
+                sync_percent: Some(42.0),
+                bytes_sent: 3 << 20,
+                ..DiskStatus::default()
+            }],
+        };
+        write(dir.path(), &s).unwrap();
+        let back = read(dir.path()).unwrap();
+        assert_eq!(back.disks[0].sync_percent, Some(42.0));
+        let text = render(&back, 1500);
+        assert!(text.contains("initial-sync 42%"), "{text}");
+        assert!(text.contains("3.0 MiB"), "{text}");
+    }
+
+    #[test]
+    fn missing_status_says_what_to_check() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = read(dir.path()).unwrap_err();
+        assert!(e.to_string().contains("running"), "{e}");
+    }
+}
