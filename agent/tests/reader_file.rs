@@ -219,3 +219,29 @@ async fn events_can_be_awaited_from_async_code() {
     }
     assert!(got == data);
 }
+
+#[test]
+fn hash_only_mode_carries_hashes_and_no_payload() {
+    let data = mixed_data(1024 * 1024 + 9, 9);
+    let f = temp_file(&data);
+    let config = ReaderConfig {
+        hash_only: true,
+        ..ReaderConfig::default()
+    };
+    let (handle, mut events) = reader::spawn(f.path(), &config).unwrap();
+    handle.submit(0, data.len() as u64).unwrap();
+    handle.close();
+    let mut n = 0;
+    while let Some(ev) = events.blocking_next() {
+        if let ReaderEvent::Chunk { chunk, .. } = ev {
+            let at = chunk.offset as usize;
+            let src = &data[at..at + chunk.len as usize];
+            assert_eq!(chunk.hash, *blake3::hash(src).as_bytes());
+            assert!(chunk.payload.is_empty());
+            let zero = src.iter().all(|&b| b == 0);
+            assert_eq!(chunk.encoding == Encoding::Zero, zero);
+            n += 1;
+        }
+    }
+    assert_eq!(n, data.len().div_ceil(65536));
+}
