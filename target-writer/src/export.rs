@@ -1,13 +1,17 @@
 //! Writing a recovery point out as a disk image others can run: raw, a
-//! monolithicFlat VMDK (descriptor + `-flat.vmdk`), or a sparse VMDK. Reads
+//! vmfs VMDK (descriptor + `-flat.vmdk`), a monolithicSparse VMDK, or a
+//! sparse delta chained to an earlier export by `parentCID`. Reads
 //! go through [`PointImage`], so every format sees the same bytes.
 
-use std::fs::{File, OpenOptions};
+use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
 
+use std::ops::Range;
+
 use crate::error::{Result, TargetError};
-use crate::replica::{flat_descriptor, flat_name_for};
 use crate::store::{DiskStore, PointImage};
+use crate::vmdk::export::{ExportOptions, Progress, export_delta, export_flat, export_sparse};
+use crate::vmdk::{DiskKind, OpenMode, VmdkImage};
 
 /// Unit of reading and of the zero test: large enough for sequential I/O.
 const STEP: usize = 1 << 20;
@@ -34,7 +38,9 @@ impl std::str::FromStr for ExportFormat {
 }
 
 /// Exports point `point` of `store` to `out`; `progress(done, total)` is
-/// called after each step. Returns the files written.
+/// called after each step. With `parent` (an earlier sparse or flat export of
+/// a point of the same disk, found by its CID), writes a sparse delta holding
+/// only the grains that may differ. Returns the files written.
 pub fn export_point(
     store: &mut DiskStore,
     point: u64,
@@ -43,48 +49,66 @@ pub fn export_point(
     parent: Option<&Path>,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<Vec<PathBuf>> {
-    if parent.is_some() {
-        return Err(TargetError::Unsupported {
-            what: "export as a delta of an earlier export".into(),
-            hint: "export the full point instead".into(),
-        });
-    }
-    let cid = crate::store::content_id(store.disk(), point, 0, 0);
-    let seed = format!("{}/export/{point}", store.disk());
+    let changed = match parent {
+        None => None,
+        Some(parent_path) => {
+            if format != ExportFormat::VmdkSparse {
+                return Err(TargetError::Unsupported {
+                    what: format!("--parent with format {format:?}"),
+                    hint: "a delta is always a sparse VMDK: use --format vmdk-sparse".into(),
+                });
+            }
+            let parent_cid = VmdkImage::open(parent_path, OpenMode::ReadOnly)?.cid();
+            let Some(older) = store
+                .points()
+                .iter()
+                .find(|p| store.point_cid(p) == parent_cid)
+                .map(|p| p.id)
+            else {
+                return Err(TargetError::Unsupported {
+                    what: format!(
+                        "{} (CID {parent_cid:08x}) as a parent",
+                        parent_path.display()
+                    ),
+                    hint: "it is not an unmodified export of a recovery point of this disk; export the full point".into(),
+                });
+            };
+            let set = store.changed_between(older, point)?;
+            Some(set.iter().map(|(a, b)| a..b).collect::<Vec<Range<u64>>>())
+        }
+    };
+    let meta = store
+        .points()
+        .iter()
+        .find(|p| p.id == point)
+        .cloned()
+        .ok_or_else(|| TargetError::NoSuchPoint {
+            disk: store.disk().to_string(),
+            point,
+        })?;
+    let opts = ExportOptions {
+        cid: Some(store.point_cid(&meta)),
+        ..ExportOptions::default()
+    };
     let img = store.point_image(point)?;
-    match format {
-        ExportFormat::Raw => {
+    let mut vprogress = |p: Progress| progress(p.done, p.total);
+    let files = match (format, changed) {
+        (ExportFormat::Raw, _) => {
             write_raw(&img, out, progress)?;
-            Ok(vec![out.to_path_buf()])
+            vec![out.to_path_buf()]
         }
-        ExportFormat::VmdkFlat => {
-            let name = out.file_name().and_then(|n| n.to_str()).ok_or_else(|| {
-                TargetError::Unsupported {
-                    what: format!("output name {}", out.display()),
-                    hint: "use a UTF-8 file name ending in .vmdk".into(),
-                }
-            })?;
-            let flat_name = flat_name_for(name);
-            let flat = out.with_file_name(&flat_name);
-            write_raw(&img, &flat, progress)?;
-            let text =
-                flat_descriptor("monolithicFlat", "FLAT", &flat_name, img.size(), cid, &seed);
-            write_synced(out, text.as_bytes())?;
-            Ok(vec![out.to_path_buf(), flat])
+        (ExportFormat::VmdkFlat, _) => {
+            export_flat(&img, None, out, DiskKind::Vmfs, &opts, &mut vprogress)?.files
         }
-        ExportFormat::VmdkSparse => Err(TargetError::Unsupported {
-            what: "sparse VMDK export".into(),
-            hint: "use --format vmdk-flat or raw".into(),
-        }),
-    }
-}
-
-fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::os::unix::fs::FileExt;
-    let f = File::create(path).map_err(|e| TargetError::io(path, None, e))?;
-    f.write_all_at(bytes, 0)
-        .map_err(|e| TargetError::io(path, Some(0), e))?;
-    f.sync_all().map_err(|e| TargetError::io(path, None, e))
+        (ExportFormat::VmdkSparse, None) => {
+            export_sparse(&img, None, out, &opts, &mut vprogress)?.files
+        }
+        (ExportFormat::VmdkSparse, Some(changed)) => {
+            let parent = parent.unwrap_or(out);
+            export_delta(&img, &changed, parent, out, &opts, &mut vprogress)?.files
+        }
+    };
+    Ok(files)
 }
 
 /// Writes the point as a raw image; all-zero steps become holes.

@@ -210,9 +210,24 @@ fn main() -> Result<()> {
             s.close()?;
         }
         Cmd::Check { file } => {
-            bail!(
-                "check {}: the VMDK checker is not wired in yet",
-                file.display()
+            let report = blockferry_target::vmdk::check::check(&file)
+                .with_context(|| format!("cannot check {}", file.display()))?;
+            for p in &report.problems {
+                println!("{}: {p}", file.display());
+            }
+            if !report.is_clean() {
+                bail!(
+                    "{}: {} problem(s) found",
+                    file.display(),
+                    report.problem_count
+                );
+            }
+            println!(
+                "{}: ok ({}, {} bytes, {} grains)",
+                file.display(),
+                report.create_type,
+                report.capacity,
+                report.grains
             );
         }
         Cmd::Serve { config } => {

@@ -161,51 +161,21 @@ impl Replica for FlatReplica {
     }
 }
 
-/// The descriptor of a replica: `createType="vmfs"` with one VMFS extent.
+/// The descriptor of a replica: `createType="vmfs"` with one VMFS extent,
+/// rendered by the VMDK module. The uuid is derived from `uuid_seed` so that
+/// rewriting the descriptor (new CID) keeps the disk's identity.
 pub fn vmfs_descriptor(flat_name: &str, size: u64, cid: u32, uuid_seed: &str) -> String {
-    flat_descriptor("vmfs", "VMFS", flat_name, size, cid, uuid_seed)
-}
-
-/// `createType` is "vmfs" (extent type VMFS) or "monolithicFlat" (FLAT 0).
-pub fn flat_descriptor(
-    create_type: &str,
-    extent_type: &str,
-    flat_name: &str,
-    size: u64,
-    cid: u32,
-    uuid_seed: &str,
-) -> String {
-    let sectors = size / 512;
-    let cylinders = (sectors / (255 * 63)).clamp(1, 65535);
-    let u = blake3::hash(uuid_seed.as_bytes());
-    let u = u.as_bytes();
-    let uuid: Vec<String> = u[..16].iter().map(|b| format!("{b:02x}")).collect();
-    let offset = if extent_type == "FLAT" { " 0" } else { "" };
-    format!(
-        "# Disk DescriptorFile\n\
-         version=1\n\
-         encoding=\"UTF-8\"\n\
-         CID={cid:08x}\n\
-         parentCID=ffffffff\n\
-         createType=\"{create_type}\"\n\
-         \n\
-         # Extent description\n\
-         RW {sectors} {extent_type} \"{flat_name}\"{offset}\n\
-         \n\
-         # The Disk Data Base\n\
-         #DDB\n\
-         \n\
-         ddb.adapterType = \"lsilogic\"\n\
-         ddb.geometry.cylinders = \"{cylinders}\"\n\
-         ddb.geometry.heads = \"255\"\n\
-         ddb.geometry.sectors = \"63\"\n\
-         ddb.longContentID = \"{}\"\n\
-         ddb.uuid = \"{}\"\n\
-         ddb.virtualHWVersion = \"14\"\n",
-        u[16..32]
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<String>(),
-        uuid.join(" "),
-    )
+    use crate::vmdk::descriptor::{Access, CreateType, Descriptor, Extent, ExtentKind};
+    let mut uuid = [0u8; 16];
+    uuid.copy_from_slice(&blake3::hash(uuid_seed.as_bytes()).as_bytes()[..16]);
+    let extent = Extent {
+        access: Access::Rw,
+        sectors: size / 512,
+        kind: ExtentKind::Vmfs,
+        file: Some(flat_name.to_string()),
+        offset: 0,
+    };
+    let mut d = Descriptor::new(CreateType::Vmfs, vec![extent], cid);
+    d.set_disk_database(&crate::vmdk::AdapterType::LsiLogic, 13, uuid, false);
+    d.render()
 }

@@ -153,13 +153,23 @@ fn lock_dir(dir: &Path) -> Result<File> {
         .write(true)
         .open(&path)
         .map_err(|e| TargetError::io(&path, None, e))?;
-    match f.try_lock() {
-        Ok(()) => Ok(f),
-        Err(std::fs::TryLockError::WouldBlock) => Err(TargetError::Locked {
-            path: dir.to_path_buf(),
-        }),
-        Err(std::fs::TryLockError::Error(e)) => Err(TargetError::io(&path, None, e)),
+    // A child process being spawned by any thread briefly holds a copy of
+    // every descriptor (until its exec closes them), and with it the lock of a
+    // store just closed. Give such a transient holder a moment before
+    // reporting that another process owns the store.
+    for attempt in 0..50 {
+        match f.try_lock() {
+            Ok(()) => return Ok(f),
+            Err(std::fs::TryLockError::WouldBlock) if attempt < 49 => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(std::fs::TryLockError::WouldBlock) => break,
+            Err(std::fs::TryLockError::Error(e)) => return Err(TargetError::io(&path, None, e)),
+        }
     }
+    Err(TargetError::Locked {
+        path: dir.to_path_buf(),
+    })
 }
 
 fn read_state(dir: &Path) -> Result<DiskState> {
@@ -219,7 +229,7 @@ impl DiskStore {
         opts: StoreOptions,
     ) -> Result<Self> {
         let dir = disk_dir(root, disk)?;
-        if size == 0 || size % 512 != 0 {
+        if size == 0 || !size.is_multiple_of(512) {
             return Err(TargetError::BadSize { size });
         }
         std::fs::create_dir_all(&dir).map_err(|e| TargetError::io(&dir, None, e))?;
@@ -437,6 +447,12 @@ impl DiskStore {
             self.state.generation,
             self.state.applied_seq,
         )
+    }
+
+    /// The CID of the disk's content at `p` (the replica had it at that
+    /// boundary; exports of the point carry it, which identifies them later).
+    pub fn point_cid(&self, p: &PointMeta) -> u32 {
+        content_id(&self.state.disk, self.state.created_ms, p.generation, p.seq)
     }
 
     fn check_usable(&self) -> Result<()> {
@@ -961,6 +977,19 @@ impl PointImage<'_> {
             i += 1;
         }
         Ok(())
+    }
+}
+
+impl crate::vmdk::DiskRead for PointImage<'_> {
+    fn size(&self) -> u64 {
+        PointImage::size(self)
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), crate::vmdk::VmdkError> {
+        PointImage::read_at(self, buf, offset).map_err(|e| crate::vmdk::VmdkError::Source {
+            offset,
+            source: Box::new(e),
+        })
     }
 }
 

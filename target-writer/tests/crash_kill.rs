@@ -126,7 +126,7 @@ fn sigkill_at_random_moments_leaves_the_replica_at_a_batch_boundary() {
         // barrier right after the last applied batch may not have arrived.
         let n = points.len() as u64;
         assert!(
-            n == applied / 5 || (applied % 5 == 0 && n + 1 == applied / 5),
+            n == applied / 5 || (applied.is_multiple_of(5) && n + 1 == applied / 5),
             "round {round}: {n} points after batch {applied}"
         );
         s.close().unwrap();

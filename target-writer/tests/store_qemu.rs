@@ -5,6 +5,7 @@ mod common;
 
 use blockferry_target::export::{ExportFormat, export_point};
 use blockferry_target::retention::{RetentionPolicy, Tier};
+use blockferry_target::vmdk::check::check;
 use blockferry_target::{Barrier, Chunk, Consistency, DiskStore, StoreOptions, TargetError};
 use common::*;
 use rand::{Rng, SeedableRng, rngs::StdRng};
@@ -86,6 +87,46 @@ fn replica_equals_the_model_after_every_batch_and_every_point_exports_equal() {
             qemu_same(&model_path, &vmdk),
             "vmdk-flat export of point {id}"
         );
+        let sparse = tmp.path().join(format!("p{id}-sparse.vmdk"));
+        export_point(
+            &mut s,
+            *id,
+            ExportFormat::VmdkSparse,
+            &sparse,
+            None,
+            &mut |_, _| {},
+        )
+        .unwrap();
+        assert!(
+            qemu_same(&model_path, &sparse),
+            "vmdk-sparse export of point {id}"
+        );
+        assert!(check(&sparse).unwrap().is_clean(), "checker on point {id}");
+    }
+    // A chain of deltas, each chained by parentCID to the previous export.
+    let mut parent = tmp.path().join(format!("p{}-sparse.vmdk", snapshots[0].0));
+    for (i, (id, snap)) in snapshots.iter().enumerate().skip(1) {
+        let delta = tmp.path().join(format!("d{id}.vmdk"));
+        export_point(
+            &mut s,
+            *id,
+            ExportFormat::VmdkSparse,
+            &delta,
+            Some(&parent),
+            &mut |_, _| {},
+        )
+        .unwrap();
+        std::fs::write(&model_path, snap).unwrap();
+        assert!(qemu_same(&model_path, &delta), "delta export of point {id}");
+        let chain = qemu_info(&delta);
+        assert_eq!(
+            chain.as_array().unwrap().len(),
+            i + 1,
+            "backing chain of point {id}"
+        );
+        assert_eq!(chain[0]["virtual-size"], SIZE);
+        assert!(check(&delta).unwrap().is_clean(), "checker on delta {id}");
+        parent = delta;
     }
     // Reopening keeps everything.
     drop(s);
@@ -224,14 +265,17 @@ fn no_space_for_the_journal_leaves_files_consistent_and_a_retry_applies() {
 #[test]
 fn a_failed_sync_at_any_step_recovers_to_a_batch_boundary_with_exact_points() {
     let mut rng = StdRng::seed_from_u64(10);
-    let batches: Vec<_> = (1..=10).map(|q| random_batch(&mut rng, q, SIZE)).collect();
-    let point_after = [2u64, 5, 6, 9];
+    const SMALL: u64 = 1 << 20;
+    let batches: Vec<_> = (1..=8).map(|q| random_batch(&mut rng, q, SMALL)).collect();
+    // The model after each batch, computed once.
+    let models: Vec<Vec<u8>> = (0..=8).map(|q| model_at(&batches, SMALL, q)).collect();
+    let point_after = [2u64, 5, 6];
     let mut k = 1;
     loop {
-        let tmp = tempfile::tempdir().unwrap();
-        let o = opts(128 << 10);
+        let tmp = fast_tempdir();
+        let o = opts(96 << 10);
         let faults = o.faults.clone();
-        let mut s = DiskStore::create(tmp.path(), DISK, SIZE, now_ms(), o).unwrap();
+        let mut s = DiskStore::create(tmp.path(), DISK, SMALL, now_ms(), o).unwrap();
         faults.fail_sync_at(k);
         let mut failed_at = None;
         'script: for b in &batches {
@@ -260,17 +304,17 @@ fn a_failed_sync_at_any_step_recovers_to_a_batch_boundary_with_exact_points() {
             "sync {k}: applied {applied}, failure after {before}"
         );
         assert_eq!(
-            first_diff(&replica_bytes(s.dir()), &model_at(&batches, SIZE, applied)),
+            first_diff(&replica_bytes(s.dir()), &models[applied as usize].clone()),
             None,
             "sync {k}: replica is not at batch boundary {applied}"
         );
         let points = s.points().to_vec();
         for p in &points {
             let img = s.point_image(p.id).unwrap();
-            let mut got = vec![0u8; SIZE as usize];
+            let mut got = vec![0u8; SMALL as usize];
             img.read_at(&mut got, 0).unwrap();
             assert_eq!(
-                first_diff(&got, &model_at(&batches, SIZE, p.seq)),
+                first_diff(&got, &models[p.seq as usize].clone()),
                 None,
                 "sync {k}: point {}",
                 p.id
@@ -281,7 +325,7 @@ fn a_failed_sync_at_any_step_recovers_to_a_batch_boundary_with_exact_points() {
             s.apply(b).unwrap();
         }
         assert_eq!(
-            first_diff(&replica_bytes(s.dir()), &model_at(&batches, SIZE, 10)),
+            first_diff(&replica_bytes(s.dir()), &models[8].clone()),
             None
         );
         k += 1;
@@ -292,7 +336,7 @@ fn a_failed_sync_at_any_step_recovers_to_a_batch_boundary_with_exact_points() {
 
 #[test]
 fn retention_drops_points_and_every_remaining_point_stays_exact() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = fast_tempdir();
     let mut s = DiskStore::create(tmp.path(), DISK, SIZE, now_ms(), opts(64 << 20)).unwrap();
     let mut rng = StdRng::seed_from_u64(11);
     let mut batches = Vec::new();

@@ -138,3 +138,15 @@ pub fn first_diff(a: &[u8], b: &[u8]) -> Option<usize> {
     }
     a.iter().zip(b).position(|(x, y)| x != y)
 }
+
+/// A temp dir on tmpfs when there is one: for tests whose crashes are
+/// injected (not real), where thousands of real fsyncs would only cost time.
+pub fn fast_tempdir() -> tempfile::TempDir {
+    let shm = Path::new("/dev/shm");
+    if shm.is_dir()
+        && let Ok(d) = tempfile::tempdir_in(shm)
+    {
+        return d;
+    }
+    tempfile::tempdir().expect("temp dir")
+}
