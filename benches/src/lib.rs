@@ -1,1 +1,3 @@
 //! Shared helpers of the end-to-end benchmark harnesses.
+
+pub mod site;

@@ -1,0 +1,501 @@
+//! A whole replication site on this machine: PKI, target, relay and agent as real
+//! processes on 127.0.0.1 with ports chosen by the kernel, each with its own
+//! configuration in a scratch directory. The demo, the end-to-end tests and the
+//! end-to-end benchmarks all drive the product through this one harness.
+//!
+//! Every process is killed when the [`Site`] is dropped, even on panic.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use blockferry_proto::DiskId;
+
+/// Where the three binaries are.
+#[derive(Debug, Clone)]
+pub struct Binaries {
+    pub dir: PathBuf,
+}
+
+impl Binaries {
+    pub fn in_dir(dir: impl Into<PathBuf>) -> Self {
+        Binaries { dir: dir.into() }
+    }
+
+    /// The binaries next to the running test executable (`target/<profile>`),
+    /// built with cargo first if one is missing.
+    pub fn of_this_build() -> Result<Self> {
+        let exe = std::env::current_exe().context("cannot find the test executable")?;
+        // target/<profile>/deps/<test> → target/<profile>
+        let dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .context("test executable outside a cargo target directory")?
+            .to_owned();
+        let b = Binaries { dir };
+        if ["blockferry-agent", "blockferry-relay", "blockferry-target"]
+            .iter()
+            .any(|n| !b.dir.join(n).exists())
+        {
+            let release = b.dir.ends_with("release");
+            let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+            cmd.args(["build", "--bins", "-p", "blockferry-agent"])
+                .args(["-p", "blockferry-relay", "-p", "blockferry-target"]);
+            if release {
+                cmd.arg("--release");
+            }
+            let status = cmd.status().context("cannot run cargo build")?;
+            if !status.success() {
+                bail!("building the binaries failed");
+            }
+        }
+        Ok(b)
+    }
+
+    pub fn agent(&self) -> PathBuf {
+        self.dir.join("blockferry-agent")
+    }
+
+    pub fn relay(&self) -> PathBuf {
+        self.dir.join("blockferry-relay")
+    }
+
+    pub fn target(&self) -> PathBuf {
+        self.dir.join("blockferry-target")
+    }
+}
+
+/// A disk to protect: its identity and the device path on the source host.
+#[derive(Debug, Clone)]
+pub struct ProtectedDisk {
+    pub id: DiskId,
+    pub device: PathBuf,
+}
+
+/// Settings of a site.
+#[derive(Debug, Clone)]
+pub struct SiteOptions {
+    pub zstd_level: i32,
+    pub chunk_size_kib: u32,
+    /// `RUST_LOG` of the processes.
+    pub log: String,
+    /// Where the processes' logs go; `None` inherits stderr.
+    pub quiet: bool,
+}
+
+impl Default for SiteOptions {
+    fn default() -> Self {
+        SiteOptions {
+            zstd_level: 1,
+            chunk_size_kib: 64,
+            log: "info".into(),
+            quiet: false,
+        }
+    }
+}
+
+/// The running site.
+#[derive(Debug)]
+pub struct Site {
+    pub bins: Binaries,
+    pub dir: PathBuf,
+    pub disks: Vec<ProtectedDisk>,
+    opts: SiteOptions,
+    target: Option<Child>,
+    relay: Option<Child>,
+    agent: Option<Child>,
+    target_addr: Option<SocketAddr>,
+    relay_addr: Option<SocketAddr>,
+    pub metrics_addr: Option<SocketAddr>,
+}
+
+const AGENT_NAME: &str = "source-host";
+
+impl Site {
+    /// Creates the PKI and configurations in `dir` (which must exist) and
+    /// starts target and relay; the agent starts with [`Site::start_agent`].
+    pub fn start(
+        bins: Binaries,
+        dir: &Path,
+        disks: Vec<ProtectedDisk>,
+        opts: SiteOptions,
+    ) -> Result<Site> {
+        let pki = dir.join("pki");
+        run(Command::new(bins.relay())
+            .args(["pki", "init", "--dir"])
+            .arg(&pki)
+            .stdout(Stdio::null()))?;
+        run(Command::new(bins.relay())
+            .args(["pki", "issue-agent", "--dir"])
+            .arg(&pki)
+            .args(["--name", AGENT_NAME])
+            .stdout(Stdio::null()))?;
+        let mut site = Site {
+            bins,
+            dir: dir.to_owned(),
+            disks,
+            opts,
+            target: None,
+            relay: None,
+            agent: None,
+            target_addr: None,
+            relay_addr: None,
+            metrics_addr: None,
+        };
+        site.start_target()?;
+        site.start_relay()?;
+        Ok(site)
+    }
+
+    pub fn target_store(&self) -> PathBuf {
+        self.dir.join("target-store")
+    }
+
+    /// The replica VMDK of `disk` at the target.
+    pub fn replica(&self, disk: &DiskId) -> PathBuf {
+        self.target_store()
+            .join(disk.to_string())
+            .join("replica.vmdk")
+    }
+
+    pub fn agent_state_dir(&self) -> PathBuf {
+        self.dir.join("agent-state")
+    }
+
+    fn config_target(&self) -> Result<PathBuf> {
+        let listen = self
+            .target_addr
+            .map_or_else(|| "127.0.0.1:0".to_owned(), |a| a.to_string());
+        let text = format!(
+            r#"listen = "{listen}"
+store = "target-store"
+ca = "pki/ca.crt"
+cert = "pki/target.crt"
+key = "pki/target.key"
+loopback_tuning = true
+"#
+        );
+        let p = self.dir.join("target.toml");
+        std::fs::write(&p, text)?;
+        Ok(p)
+    }
+
+    fn config_relay(&self) -> Result<PathBuf> {
+        let target = self.target_addr.context("the target is not started")?;
+        let listen = self
+            .relay_addr
+            .map_or_else(|| "127.0.0.1:0".to_owned(), |a| a.to_string());
+        let metrics = self
+            .metrics_addr
+            .map_or_else(|| "127.0.0.1:0".to_owned(), |a| a.to_string());
+        let disks: Vec<String> = self.disks.iter().map(|d| format!("\"{}\"", d.id)).collect();
+        let text = format!(
+            r#"listen = "{listen}"
+metrics_listen = "{metrics}"
+spool_dir = "relay-spool"
+ca = "pki/ca.crt"
+cert = "pki/relay.crt"
+key = "pki/relay.key"
+loopback_tuning = true
+
+[target]
+address = "{target}"
+server_name = "target"
+
+[[agents]]
+name = "{AGENT_NAME}"
+disks = [{}]
+"#,
+            disks.join(", ")
+        );
+        let p = self.dir.join("relay.toml");
+        std::fs::write(&p, text)?;
+        Ok(p)
+    }
+
+    /// The agent's configuration (written on every start, so a test may point
+    /// it elsewhere with [`Site::write_agent_config`] first).
+    pub fn agent_config(&self) -> PathBuf {
+        self.dir.join("agent.toml")
+    }
+
+    /// Writes the agent configuration for relay address `relay`.
+    pub fn write_agent_config(&self, relay: SocketAddr) -> Result<()> {
+        let mut text = format!(
+            r#"state_dir = "agent-state"
+[relay]
+address = "{relay}"
+server_name = "relay"
+ca = "pki/ca.crt"
+cert = "pki/agent-{AGENT_NAME}.crt"
+key = "pki/agent-{AGENT_NAME}.key"
+[replication]
+chunk_size_kib = {}
+zstd_level = {}
+rpo_alert_seconds = 30
+"#,
+            self.opts.chunk_size_kib, self.opts.zstd_level
+        );
+        for d in &self.disks {
+            text.push_str(&format!(
+                "[[disk]]\nid = \"{}\"\npath = \"{}\"\n",
+                d.id,
+                d.device.display()
+            ));
+        }
+        std::fs::write(self.agent_config(), text)?;
+        Ok(())
+    }
+
+    fn spawn(&self, program: &Path, args: &[&str], name: &str) -> Result<(Child, ChildStdout)> {
+        let log = self.dir.join(format!("{name}.log"));
+        let stderr = if self.opts.quiet {
+            Stdio::from(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&log)?,
+            )
+        } else {
+            Stdio::inherit()
+        };
+        let mut child = Command::new(program)
+            .args(args)
+            .current_dir(&self.dir)
+            .env("RUST_LOG", &self.opts.log)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .with_context(|| format!("cannot start {}", program.display()))?;
+        let out = child.stdout.take().context("no stdout")?;
+        Ok((child, out))
+    }
+
+    /// Starts (or restarts) the target; it keeps its address across restarts.
+    pub fn start_target(&mut self) -> Result<()> {
+        let cfg = self.config_target()?;
+        let (child, out) = self.spawn(
+            &self.bins.target(),
+            &["serve", "--config", path_str(&cfg)?],
+            "target",
+        )?;
+        self.target = Some(child);
+        let line = first_line(out, "listening", &mut self.target)?;
+        self.target_addr = Some(parse_addr(&line, "quic=")?);
+        Ok(())
+    }
+
+    /// Starts (or restarts) the relay; it keeps its addresses across restarts.
+    pub fn start_relay(&mut self) -> Result<()> {
+        let cfg = self.config_relay()?;
+        let (child, out) = self.spawn(
+            &self.bins.relay(),
+            &["serve", "--config", path_str(&cfg)?],
+            "relay",
+        )?;
+        self.relay = Some(child);
+        let line = first_line(out, "listening", &mut self.relay)?;
+        self.relay_addr = Some(parse_addr(&line, "quic=")?);
+        self.metrics_addr = parse_addr(&line, "metrics=").ok();
+        Ok(())
+    }
+
+    pub fn relay_addr(&self) -> Option<SocketAddr> {
+        self.relay_addr
+    }
+
+    /// Starts the agent against the relay.
+    pub fn start_agent(&mut self) -> Result<()> {
+        let relay = self.relay_addr.context("the relay is not started")?;
+        if !self.agent_config().exists() {
+            self.write_agent_config(relay)?;
+        }
+        let cfg = self.agent_config();
+        let (child, out) = self.spawn(
+            &self.bins.agent(),
+            &["run", "--config", path_str(&cfg)?],
+            "agent",
+        )?;
+        // The agent prints nothing on stdout; keep the pipe from closing.
+        std::mem::forget(out);
+        self.agent = Some(child);
+        Ok(())
+    }
+
+    /// SIGKILL: the process gets no chance to save anything.
+    pub fn kill_agent(&mut self) -> Result<()> {
+        kill(self.agent.take(), "-KILL")
+    }
+
+    pub fn kill_relay(&mut self) -> Result<()> {
+        kill(self.relay.take(), "-KILL")
+    }
+
+    pub fn kill_target(&mut self) -> Result<()> {
+        kill(self.target.take(), "-KILL")
+    }
+
+    /// SIGTERM and wait: a clean stop.
+    pub fn stop_agent(&mut self) -> Result<std::process::ExitStatus> {
+        let mut child = self.agent.take().context("the agent is not running")?;
+        signal(&child, "-TERM")?;
+        Ok(child.wait()?)
+    }
+
+    /// Has the agent exited (and with what)?
+    pub fn agent_exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.agent
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
+    }
+
+    /// The agent's status snapshot (its status file).
+    pub fn agent_status(&self) -> Result<serde_json::Value> {
+        let p = self.agent_state_dir().join("status.json");
+        let bytes = std::fs::read(&p).with_context(|| format!("{}", p.display()))?;
+        Ok(serde_json::from_slice(&bytes)?)
+    }
+
+    /// Waits until every disk is replicating with nothing left to ship and an
+    /// RPO of zero, as the agent reports it; fails after `timeout`.
+    pub fn wait_caught_up(&mut self, timeout: Duration) -> Result<serde_json::Value> {
+        let deadline = Instant::now() + timeout;
+        let mut last = serde_json::Value::Null;
+        loop {
+            if let Some(status) = self.agent_exited() {
+                bail!("the agent exited with {status}; last status: {last}");
+            }
+            if let Ok(st) = self.agent_status() {
+                let fresh = st["updated_ms"].as_u64().unwrap_or(0) + 3000 >= unix_ms();
+                let disks = st["disks"].as_array().cloned().unwrap_or_default();
+                let done = fresh
+                    && !disks.is_empty()
+                    && disks.iter().all(|d| {
+                        d["state"] == "replicating" && d["backlog_bytes"] == 0 && d["rpo_ms"] == 0
+                    });
+                if done {
+                    return Ok(st);
+                }
+                last = st;
+            }
+            if Instant::now() > deadline {
+                bail!("the agent did not catch up within {timeout:?}; last status: {last}");
+            }
+            // Polling an observable condition with a deadline, not a sleep
+            // standing in for synchronisation.
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// `qemu-img compare -f raw -F vmdk DEVICE REPLICA`: Ok when identical.
+    pub fn compare(&self, disk: &ProtectedDisk) -> Result<()> {
+        let out = Command::new("qemu-img")
+            .args(["compare", "-f", "raw", "-F", "vmdk"])
+            .arg(&disk.device)
+            .arg(self.replica(&disk.id))
+            .output()
+            .context("cannot run qemu-img (install qemu-utils)")?;
+        if !out.status.success() {
+            bail!(
+                "replica of {} differs from {}: {}{}",
+                disk.id,
+                disk.device.display(),
+                String::from_utf8_lossy(&out.stdout).trim(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Site {
+    fn drop(&mut self) {
+        let children = [self.agent.take(), self.relay.take(), self.target.take()];
+        for mut c in children.into_iter().flatten() {
+            if let Err(e) = c.kill() {
+                eprintln!("cannot kill {}: {e}", c.id());
+            }
+            if let Err(e) = c.wait() {
+                eprintln!("cannot reap {}: {e}", c.id());
+            }
+        }
+    }
+}
+
+fn kill(child: Option<Child>, sig: &str) -> Result<()> {
+    let mut c = child.context("the process is not running")?;
+    signal(&c, sig)?;
+    c.wait()?;
+    Ok(())
+}
+
+fn signal(child: &Child, sig: &str) -> Result<()> {
+    run(Command::new("kill").args([sig, &child.id().to_string()]))
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let shown = format!("{cmd:?}");
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot start {shown}"))?;
+    if !status.success() {
+        bail!("{shown} failed with {status}");
+    }
+    Ok(())
+}
+
+fn path_str(p: &Path) -> Result<&str> {
+    p.to_str()
+        .with_context(|| format!("{} is not UTF-8", p.display()))
+}
+
+/// Reads stdout until a line containing `marker`; then keeps draining stdout
+/// in a thread so the process never blocks on a full pipe.
+fn first_line(out: ChildStdout, marker: &str, child: &mut Option<Child>) -> Result<String> {
+    let mut reader = BufReader::new(out);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        let n = reader.read_line(&mut line)?;
+        if n == 0 {
+            let status = child.as_mut().and_then(|c| c.wait().ok());
+            bail!("the process exited ({status:?}) before printing `{marker}`");
+        }
+        if line.contains(marker) {
+            break;
+        }
+    }
+    std::thread::spawn(move || {
+        let mut sink = String::new();
+        while reader.read_line(&mut sink).map(|n| n > 0).unwrap_or(false) {
+            sink.clear();
+        }
+    });
+    Ok(line.trim().to_owned())
+}
+
+fn parse_addr(line: &str, key: &str) -> Result<SocketAddr> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key))
+        .with_context(|| format!("no `{key}` in `{line}`"))?
+        .parse()
+        .with_context(|| format!("bad address after `{key}` in `{line}`"))
+}
+
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A fresh random disk id.
+pub fn new_disk_id() -> Result<DiskId> {
+    use std::io::Read;
+    let mut b = [0u8; 16];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut b)?;
+    Ok(DiskId::from_bytes(b))
+}
