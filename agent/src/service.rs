@@ -649,6 +649,10 @@ impl Service {
             let mut idle = true;
             for d in &mut self.disks {
                 let progress = d.channel.progress().borrow().clone();
+                if !progress.connected {
+                    // Nothing can become durable: stop now, resync at the next start.
+                    return false;
+                }
                 d.durable = progress.durable;
                 d.rpo.handle_ack(progress.durable.0);
                 Self::advance_sync(d);
