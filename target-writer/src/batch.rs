@@ -95,13 +95,17 @@ impl std::fmt::Display for Consistency {
     }
 }
 
-/// A recovery-point marker: the disk as it is after batch `seq`.
+/// A recovery-point marker. It takes its own `seq` in the disk's sequence
+/// space (as batches do), and stands for the disk after every batch before it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Barrier {
     pub disk: String,
     pub generation: u64,
     pub seq: u64,
     pub label: Consistency,
+    /// The moment the point stands for (source clock), ms since the Unix
+    /// epoch; 0 means "use the target's clock".
+    pub time_ms: u64,
 }
 
 /// A verified chunk in plain form, ready to be journalled.

@@ -102,14 +102,6 @@ pub enum TargetError {
     #[error("disk size {size} is not a positive multiple of 512 bytes")]
     BadSize { size: u64 },
     #[error(
-        "barrier after batch {seq} of disk {disk} arrived before that batch was applied (applied: {applied})"
-    )]
-    BarrierAhead {
-        disk: String,
-        seq: u64,
-        applied: u64,
-    },
-    #[error(
         "the store of disk {disk} stopped after a failed write or sync; reopen it so the journal is replayed"
     )]
     Poisoned { disk: String },

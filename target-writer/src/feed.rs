@@ -53,6 +53,7 @@ pub fn encode(item: &FeedItem, out: &mut Vec<u8>) {
                 Consistency::CrashConsistent => 1,
                 Consistency::AppConsistent => 2,
             });
+            out.extend_from_slice(&b.time_ms.to_le_bytes());
         }
     }
 }
@@ -152,11 +153,13 @@ pub fn decode_all(buf: &[u8]) -> Result<Vec<FeedItem>, FeedError> {
                     2 => Consistency::AppConsistent,
                     _ => return Err(r.err("unknown label")),
                 };
+                let time_ms = r.u64()?;
                 out.push(FeedItem::Barrier(Barrier {
                     disk,
                     generation,
                     seq,
                     label,
+                    time_ms,
                 }));
             }
             _ => return Err(r.err("unknown item tag")),
@@ -184,6 +187,7 @@ mod tests {
                 generation: 2,
                 seq: 7,
                 label: Consistency::AppConsistent,
+                time_ms: 5,
             }),
         ];
         let mut buf = Vec::new();

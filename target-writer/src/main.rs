@@ -265,10 +265,10 @@ fn main() -> Result<()> {
                         let r = s.apply(b)?;
                         writeln!(out, "applied {} {:?}", b.seq, r)?;
                     }
-                    FeedItem::Barrier(b) => {
-                        let p = s.barrier(b, now_ms())?;
-                        writeln!(out, "point {} {}", p.id, p.seq)?;
-                    }
+                    FeedItem::Barrier(b) => match s.barrier(b, now_ms())? {
+                        Some(p) => writeln!(out, "point {} {} {}", p.id, p.seq, b.seq)?,
+                        None => writeln!(out, "barrier {} (point since removed)", b.seq)?,
+                    },
                 }
                 out.flush()?;
             }

@@ -74,8 +74,12 @@ pub struct PointMeta {
     pub time_ms: u64,
     pub label: Consistency,
     pub generation: u64,
-    /// The disk as it was after this batch.
+    /// The disk as it was after this sequence number (the last batch or
+    /// barrier applied before the point).
     pub seq: u64,
+    /// The barrier that made the point (its own sequence number); equal to
+    /// `seq` for scheduled points.
+    pub marker_seq: u64,
     /// File name of the point's undo segment.
     pub segment: String,
     /// Committed length of that segment.
@@ -647,45 +651,64 @@ impl DiskStore {
         self.opts.faults.write_atomic(&self.dir, STATE, &bytes)
     }
 
-    /// Handles a barrier from the agent: a recovery point after batch `seq`.
-    /// A replayed barrier returns the point it created the first time.
-    pub fn barrier(&mut self, b: &Barrier, now_ms: u64) -> Result<PointMeta> {
+    /// Handles a barrier from the agent: a recovery point of the disk after
+    /// every batch before the barrier's own sequence number, which it
+    /// consumes. A replayed barrier changes nothing and returns its point
+    /// (`None` if retention removed it since).
+    pub fn barrier(&mut self, b: &Barrier, now_ms: u64) -> Result<Option<PointMeta>> {
         self.check_usable()?;
-        if b.disk != self.state.disk {
+        let disk = self.state.disk.clone();
+        if b.disk != disk {
             return Err(TargetError::WrongDisk {
-                disk: self.state.disk.clone(),
+                disk,
                 got: b.disk.clone(),
             });
         }
-        if let Some(i) = self
-            .state
-            .points
-            .iter()
-            .rposition(|p| p.generation == b.generation && p.seq == b.seq)
-        {
-            // Same boundary (a replayed barrier, or a scheduled point taken
-            // just before it): same data, so only the label may improve.
-            if b.label > self.state.points[i].label {
-                let mut st = self.state.clone();
-                st.points[i].label = b.label;
-                self.guarded(|s| s.write_state(&st))?;
-                self.state = st;
-            }
-            return Ok(self.state.points[i].clone());
-        }
-        if (b.generation, b.seq) != (self.state.generation, self.state.applied_seq) {
-            return Err(TargetError::BarrierAhead {
-                disk: self.state.disk.clone(),
-                seq: b.seq,
-                applied: self.state.applied_seq,
+        if b.generation < self.state.generation {
+            return Err(TargetError::StaleGeneration {
+                disk,
+                got: b.generation,
+                current: self.state.generation,
             });
         }
-        self.create_point(b.label, now_ms)
+        if b.generation == self.state.generation {
+            if b.seq <= self.state.applied_seq {
+                return Ok(self
+                    .state
+                    .points
+                    .iter()
+                    .rev()
+                    .find(|p| p.generation == b.generation && p.marker_seq == b.seq)
+                    .cloned());
+            }
+            if b.seq != self.state.applied_seq + 1 {
+                return Err(TargetError::Gap {
+                    disk,
+                    generation: b.generation,
+                    got: b.seq,
+                    expected: self.state.applied_seq + 1,
+                });
+            }
+        }
+        let time_ms = if b.time_ms == 0 { now_ms } else { b.time_ms };
+        self.new_point(b.label, time_ms, Some((b.generation, b.seq)))
+            .map(Some)
     }
 
     /// Creates a recovery point of the disk as it is now (the scheduler uses
     /// `NotConsistent`: nothing proves the write order at an arbitrary moment).
     pub fn create_point(&mut self, label: Consistency, now_ms: u64) -> Result<PointMeta> {
+        self.new_point(label, now_ms, None)
+    }
+
+    /// Creates a point at the current data boundary; `marker` is the
+    /// (generation, seq) of the barrier that asked for it, committed with it.
+    fn new_point(
+        &mut self,
+        label: Consistency,
+        now_ms: u64,
+        marker: Option<(u64, u64)>,
+    ) -> Result<PointMeta> {
         self.check_usable()?;
         self.guarded(|s| {
             s.checkpoint_inner()?;
@@ -699,12 +722,18 @@ impl DiskStore {
                 id,
                 time_ms: now_ms,
                 label,
-                generation: s.state.generation,
+                generation: marker.map_or(s.state.generation, |m| m.0),
                 seq: s.state.applied_seq,
+                marker_seq: marker.map_or(s.state.applied_seq, |m| m.1),
                 segment: name,
                 segment_len: segment::HEADER_LEN,
             };
             let mut st = s.state.clone();
+            if let Some((generation, seq)) = marker {
+                // The barrier's sequence number becomes durable with the point.
+                st.generation = generation;
+                st.applied_seq = seq;
+            }
             st.next_point_id += 1;
             st.next_file_no += 1;
             st.points.push(p.clone());

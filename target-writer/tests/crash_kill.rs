@@ -26,22 +26,30 @@ fn sigkill_at_random_moments_leaves_the_replica_at_a_batch_boundary() {
         .unwrap_or(0xdead);
     eprintln!("seed {seed}");
     let mut rng = StdRng::seed_from_u64(seed);
-    let batches: Vec<_> = (1..=BATCHES)
-        .map(|q| random_batch(&mut rng, q, SIZE))
-        .collect();
+    // A barrier after every 4 batches; it takes its own sequence number.
+    let mut batches = Vec::new();
+    let mut barrier_seqs = Vec::new();
     let mut feed = Vec::new();
-    for b in &batches {
+    let mut seq = 0;
+    for i in 1..=BATCHES {
+        seq += 1;
+        let b = random_batch(&mut rng, seq, SIZE);
         encode(&FeedItem::Batch(b.clone()), &mut feed);
-        if b.seq % 5 == 0 {
+        batches.push(b);
+        if i % 4 == 0 {
+            seq += 1;
             let barrier = Barrier {
                 disk: DISK.into(),
                 generation: 1,
-                seq: b.seq,
+                seq,
                 label: Consistency::CrashConsistent,
+                time_ms: 0,
             };
             encode(&FeedItem::Barrier(barrier), &mut feed);
+            barrier_seqs.push(seq);
         }
     }
+    let last_seq = seq;
     let feed_path = tmp.path().join("feed.bin");
     std::fs::write(&feed_path, &feed).unwrap();
 
@@ -110,7 +118,15 @@ fn sigkill_at_random_moments_leaves_the_replica_at_a_batch_boundary() {
         );
         let points = s.points().to_vec();
         for p in &points {
-            assert_eq!(p.seq % 5, 0, "round {round}: point at a non-barrier seq");
+            assert!(
+                barrier_seqs.contains(&p.marker_seq),
+                "round {round}: point without barrier"
+            );
+            assert_eq!(
+                p.seq + 1,
+                p.marker_seq,
+                "round {round}: point not at its barrier"
+            );
             let img = s.point_image(p.id).unwrap();
             let mut got = vec![0u8; SIZE as usize];
             img.read_at(&mut got, 0).unwrap();
@@ -122,27 +138,24 @@ fn sigkill_at_random_moments_leaves_the_replica_at_a_batch_boundary() {
                 p.seq
             );
         }
-        // Exactly one point per barrier reached, even across replays; the
-        // barrier right after the last applied batch may not have arrived.
-        let n = points.len() as u64;
-        assert!(
-            n == applied / 5 || (applied.is_multiple_of(5) && n + 1 == applied / 5),
-            "round {round}: {n} points after batch {applied}"
-        );
+        // Exactly one point per barrier applied, even across replays.
+        let n = points.len();
+        let expected = barrier_seqs.iter().filter(|q| **q <= applied).count();
+        assert_eq!(n, expected, "round {round}: points after seq {applied}");
         s.close().unwrap();
         eprintln!(
             "round {round}: killed={} applied={applied} points={n}",
             !finished
         );
-        if applied == BATCHES {
+        if applied == last_seq {
             break;
         }
     }
     assert!(kills >= 3, "only {kills} kills");
     let s = DiskStore::open(&root, DISK, StoreOptions::default()).unwrap();
-    if s.applied_seq() == BATCHES && have_qemu_img() {
+    if s.applied_seq() == last_seq && have_qemu_img() {
         let model = tmp.path().join("model.raw");
-        std::fs::write(&model, model_at(&batches, SIZE, BATCHES)).unwrap();
+        std::fs::write(&model, model_at(&batches, SIZE, last_seq)).unwrap();
         assert!(qemu_same(&model, s.replica_path()));
     }
 }

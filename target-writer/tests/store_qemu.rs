@@ -33,7 +33,10 @@ fn replica_equals_the_model_after_every_batch_and_every_point_exports_equal() {
     let mut model = vec![0u8; SIZE as usize];
     let mut snapshots = Vec::new();
     let mut cids = std::collections::BTreeSet::new();
-    for seq in 1..=24 {
+    // Barriers take their own sequence numbers, between the batches'.
+    let mut seq = 0;
+    for _ in 0..24 {
+        seq += 1;
         let b = random_batch(&mut rng, seq, SIZE);
         s.apply(&b).unwrap();
         model_apply(&mut model, &b);
@@ -44,20 +47,21 @@ fn replica_equals_the_model_after_every_batch_and_every_point_exports_equal() {
         );
         cids.insert(s.cid());
         if rng.gen_bool(0.3) {
+            seq += 1;
             let label =
                 [Consistency::CrashConsistent, Consistency::AppConsistent][rng.gen_range(0..2)];
-            let p = s
-                .barrier(
-                    &Barrier {
-                        disk: DISK.into(),
-                        generation: 1,
-                        seq,
-                        label,
-                    },
-                    now_ms() + seq * 1000,
-                )
-                .unwrap();
+            let barrier = Barrier {
+                disk: DISK.into(),
+                generation: 1,
+                seq,
+                label,
+                time_ms: now_ms() + seq * 1000,
+            };
+            let p = s.barrier(&barrier, now_ms()).unwrap().unwrap();
             assert_eq!(p.label, label);
+            assert_eq!(p.marker_seq, seq);
+            // A replayed barrier makes no second point.
+            assert_eq!(s.barrier(&barrier, now_ms()).unwrap(), Some(p.clone()));
             snapshots.push((p.id, model.clone()));
         }
     }
@@ -131,7 +135,7 @@ fn replica_equals_the_model_after_every_batch_and_every_point_exports_equal() {
     // Reopening keeps everything.
     drop(s);
     let mut s = DiskStore::open(&root, DISK, opts(256 << 10)).unwrap();
-    assert_eq!(s.applied_seq(), 24);
+    assert_eq!(s.applied_seq(), seq);
     assert_eq!(first_diff(&replica_bytes(s.dir()), &model), None);
     for (id, snap) in &snapshots {
         let img = s.point_image(*id).unwrap();
