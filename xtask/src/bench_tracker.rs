@@ -3,7 +3,8 @@
 //! fio 4 KiB random writes (io_uring, iodepth 32, O_DIRECT) on a loop device this
 //! task creates, without the tracker (A) and with `blockferry-agent track --quiet`
 //! attached (B), interleaved A/B/A/B in one invocation so drift of the machine
-//! hits both alike. Last line: `iops_ratio=… p99_ratio=…` (tracked / untracked).
+//! hits both alike. Last line: `iops_ratio=… p99_ratio=…` (tracked / untracked,
+//! medians of the per-round ratios).
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -14,8 +15,8 @@ use anyhow::{Context, Result, bail};
 use crate::util::{self, workspace_root};
 
 const DEVICE_BYTES: u64 = 512 << 20;
-const ROUNDS: usize = 4;
-const RUNTIME_S: u32 = 6;
+const ROUNDS: usize = 5;
+const RUNTIME_S: u32 = 5;
 
 /// A loop device over a file, detached and removed on drop.
 struct LoopDevice {
@@ -144,8 +145,13 @@ fn fio(dev: &str, rw: &str, runtime: Option<u32>) -> Result<FioResult> {
     })
 }
 
-fn mean(xs: &[f64]) -> f64 {
-    xs.iter().sum::<f64>() / xs.len().max(1) as f64
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    match xs.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => xs[n / 2],
+        n => (xs[n / 2 - 1] + xs[n / 2]) / 2.0,
+    }
 }
 
 pub fn run() -> Result<()> {
@@ -188,14 +194,23 @@ pub fn run() -> Result<()> {
         );
         b.push(r);
     }
-    let iops = |v: &[FioResult]| mean(&v.iter().map(|r| r.iops).collect::<Vec<_>>());
-    let p99 = |v: &[FioResult]| mean(&v.iter().map(|r| r.p99_us).collect::<Vec<_>>());
-    println!("untracked: iops={:.0} p99={:.1}us", iops(&a), p99(&a));
-    println!("tracked:   iops={:.0} p99={:.1}us", iops(&b), p99(&b));
+    // Each tracked run is compared with the untracked run just before it, and
+    // the median of those ratios is reported: the machine's drift (other work on
+    // shared cores) moves both runs of a pair, and an outlier pair does not
+    // move the median.
+    let iops_ratio = median(a.iter().zip(&b).map(|(a, b)| b.iops / a.iops).collect());
+    let p99_ratio = median(a.iter().zip(&b).map(|(a, b)| b.p99_us / a.p99_us).collect());
+    let med = |v: &[FioResult], f: fn(&FioResult) -> f64| median(v.iter().map(f).collect());
     println!(
-        "iops_ratio={:.2} p99_ratio={:.2}",
-        iops(&b) / iops(&a),
-        p99(&b) / p99(&a)
+        "untracked: median iops={:.0} p99={:.1}us",
+        med(&a, |r| r.iops),
+        med(&a, |r| r.p99_us)
     );
+    println!(
+        "tracked:   median iops={:.0} p99={:.1}us",
+        med(&b, |r| r.iops),
+        med(&b, |r| r.p99_us)
+    );
+    println!("iops_ratio={iops_ratio:.2} p99_ratio={p99_ratio:.2}");
     Ok(())
 }
