@@ -15,6 +15,7 @@ pub mod feed;
 pub mod replica;
 pub mod retention;
 pub mod segment;
+pub mod serve;
 pub mod store;
 mod sys;
 pub mod vmdk;

@@ -113,6 +113,24 @@ fn fmt_utc(ms: u64) -> String {
     )
 }
 
+async fn serve(cfg: blockferry_target::serve::ServeConfig) -> Result<()> {
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let handle = blockferry_target::serve::start(cfg, cancel.clone()).await?;
+    // One line on stdout tells scripts (and tests) where the target listens
+    // when the config asked for port 0.
+    println!("listening quic={}", handle.listen_addr);
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("cannot install the SIGTERM handler")?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r.context("cannot wait for SIGINT")?,
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+    cancel.cancel();
+    handle.serve.await.context("serve task failed")?;
+    Ok(())
+}
+
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -231,10 +249,9 @@ fn main() -> Result<()> {
             );
         }
         Cmd::Serve { config } => {
-            bail!(
-                "serve --config {}: receiving from the relay is not wired in yet",
-                config.display()
-            );
+            let cfg = blockferry_target::serve::ServeConfig::load(&config)?;
+            let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+            rt.block_on(serve(cfg))?;
         }
         Cmd::ApplyFile {
             store,

@@ -435,6 +435,11 @@ impl DiskStore {
         &self.state.points
     }
 
+    /// Reads the replica (the newest state) at `offset`.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.replica.read_at(buf, offset)
+    }
+
     /// The replica's descriptor, the file to hand to qemu-img or ESXi.
     pub fn replica_path(&self) -> &Path {
         self.replica.path()

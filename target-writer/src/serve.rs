@@ -1,0 +1,479 @@
+//! `blockferry-target serve`: receives batches and barriers from the relay
+//! over QUIC (the shared receiving endpoint of `blockferry-transport`) and
+//! applies them to the disk stores. This module is the thin async shell: the
+//! sink converts proto frames to the store's types and runs the blocking
+//! store calls on the blocking pool; acks go out once `apply` returned, i.e.
+//! once the journal is synced.
+//!
+//! Also here: scheduled recovery points (labelled not-consistent: nothing
+//! proves the write order at an arbitrary moment), retention after each new
+//! point, and answers to checksum-resync requests from a hash tree of the
+//! replica built on demand and cached until the next write.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use blockferry_proto::hashtree::{DEFAULT_FANOUT, HashTree, Responder, TreeShape};
+use blockferry_proto::{
+    DiskId, ErrorCode, Frame, Generation, HashRangeReply, HashRangeRequest, Hello, Seq,
+};
+use blockferry_transport::endpoint::{Tuning, server_config, server_endpoint};
+use blockferry_transport::tls::load_certs;
+use blockferry_transport::{
+    Accepted, DiskState, FrameSink, PeerIdentity, RevocationList, ServeOptions, SinkError,
+    TlsIdentity,
+};
+use serde::Deserialize;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::batch::{ApplyBatch, Barrier, Chunk, Consistency, Encoding};
+use crate::error::TargetError;
+use crate::retention::{RetentionPolicy, scheduled_point_due};
+use crate::store::{DiskStore, StoreOptions};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot read config {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config {path}: {detail}")]
+    Config { path: PathBuf, detail: String },
+    #[error("tls setup: {0}")]
+    Tls(String),
+    #[error("cannot listen: {0}")]
+    Endpoint(String),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    listen: String,
+    store: PathBuf,
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+    revocation_list: Option<PathBuf>,
+    #[serde(default)]
+    loopback_tuning: bool,
+    /// Certificate names allowed to send (the relays).
+    peers: Option<Vec<String>>,
+    /// Seconds between scheduled points; 0 disables them.
+    point_every_secs: Option<u64>,
+    retention: Option<RetentionPolicy>,
+    resync_chunk_kib: Option<u32>,
+    checkpoint_mib: Option<u64>,
+}
+
+/// The validated configuration of `serve` (paths resolved against the
+/// config file's directory).
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub listen: SocketAddr,
+    pub store: PathBuf,
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub revocation_list: Option<PathBuf>,
+    pub loopback_tuning: bool,
+    pub peers: HashSet<String>,
+    pub point_every_secs: u64,
+    pub retention: RetentionPolicy,
+    pub resync_chunk_size: u64,
+    pub checkpoint_bytes: u64,
+}
+
+impl ServeConfig {
+    pub fn load(path: &Path) -> Result<Self, ServeError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ServeError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Self::parse(&text, base).map_err(|detail| ServeError::Config {
+            path: path.to_path_buf(),
+            detail,
+        })
+    }
+
+    /// Parses config text; relative paths are taken from `base`.
+    pub fn parse(text: &str, base: &Path) -> Result<Self, String> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| e.to_string())?;
+        let listen = raw.listen.parse().map_err(|_| {
+            format!(
+                "listen = {:?} is not an address: write IP:PORT, for example \"0.0.0.0:7411\"",
+                raw.listen
+            )
+        })?;
+        let chunk_kib = raw.resync_chunk_kib.unwrap_or(64);
+        if !(4..=1024).contains(&chunk_kib) || !chunk_kib.is_power_of_two() {
+            return Err(format!(
+                "resync_chunk_kib = {chunk_kib} must be a power of two from 4 to 1024 (the agents' chunk_size_kib)"
+            ));
+        }
+        let retention = raw.retention.unwrap_or_default();
+        if retention.tiers.iter().any(|t| t.every_secs == 0) {
+            return Err("retention tiers need every_secs > 0".into());
+        }
+        let abs = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
+        Ok(ServeConfig {
+            listen,
+            store: abs(raw.store),
+            ca: abs(raw.ca),
+            cert: abs(raw.cert),
+            key: abs(raw.key),
+            revocation_list: raw.revocation_list.map(abs),
+            loopback_tuning: raw.loopback_tuning,
+            peers: raw
+                .peers
+                .unwrap_or_else(|| vec!["relay".to_string()])
+                .into_iter()
+                .collect(),
+            point_every_secs: raw.point_every_secs.unwrap_or(600),
+            retention,
+            resync_chunk_size: u64::from(chunk_kib) << 10,
+            checkpoint_bytes: raw.checkpoint_mib.unwrap_or(64) << 20,
+        })
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+type Shared<T> = Arc<Mutex<T>>;
+
+/// The target's [`FrameSink`]: one store per disk, opened on first contact.
+#[derive(Debug)]
+pub struct TargetSink {
+    cfg: ServeConfig,
+    stores: Mutex<HashMap<DiskId, Shared<DiskStore>>>,
+    /// Resync trees by disk, valid for the applied sequence they were built at.
+    trees: Mutex<HashMap<DiskId, (u64, Responder)>>,
+}
+
+fn sink_error(e: &TargetError) -> SinkError {
+    let code = match e {
+        TargetError::HashMismatch { .. } | TargetError::Decompress { .. } => ErrorCode::Integrity,
+        TargetError::ChunkTooLarge { .. } => ErrorCode::TooLarge,
+        TargetError::OutOfRange { .. } | TargetError::WrongDisk { .. } => ErrorCode::Protocol,
+        TargetError::Gap { .. } => ErrorCode::SequenceGap,
+        TargetError::StaleGeneration { .. } => ErrorCode::StaleGeneration,
+        TargetError::NoSpace { .. } | TargetError::Locked { .. } => ErrorCode::Unavailable,
+        _ => ErrorCode::Internal,
+    };
+    SinkError::new(code, e.to_string())
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding the lock left the data as it was between calls
+    // (every store call is all-or-nothing), so keep going.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Converts a proto batch to the store's plain type.
+pub fn batch_from_proto(disk: &str, b: &blockferry_proto::ExtentBatch) -> ApplyBatch {
+    ApplyBatch {
+        disk: disk.to_string(),
+        generation: b.generation.0,
+        seq: b.seq.0,
+        chunks: b
+            .chunks
+            .iter()
+            .map(|c| Chunk {
+                offset: c.offset,
+                len: c.len,
+                hash: c.hash,
+                encoding: match c.encoding {
+                    blockferry_proto::Encoding::Raw => Encoding::Raw,
+                    blockferry_proto::Encoding::Zstd => Encoding::Zstd,
+                    blockferry_proto::Encoding::Zero => Encoding::Zero,
+                },
+                payload: c.payload.to_vec(),
+            })
+            .collect(),
+    }
+}
+
+pub fn barrier_from_proto(disk: &str, b: &blockferry_proto::Barrier) -> Barrier {
+    Barrier {
+        disk: disk.to_string(),
+        generation: b.generation.0,
+        seq: b.seq.0,
+        label: match b.consistency {
+            blockferry_proto::Consistency::NotConsistent => Consistency::NotConsistent,
+            blockferry_proto::Consistency::CrashConsistent => Consistency::CrashConsistent,
+            blockferry_proto::Consistency::AppConsistent => Consistency::AppConsistent,
+        },
+        time_ms: b.timestamp_ns / 1_000_000,
+    }
+}
+
+impl TargetSink {
+    pub fn new(cfg: ServeConfig) -> Self {
+        TargetSink {
+            cfg,
+            stores: Mutex::new(HashMap::new()),
+            trees: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn store_opts(&self) -> StoreOptions {
+        StoreOptions {
+            checkpoint_bytes: self.cfg.checkpoint_bytes,
+            ..StoreOptions::default()
+        }
+    }
+
+    /// The open store of `disk`, opening (or, with `create_size`, creating) it.
+    fn store(
+        &self,
+        disk: DiskId,
+        create_size: Option<u64>,
+    ) -> Result<Shared<DiskStore>, TargetError> {
+        let mut stores = lock(&self.stores);
+        if let Some(s) = stores.get(&disk) {
+            return Ok(s.clone());
+        }
+        let name = disk.to_string();
+        let s = match DiskStore::open(&self.cfg.store, &name, self.store_opts()) {
+            Ok(s) => s,
+            Err(TargetError::NoDisk { .. }) if create_size.is_some() => DiskStore::create(
+                &self.cfg.store,
+                &name,
+                create_size.unwrap_or(0),
+                now_ms(),
+                self.store_opts(),
+            )?,
+            Err(e) => return Err(e),
+        };
+        let s = Arc::new(Mutex::new(s));
+        stores.insert(disk, s.clone());
+        Ok(s)
+    }
+
+    /// Forgets a store after a failed write, so the next use reopens it
+    /// and replays its journal.
+    fn drop_store(&self, disk: DiskId) {
+        lock(&self.stores).remove(&disk);
+        lock(&self.trees).remove(&disk);
+    }
+
+    fn apply_blocking(&self, disk: DiskId, frames: &[Accepted]) -> Result<(), TargetError> {
+        let store = self.store(disk, None)?;
+        let mut s = lock(&store);
+        let name = disk.to_string();
+        let mut new_point = false;
+        for a in frames {
+            match &a.frame {
+                Frame::Batch(b) => {
+                    s.apply(&batch_from_proto(&name, b))?;
+                }
+                Frame::Barrier(b) => {
+                    new_point |= s
+                        .barrier(&barrier_from_proto(&name, b), now_ms())?
+                        .is_some();
+                }
+                other => {
+                    warn!(disk = %name, frame = ?other.frame_type(), "unexpected frame in the apply queue, ignored")
+                }
+            }
+        }
+        let now = now_ms();
+        let last = s.points().last().map(|p| (p.time_ms, p.seq));
+        let changed_since = last.is_none_or(|(_, seq)| seq < s.applied_seq());
+        if changed_since
+            && scheduled_point_due(last.map(|(t, _)| t), self.cfg.point_every_secs, now)
+        {
+            s.create_point(Consistency::NotConsistent, now)?;
+            new_point = true;
+        }
+        if new_point {
+            let dropped = s.apply_retention(&self.cfg.retention, now)?;
+            if !dropped.is_empty() {
+                info!(disk = %name, points = ?dropped, "retention removed recovery points");
+            }
+        }
+        Ok(())
+    }
+
+    fn hash_blocking(&self, req: &HashRangeRequest) -> Result<HashRangeReply, SinkError> {
+        let store = self.store(req.disk, None).map_err(|e| match e {
+            TargetError::NoDisk { .. } => SinkError::new(ErrorCode::UnknownDisk, e.to_string()),
+            e => sink_error(&e),
+        })?;
+        let s = lock(&store);
+        let applied = s.applied_seq();
+        let mut trees = lock(&self.trees);
+        let fresh = trees.get(&req.disk).is_some_and(|(seq, _)| *seq == applied);
+        if !fresh {
+            let shape = TreeShape::new(self.cfg.resync_chunk_size, DEFAULT_FANOUT)
+                .map_err(|e| SinkError::new(ErrorCode::Internal, e.to_string()))?;
+            let size = s.size();
+            let cs = self.cfg.resync_chunk_size;
+            let mut leaves = Vec::with_capacity(size.div_ceil(cs) as usize);
+            let mut buf = vec![0u8; cs as usize];
+            let mut off = 0;
+            while off < size {
+                let n = (size - off).min(cs) as usize;
+                s.read_at(&mut buf[..n], off).map_err(|e| sink_error(&e))?;
+                leaves.push(*blake3::hash(&buf[..n]).as_bytes());
+                off += n as u64;
+            }
+            let tree = HashTree::new(shape, size, leaves)
+                .map_err(|e| SinkError::new(ErrorCode::Internal, e.to_string()))?;
+            trees.insert(req.disk, (applied, Responder::new(tree)));
+        }
+        let Some((_, responder)) = trees.get_mut(&req.disk) else {
+            return Err(SinkError::new(ErrorCode::Internal, "hash tree vanished"));
+        };
+        responder
+            .handle_request(req)
+            .map_err(|e| SinkError::new(ErrorCode::Protocol, e.to_string()))
+    }
+}
+
+fn join_error(e: tokio::task::JoinError) -> SinkError {
+    SinkError::new(ErrorCode::Internal, format!("apply task failed: {e}"))
+}
+
+/// The [`FrameSink`] handed to the transport: a cheap handle on the shared sink.
+#[derive(Debug, Clone)]
+pub struct TargetService(pub Arc<TargetSink>);
+
+impl FrameSink for TargetService {
+    async fn open(&self, peer: &PeerIdentity, hello: &Hello) -> Result<DiskState, SinkError> {
+        if !self.0.cfg.peers.contains(&peer.name) {
+            return Err(SinkError::new(
+                ErrorCode::NotAuthorized,
+                format!(
+                    "peer {:?} may not write to this target: add it to `peers` in the target config",
+                    peer.name
+                ),
+            ));
+        }
+        let this = self.0.clone();
+        let disk = hello.disk;
+        let size = hello.disk_size;
+        let (generation, seq, have) = tokio::task::spawn_blocking(move || {
+            let store = this.store(disk, Some(size))?;
+            let s = lock(&store);
+            Ok::<_, TargetError>((s.generation(), s.applied_seq(), s.size()))
+        })
+        .await
+        .map_err(join_error)?
+        .map_err(|e| sink_error(&e))?;
+        if have != size {
+            return Err(SinkError::new(
+                ErrorCode::DiskSizeMismatch,
+                format!(
+                    "disk {disk} is {size} bytes at the source but its replica is {have} bytes; resizing a replica is not supported yet"
+                ),
+            ));
+        }
+        info!(%disk, peer = %peer.name, generation, durable_seq = seq, "disk stream opened");
+        Ok(DiskState {
+            generation: Generation(generation),
+            durable_seq: Seq(seq),
+        })
+    }
+
+    async fn apply(&self, disk: DiskId, frames: Vec<Accepted>) -> Result<(), SinkError> {
+        let this = self.0.clone();
+        let r = tokio::task::spawn_blocking(move || this.apply_blocking(disk, &frames))
+            .await
+            .map_err(join_error)?;
+        if let Err(e) = r {
+            warn!(%disk, error = %e, "apply failed");
+            if matches!(
+                e,
+                TargetError::Poisoned { .. } | TargetError::Io { .. } | TargetError::Corrupt { .. }
+            ) {
+                self.0.drop_store(disk);
+            }
+            return Err(sink_error(&e));
+        }
+        Ok(())
+    }
+
+    async fn hash_ranges(
+        &self,
+        _peer: &PeerIdentity,
+        req: HashRangeRequest,
+    ) -> Result<HashRangeReply, SinkError> {
+        let this = self.0.clone();
+        tokio::task::spawn_blocking(move || this.hash_blocking(&req))
+            .await
+            .map_err(join_error)?
+    }
+}
+
+/// A running target: where it listens, and the task serving it.
+#[derive(Debug)]
+pub struct TargetHandle {
+    pub listen_addr: SocketAddr,
+    pub serve: tokio::task::JoinHandle<()>,
+}
+
+/// Starts serving `cfg` until `cancel` fires.
+pub async fn start(
+    cfg: ServeConfig,
+    cancel: CancellationToken,
+) -> Result<TargetHandle, ServeError> {
+    let tuning = if cfg.loopback_tuning {
+        Tuning::loopback()
+    } else {
+        Tuning::default()
+    };
+    let tls = |e: &dyn std::fmt::Display| ServeError::Tls(e.to_string());
+    let ca = load_certs(&cfg.ca).map_err(|e| tls(&e))?;
+    let identity = TlsIdentity::load(&cfg.cert, &cfg.key).map_err(|e| tls(&e))?;
+    let revoked = match &cfg.revocation_list {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).map_err(|source| ServeError::Read {
+                path: p.clone(),
+                source,
+            })?;
+            RevocationList::parse(&text).map_err(|detail| ServeError::Config {
+                path: p.clone(),
+                detail,
+            })?
+        }
+        None => RevocationList::default(),
+    };
+    std::fs::create_dir_all(&cfg.store).map_err(|source| ServeError::Read {
+        path: cfg.store.clone(),
+        source,
+    })?;
+    let server = server_endpoint(
+        cfg.listen,
+        server_config(&ca, identity, revoked, &tuning)
+            .map_err(|e| ServeError::Endpoint(e.to_string()))?,
+        &tuning,
+    )
+    .map_err(|e| ServeError::Endpoint(e.to_string()))?;
+    let listen_addr = server
+        .local_addr()
+        .map_err(|e| ServeError::Endpoint(e.to_string()))?;
+    info!(quic = %listen_addr, store = %cfg.store.display(), "target listening");
+    let sink = Arc::new(TargetService(Arc::new(TargetSink::new(cfg))));
+    let opts = ServeOptions {
+        // The store verifies every chunk before writing; once is enough.
+        verify_chunks: false,
+        ..ServeOptions::default()
+    };
+    let serve = tokio::spawn(async move {
+        blockferry_transport::sink::serve(server.clone(), sink, opts, cancel).await;
+        server.close(0u32.into(), b"target stopping");
+    });
+    Ok(TargetHandle { listen_addr, serve })
+}
