@@ -112,7 +112,8 @@ point_every_secs = 0
     let shape = TreeShape::new(65536, blockferry_proto::hashtree::DEFAULT_FANOUT).unwrap();
     let mut local = model.clone();
     local[3 * 65536 + 10] ^= 1;
-    for (data, expect) in [(&model, vec![]), (&local, vec![3..4])] {
+    let one_chunk: Vec<std::ops::Range<u64>> = std::iter::once(3..4).collect();
+    for (data, expect) in [(&model, vec![]), (&local, one_chunk)] {
         let tree = HashTree::from_bytes(shape, data).unwrap();
         let mut cmp = Comparer::new(tree, SIZE, disk, Generation(1), ComparerLimits::default());
         while !cmp.is_done() {
