@@ -7,6 +7,7 @@
 //! decides which points stay; [`export`] writes any point out as a disk.
 
 pub mod batch;
+pub mod bench;
 pub mod crashsafe;
 pub mod error;
 pub mod export;

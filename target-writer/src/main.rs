@@ -67,6 +67,19 @@ enum Cmd {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Apply and export measurements against their baselines (`cargo xtask bench target`).
+    #[command(hide = true)]
+    Bench {
+        /// Scratch directory (a few GiB free).
+        #[arg(long)]
+        dir: PathBuf,
+        /// Size of the exported disk in MiB.
+        #[arg(long, default_value_t = 2048)]
+        export_mib: u64,
+        /// Rounds per figure (the median ratio is reported).
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+    },
     /// Apply a feed file of batches and barriers, printing each durable step (tests).
     #[command(hide = true)]
     ApplyFile {
@@ -128,6 +141,86 @@ async fn serve(cfg: blockferry_target::serve::ServeConfig) -> Result<()> {
     tracing::info!("shutting down");
     cancel.cancel();
     handle.serve.await.context("serve task failed")?;
+    Ok(())
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn mbps(bytes: u64, d: std::time::Duration) -> f64 {
+    bytes as f64 / d.as_secs_f64().max(1e-9) / 1e6
+}
+
+/// Prints each figure with its baseline and their ratio, then a JSON summary.
+fn bench(dir: &std::path::Path, export_size: u64, rounds: usize) -> Result<()> {
+    use blockferry_target::bench::{Pattern, apply_vs_raw, export_vs_qemu};
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let disk = 1u64 << 30;
+    let cases = [
+        (
+            "sequential 1 MiB batches",
+            Pattern::Sequential { batch: 1 << 20 },
+            512u64 << 20,
+            false,
+        ),
+        (
+            "sequential 1 MiB batches, point open",
+            Pattern::Sequential { batch: 1 << 20 },
+            512 << 20,
+            true,
+        ),
+        (
+            "random 4 KiB x 64 per batch",
+            Pattern::Random {
+                chunk: 4096,
+                per_batch: 64,
+            },
+            64 << 20,
+            false,
+        ),
+        (
+            "random 4 KiB x 64 per batch, point open",
+            Pattern::Random {
+                chunk: 4096,
+                per_batch: 64,
+            },
+            64 << 20,
+            true,
+        ),
+    ];
+    let mut summary = Vec::new();
+    for (name, pattern, total, with_point) in cases {
+        let mut ratios = Vec::new();
+        let mut ours = Vec::new();
+        let mut raws = Vec::new();
+        for r in 0..rounds {
+            let f = apply_vs_raw(dir, disk, total, pattern, with_point, 1 + r as u64)?;
+            ours.push(mbps(f.bytes, f.store));
+            raws.push(mbps(f.bytes, f.raw));
+            ratios.push(f.raw.as_secs_f64() / f.store.as_secs_f64().max(1e-9));
+        }
+        let (o, r, q) = (median(ours), median(raws), median(ratios));
+        println!(
+            "apply {name}: store {o:.0} MB/s, pwrite+fdatasync {r:.0} MB/s, ratio {q:.2} (target >= 0.8)"
+        );
+        summary.push(serde_json::json!({"figure": format!("apply {name}"), "store_mb_s": o, "raw_mb_s": r, "ratio": q}));
+    }
+    let figs = export_vs_qemu(dir, export_size, rounds)?;
+    let ratio = median(
+        figs.iter()
+            .map(|f| f.ours.as_secs_f64() / f.qemu.as_secs_f64().max(1e-9))
+            .collect(),
+    );
+    let ours = median(figs.iter().map(|f| f.ours.as_secs_f64()).collect());
+    let qemu = median(figs.iter().map(|f| f.qemu.as_secs_f64()).collect());
+    println!(
+        "export {} MiB point as vmdk-sparse: {ours:.2} s, qemu-img convert -O vmdk {qemu:.2} s, time ratio {ratio:.2} (target <= 1.0)",
+        export_size >> 20
+    );
+    summary.push(serde_json::json!({"figure": "export vmdk-sparse", "ours_s": ours, "qemu_s": qemu, "ratio": ratio}));
+    println!("{}", serde_json::to_string(&summary)?);
     Ok(())
 }
 
@@ -253,6 +346,11 @@ fn main() -> Result<()> {
             let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
             rt.block_on(serve(cfg))?;
         }
+        Cmd::Bench {
+            dir,
+            export_mib,
+            rounds,
+        } => bench(&dir, export_mib << 20, rounds.max(1))?,
         Cmd::ApplyFile {
             store,
             disk,

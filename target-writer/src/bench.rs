@@ -1,0 +1,242 @@
+//! Measurements behind `cargo xtask bench target` (run through the hidden
+//! `blockferry-target bench` subcommand of the release binary). Each figure
+//! is paired with a baseline measured in the same run on the same machine:
+//! plain `pwrite` + `fdatasync` of the same data at the same offsets for
+//! apply, `qemu-img convert -O vmdk` of the same data for export.
+
+use std::fs::OpenOptions;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use crate::batch::{ApplyBatch, Chunk, Consistency};
+use crate::error::{Result, TargetError};
+use crate::export::{ExportFormat, export_point};
+use crate::store::{DiskStore, StoreOptions};
+
+/// How the data of a benchmark is laid out on the disk.
+#[derive(Debug, Clone, Copy)]
+pub enum Pattern {
+    /// Consecutive batches of `batch` bytes from offset 0, 64 KiB chunks.
+    Sequential { batch: u64 },
+    /// Batches of `per_batch` chunks of `chunk` bytes at random aligned offsets.
+    Random { chunk: u64, per_batch: usize },
+}
+
+/// One apply measurement: store vs the raw baseline, same data.
+#[derive(Debug, Clone, Copy)]
+pub struct ApplyFigure {
+    pub bytes: u64,
+    pub store: Duration,
+    pub raw: Duration,
+}
+
+/// Deterministic, half-compressible data (like the agent's fio load).
+fn fill(buf: &mut [u8], seed: u64) {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    for (i, w) in buf.chunks_mut(8).enumerate() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        // Every other 4 KiB block repeats a byte: zstd halves it.
+        let v = if (i / 512) % 2 == 0 {
+            x
+        } else {
+            seed.wrapping_add(i as u64 / 512)
+        };
+        let b = v.to_le_bytes();
+        w.copy_from_slice(&b[..w.len()]);
+    }
+}
+
+fn batches(pattern: Pattern, disk_size: u64, total: u64, seed: u64) -> Vec<Vec<(u64, Vec<u8>)>> {
+    let mut out = Vec::new();
+    let mut rnd = seed | 1;
+    let mut next = || {
+        rnd ^= rnd << 13;
+        rnd ^= rnd >> 7;
+        rnd ^= rnd << 17;
+        rnd
+    };
+    let mut done = 0;
+    let mut i = 0u64;
+    while done < total {
+        let mut writes = Vec::new();
+        match pattern {
+            Pattern::Sequential { batch } => {
+                let base = (done % disk_size) / batch * batch;
+                for k in 0..batch / 65536 {
+                    let mut data = vec![0u8; 65536];
+                    fill(&mut data, seed + i * 64 + k);
+                    writes.push((base + k * 65536, data));
+                }
+                done += batch;
+            }
+            Pattern::Random { chunk, per_batch } => {
+                for k in 0..per_batch {
+                    let off = next() % (disk_size / chunk) * chunk;
+                    let mut data = vec![0u8; chunk as usize];
+                    fill(&mut data, seed + i * 1024 + k as u64);
+                    writes.push((off, data));
+                    done += chunk;
+                }
+            }
+        }
+        out.push(writes);
+        i += 1;
+    }
+    out
+}
+
+/// Applies `total` bytes in `pattern` through a fresh store (with an open
+/// recovery point when `with_point`, so undo is captured) and through plain
+/// pwrite+fdatasync to a preallocated file, timing only the apply calls.
+pub fn apply_vs_raw(
+    dir: &Path,
+    disk_size: u64,
+    total: u64,
+    pattern: Pattern,
+    with_point: bool,
+    seed: u64,
+) -> Result<ApplyFigure> {
+    let work = batches(pattern, disk_size, total, seed);
+    let bytes: u64 = work.iter().flatten().map(|(_, d)| d.len() as u64).sum();
+
+    // Baseline first: a preallocated raw file, one fdatasync per batch.
+    let raw_path = dir.join("baseline.raw");
+    let raw = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&raw_path)
+        .map_err(|e| TargetError::io(&raw_path, None, e))?;
+    crate::sys::fallocate(&raw, disk_size).map_err(|e| TargetError::io(&raw_path, None, e))?;
+    raw.sync_all()
+        .map_err(|e| TargetError::io(&raw_path, None, e))?;
+    let mut raw_time = Duration::ZERO;
+    for w in &work {
+        let t = Instant::now();
+        for (off, data) in w {
+            raw.write_all_at(data, *off)
+                .map_err(|e| TargetError::io(&raw_path, Some(*off), e))?;
+        }
+        raw.sync_data()
+            .map_err(|e| TargetError::io(&raw_path, None, e))?;
+        raw_time += t.elapsed();
+    }
+    drop(raw);
+    std::fs::remove_file(&raw_path).map_err(|e| TargetError::io(&raw_path, None, e))?;
+
+    let root = dir.join("store");
+    let disk = format!("bench-{seed}");
+    let mut s = DiskStore::create(&root, &disk, disk_size, 1, StoreOptions::default())?;
+    if with_point {
+        s.create_point(Consistency::CrashConsistent, 1)?;
+    }
+    let mut store_time = Duration::ZERO;
+    for (i, w) in work.iter().enumerate() {
+        // Building and hashing the chunks is the agent's work, not the target's.
+        let chunks = w
+            .iter()
+            .map(|(off, d)| Chunk::raw(*off, d.clone()))
+            .collect();
+        let b = ApplyBatch {
+            disk: disk.clone(),
+            generation: 1,
+            seq: i as u64 + 1,
+            chunks,
+        };
+        let t = Instant::now();
+        s.apply(&b)?;
+        store_time += t.elapsed();
+    }
+    // The final checkpoint is part of the cost: the data is not in place until then.
+    let t = Instant::now();
+    s.close()?;
+    store_time += t.elapsed();
+    let d = root.join(&disk);
+    std::fs::remove_dir_all(&d).map_err(|e| TargetError::io(&d, None, e))?;
+    Ok(ApplyFigure {
+        bytes,
+        store: store_time,
+        raw: raw_time,
+    })
+}
+
+/// One export measurement: our sparse export of a point vs qemu-img
+/// converting the same bytes (the replica's flat extent, read-only) to VMDK.
+#[derive(Debug, Clone, Copy)]
+pub struct ExportFigure {
+    pub size: u64,
+    pub ours: Duration,
+    pub qemu: Duration,
+}
+
+/// Fills a disk of `size` bytes with half-compressible data, takes a point,
+/// then times `export --format vmdk-sparse` against `qemu-img convert -O vmdk`.
+pub fn export_vs_qemu(dir: &Path, size: u64, rounds: usize) -> Result<Vec<ExportFigure>> {
+    let root = dir.join("store");
+    let disk = "bench-export";
+    let mut s = DiskStore::create(&root, disk, size, 1, StoreOptions::default())?;
+    let step = 8u64 << 20;
+    let mut seq = 0;
+    let mut off = 0;
+    while off < size {
+        let mut chunks = Vec::new();
+        for k in 0..step / 65536 {
+            let mut data = vec![0u8; 65536];
+            fill(&mut data, off / 65536 + k);
+            chunks.push(Chunk::raw(off + k * 65536, data));
+        }
+        seq += 1;
+        s.apply(&ApplyBatch {
+            disk: disk.into(),
+            generation: 1,
+            seq,
+            chunks,
+        })?;
+        off += step;
+    }
+    let p = s.create_point(Consistency::CrashConsistent, 2)?;
+    s.checkpoint()?;
+    let flat = root.join(disk).join("replica-flat.vmdk");
+    let mut figures = Vec::new();
+    for r in 0..rounds {
+        let q_out = dir.join("qemu.vmdk");
+        let t = Instant::now();
+        let st = Command::new("qemu-img")
+            .args(["convert", "-f", "raw", "-O", "vmdk"])
+            .arg(&flat)
+            .arg(&q_out)
+            .status()
+            .map_err(|e| TargetError::io("qemu-img", None, e))?;
+        let qemu = t.elapsed();
+        if !st.success() {
+            return Err(TargetError::Unsupported {
+                what: format!("qemu-img convert ({st})"),
+                hint: "install qemu-utils".into(),
+            });
+        }
+        std::fs::remove_file(&q_out).map_err(|e| TargetError::io(&q_out, None, e))?;
+        let o_out = dir.join("ours.vmdk");
+        let t = Instant::now();
+        export_point(
+            &mut s,
+            p.id,
+            ExportFormat::VmdkSparse,
+            &o_out,
+            None,
+            &mut |_, _| {},
+        )?;
+        let ours = t.elapsed();
+        std::fs::remove_file(&o_out).map_err(|e| TargetError::io(&o_out, None, e))?;
+        tracing::info!(round = r, ?ours, ?qemu, "export round");
+        figures.push(ExportFigure { size, ours, qemu });
+    }
+    drop(s);
+    let d = root.join(disk);
+    std::fs::remove_dir_all(&d).map_err(|e| TargetError::io(&d, None, e))?;
+    Ok(figures)
+}
