@@ -130,6 +130,84 @@ fn check_size(path: &Path, size: u64) -> Result<(), VmdkError> {
     Ok(())
 }
 
+/// One step's writes: slices of `buf` and the file offsets they go to.
+struct Job {
+    buf: Vec<u8>,
+    writes: Vec<(Range<usize>, u64)>,
+}
+
+/// Steps in flight between the reading and the writing thread.
+const DEPTH: usize = 2;
+
+/// The calling thread reads and scans; one helper thread writes. Reading
+/// step k+1 overlaps writing step k, which is what keeps an export at the
+/// speed of the slower of the two (qemu-img overlaps them with coroutines).
+struct Writer {
+    tx: std::sync::mpsc::SyncSender<Job>,
+    bufs: std::sync::mpsc::Receiver<Vec<u8>>,
+    allocated: usize,
+}
+
+impl Writer {
+    /// A buffer of `len` bytes: new while fewer than DEPTH + 1 exist, else
+    /// one the writer has finished with.
+    fn buffer(&mut self, len: usize) -> Option<Vec<u8>> {
+        if self.allocated <= DEPTH {
+            self.allocated += 1;
+            return Some(vec![0u8; len]);
+        }
+        let mut b = self.bufs.recv().ok()?;
+        b.resize(len, 0);
+        Some(b)
+    }
+
+    /// `false` when the writer thread has stopped (its error is reported by `with_writer`).
+    fn submit(&mut self, job: Job) -> bool {
+        self.tx.send(job).is_ok()
+    }
+}
+
+fn writer_stopped(path: &Path) -> VmdkError {
+    VmdkError::Invalid {
+        path: path.to_owned(),
+        what: "export writer thread stopped".into(),
+    }
+}
+
+fn with_writer<R>(
+    file: &File,
+    path: &Path,
+    body: impl FnOnce(&mut Writer) -> Result<R, VmdkError>,
+) -> Result<R, VmdkError> {
+    std::thread::scope(|scope| {
+        let (tx, jobs) = std::sync::mpsc::sync_channel::<Job>(DEPTH);
+        let (buf_tx, bufs) = std::sync::mpsc::sync_channel::<Vec<u8>>(DEPTH + 2);
+        let handle = scope.spawn(move || -> Result<(), VmdkError> {
+            for job in jobs {
+                for (r, at) in &job.writes {
+                    file.write_all_at(&job.buf[r.clone()], *at)
+                        .map_err(VmdkError::io("write", path, *at))?;
+                }
+                // After the last step the reader is gone; the buffer is then freed.
+                drop(buf_tx.send(job.buf));
+            }
+            Ok(())
+        });
+        let mut w = Writer {
+            tx,
+            bufs,
+            allocated: 0,
+        };
+        let result = body(&mut w);
+        // Closing the job channel lets the writer finish what is queued and end.
+        drop(w);
+        let written = handle.join().map_err(|_| writer_stopped(path))?;
+        // A write error explains a stopped producer better than the producer's own error.
+        written?;
+        result
+    })
+}
+
 /// Export `src` as a flat VMDK: descriptor at `out` plus `NAME-flat.vmdk`
 /// (thin on the file system: zero blocks are holes). `kind` is
 /// [`DiskKind::Vmfs`] (what ESXi runs) or [`DiskKind::MonolithicFlat`].
@@ -163,40 +241,44 @@ pub fn export_flat(
         .map_err(VmdkError::io("set length of", &flat_path, size))?;
     let ranges = normalize(ranges, size, SECTOR);
     let total = ranges.iter().map(|r| r.end - r.start).sum();
-    let mut done = 0u64;
-    let mut data_bytes = 0u64;
-    let mut buf = vec![0u8; STEP as usize];
     const BLOCK: usize = 64 << 10;
-    for r in &ranges {
-        let mut pos = r.start;
-        while pos < r.end {
-            let n = (r.end - pos).min(STEP) as usize;
-            let b = &mut buf[..n];
-            src.read_at(b, pos)?;
-            // Write maximal runs of non-zero 64 KiB blocks.
-            let mut i = 0usize;
-            while i < n {
-                let blk = |i: usize| &b[i..(i + BLOCK).min(n)];
-                if is_zero(blk(i)) {
-                    i += BLOCK;
-                    continue;
+    let data_bytes = with_writer(&f, &flat_path, |w| {
+        let mut done = 0u64;
+        let mut data_bytes = 0u64;
+        for r in &ranges {
+            let mut pos = r.start;
+            while pos < r.end {
+                let n = (r.end - pos).min(STEP) as usize;
+                let mut buf = w.buffer(n).ok_or_else(|| writer_stopped(&flat_path))?;
+                src.read_at(&mut buf, pos)?;
+                // Write maximal runs of non-zero 64 KiB blocks; zeros stay holes.
+                let mut writes = Vec::new();
+                let mut i = 0usize;
+                while i < n {
+                    let blk = |i: usize| &buf[i..(i + BLOCK).min(n)];
+                    if is_zero(blk(i)) {
+                        i += BLOCK;
+                        continue;
+                    }
+                    let mut j = i + BLOCK;
+                    while j < n && !is_zero(blk(j)) {
+                        j += BLOCK;
+                    }
+                    let j = j.min(n);
+                    writes.push((i..j, pos + i as u64));
+                    data_bytes += (j - i) as u64;
+                    i = j;
                 }
-                let mut j = i + BLOCK;
-                while j < n && !is_zero(blk(j)) {
-                    j += BLOCK;
+                if !w.submit(Job { buf, writes }) {
+                    return Err(writer_stopped(&flat_path));
                 }
-                let j = j.min(n);
-                let at = pos + i as u64;
-                f.write_all_at(&b[i..j], at)
-                    .map_err(VmdkError::io("write", &flat_path, at))?;
-                data_bytes += (j - i) as u64;
-                i = j;
+                pos += n as u64;
+                done += n as u64;
+                progress(Progress { done, total });
             }
-            pos += n as u64;
-            done += n as u64;
-            progress(Progress { done, total });
         }
-    }
+        Ok(data_bytes)
+    })?;
     f.sync_all()
         .map_err(VmdkError::io("fsync", &flat_path, 0))?;
     let cid = opts.cid.unwrap_or_else(new_cid);
@@ -227,45 +309,6 @@ pub fn export_flat(
     })
 }
 
-/// Grains appended to a new sparse file in large sequential writes.
-struct GrainSink<'a> {
-    file: &'a File,
-    path: &'a Path,
-    grain_sectors: u64,
-    gtes: Vec<u32>,
-    next: u64,
-    run: Vec<u8>,
-    run_start: u64,
-}
-
-impl GrainSink<'_> {
-    fn push(&mut self, grain: u64, data: &[u8]) -> Result<(), VmdkError> {
-        let sector = u32::try_from(self.next).map_err(|_| VmdkError::Invalid {
-            path: self.path.to_owned(),
-            what: "sparse file would pass 2 TiB; export as flat".into(),
-        })?;
-        self.gtes[grain as usize] = sector;
-        self.run.extend_from_slice(data);
-        self.next += self.grain_sectors;
-        if self.run.len() as u64 >= STEP {
-            self.flush()?;
-        }
-        Ok(())
-    }
-
-    fn flush(&mut self) -> Result<(), VmdkError> {
-        if !self.run.is_empty() {
-            let at = self.run_start * SECTOR;
-            self.file
-                .write_all_at(&self.run, at)
-                .map_err(VmdkError::io("write grains of", self.path, at))?;
-            self.run.clear();
-        }
-        self.run_start = self.next;
-        Ok(())
-    }
-}
-
 /// What to do with an all-zero grain of the source.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum ZeroGrains {
@@ -288,46 +331,57 @@ fn write_sparse(
     let h = layout.header;
     let gb = h.grain_bytes();
     let f = create_truncate(out)?;
-    let mut sink = GrainSink {
-        file: &f,
-        path: out,
-        grain_sectors: h.grain_size,
-        gtes: vec![GTE_UNALLOCATED; h.num_grains() as usize],
-        next: h.overhead,
-        run: Vec::with_capacity((STEP + gb) as usize),
-        run_start: h.overhead,
-    };
+    let mut gtes = vec![GTE_UNALLOCATED; h.num_grains() as usize];
     let total: u64 = ranges.iter().map(|r| r.end - r.start).sum();
-    let mut done = 0u64;
-    let mut data_bytes = 0u64;
-    let mut zero_grains = 0u64;
-    let mut buf = vec![0u8; STEP as usize];
-    for r in ranges {
-        let mut pos = r.start;
-        while pos < r.end {
-            let n = (r.end - pos).min(STEP);
-            let b = &mut buf[..n.next_multiple_of(gb) as usize];
-            // The last grain of a disk whose size is not a grain multiple is
-            // padded with zeros, as VMware does.
-            b[n as usize..].fill(0);
-            src.read_at(&mut b[..n as usize], pos)?;
-            for (k, g) in b.chunks_exact(gb as usize).enumerate() {
-                let grain = pos / gb + k as u64;
-                if !is_zero(g) {
-                    sink.push(grain, g)?;
-                    data_bytes += gb;
-                } else if zeros == ZeroGrains::Mark {
-                    sink.gtes[grain as usize] = GTE_ZERO;
-                    zero_grains += 1;
+    let (data_bytes, zero_grains) = with_writer(&f, out, |w| {
+        let mut next = h.overhead;
+        let mut done = 0u64;
+        let mut data_bytes = 0u64;
+        let mut zero_grains = 0u64;
+        for r in ranges {
+            let mut pos = r.start;
+            while pos < r.end {
+                let n = (r.end - pos).min(STEP);
+                let mut buf = w
+                    .buffer(n.next_multiple_of(gb) as usize)
+                    .ok_or_else(|| writer_stopped(out))?;
+                // The last grain of a disk whose size is not a grain multiple
+                // is padded with zeros, as VMware does.
+                buf[n as usize..].fill(0);
+                src.read_at(&mut buf[..n as usize], pos)?;
+                // Non-zero grains are appended in order, so runs of them in
+                // the step are runs in the file: one write per run.
+                let mut writes: Vec<(Range<usize>, u64)> = Vec::new();
+                for (k, g) in buf.chunks_exact(gb as usize).enumerate() {
+                    let grain = (pos / gb) as usize + k;
+                    if !is_zero(g) {
+                        gtes[grain] = u32::try_from(next).map_err(|_| VmdkError::Invalid {
+                            path: out.to_owned(),
+                            what: "sparse file would pass 2 TiB; export as flat".into(),
+                        })?;
+                        let from = k * gb as usize;
+                        let at = next * SECTOR;
+                        match writes.last_mut() {
+                            Some((r, _)) if r.end == from => r.end = from + gb as usize,
+                            _ => writes.push((from..from + gb as usize, at)),
+                        }
+                        next += h.grain_size;
+                        data_bytes += gb;
+                    } else if zeros == ZeroGrains::Mark {
+                        gtes[grain] = GTE_ZERO;
+                        zero_grains += 1;
+                    }
                 }
+                if !w.submit(Job { buf, writes }) {
+                    return Err(writer_stopped(out));
+                }
+                pos += n;
+                done += n;
+                progress(Progress { done, total });
             }
-            pos += n;
-            done += n;
-            progress(Progress { done, total });
         }
-    }
-    sink.flush()?;
-    let gtes = std::mem::take(&mut sink.gtes);
+        Ok((data_bytes, zero_grains))
+    })?;
     // Data first, then (inside write_new_sparse) tables, fsync, header, fsync.
     f.sync_data().map_err(VmdkError::io("fdatasync", out, 0))?;
     write_new_sparse(&f, out, &layout, d, Some(&gtes))?;
