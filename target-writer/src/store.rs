@@ -40,7 +40,7 @@ use crate::extents::ExtentSet;
 use crate::replica::{FlatReplica, Replica};
 use crate::retention::{PointStamp, RetentionPolicy, retain};
 use crate::segment;
-use crate::wal::{self, WalRecord};
+use crate::wal;
 
 const STATE: &str = "state.json";
 const WAL: &str = "journal.wal";
@@ -368,7 +368,17 @@ impl DiskStore {
         let (records, used) = wal::decode_all(&buf, self.state.wal_epoch);
         for rec in &records {
             for c in &rec.redo {
-                self.replica.write_at(&f, &c.data, c.offset)?;
+                let data = c.plain().ok_or_else(|| {
+                    TargetError::corrupt(
+                        &self.wal_path,
+                        None,
+                        format!(
+                            "chunk at disk offset {} of batch {} does not decode",
+                            c.offset, rec.seq
+                        ),
+                    )
+                })?;
+                self.replica.write_at(&f, &data, c.offset)?;
             }
             for c in &rec.undo {
                 self.cover.insert(c.offset, c.offset + c.data.len() as u64);
@@ -523,24 +533,24 @@ impl DiskStore {
         let redo = verify_batch(batch, &disk, self.state.size)?;
         // Reading undo data writes nothing, so a failure here leaves the store usable.
         let (undo, pending) = self.capture_undo(&redo)?;
-        let rec = WalRecord {
-            epoch: self.state.wal_epoch,
-            generation: batch.generation,
-            seq: batch.seq,
-            redo,
-            undo,
-        };
-        self.journal(&rec)?;
+        let bytes = wal::encode_parts(
+            self.state.wal_epoch,
+            batch.generation,
+            batch.seq,
+            &batch.chunks,
+            &undo,
+        );
+        self.journal(&bytes, batch.seq)?;
         self.guarded(|s| {
             let f = s.opts.faults.clone();
-            for c in &rec.redo {
+            for c in &redo {
                 s.replica.write_at(&f, &c.data, c.offset)?;
             }
             for (a, b) in pending.iter() {
                 s.cover.insert(a, b);
             }
-            s.state.generation = rec.generation;
-            s.state.applied_seq = rec.seq;
+            s.state.generation = batch.generation;
+            s.state.applied_seq = batch.seq;
             let cid = s.cid();
             s.replica.set_cid(&f, cid, false)?;
             if s.wal_pos >= s.opts.checkpoint_bytes {
@@ -575,12 +585,11 @@ impl DiskStore {
     /// Appends `rec` to the journal and syncs it. On ENOSPC the journal
     /// position is not advanced, so the next append overwrites the partial
     /// record and nothing else changed.
-    fn journal(&mut self, rec: &WalRecord) -> Result<()> {
-        let bytes = rec.encode();
+    fn journal(&mut self, bytes: &[u8], seq: u64) -> Result<()> {
         let f = self.opts.faults.clone();
         let pos = self.wal_pos;
         let res = f
-            .write_at(&self.wal, &self.wal_path, &bytes, pos)
+            .write_at(&self.wal, &self.wal_path, bytes, pos)
             .and_then(|()| f.sync_data(&self.wal, &self.wal_path));
         match res {
             Ok(()) => {
@@ -588,7 +597,7 @@ impl DiskStore {
                 Ok(())
             }
             Err(e) if e.is_no_space() => {
-                warn!(disk = %self.state.disk, seq = rec.seq, "no space for the journal; batch not applied, retry later");
+                warn!(disk = %self.state.disk, seq, "no space for the journal; batch not applied, retry later");
                 Err(e)
             }
             Err(e) => {
