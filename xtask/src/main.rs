@@ -24,7 +24,11 @@ enum Cmd {
     /// Build the kernel programs and the agent, load and attach them, report, detach.
     BuildAndLoad,
     /// The main job: replicate a loop-backed disk end to end and verify the replica.
-    Demo,
+    Demo {
+        /// Only show the change tracker on a loop device.
+        #[arg(long)]
+        tracker_only: bool,
+    },
     /// Everything CI checks: format, lints, and all tests (root tests included).
     Ci,
     /// Benchmarks, each printing a ratio against a baseline measured in the same run.
@@ -50,7 +54,7 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::BuildAndLoad => build_and_load::run(),
-        Cmd::Demo => demo::run_demo(),
+        Cmd::Demo { tracker_only } => demo::run_demo(tracker_only),
         Cmd::Ci => ci::run_ci(),
         Cmd::Bench { what } => match what {
             Bench::Tracker => bench_tracker::run(),
