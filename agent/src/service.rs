@@ -760,6 +760,9 @@ fn spawn_shipper(
     });
 }
 
+/// How long a partial batch waits for more chunks before it is shipped.
+const LINGER: Duration = Duration::from_millis(3);
+
 /// How often at most a shipper asks for a recovery point.
 const POINT_EVERY: Duration = Duration::from_secs(1);
 
@@ -785,8 +788,19 @@ impl Shipper {
         loop {
             let ev = match events.next().now_or_never() {
                 Some(ev) => ev,
+                None if !self.batch.is_empty() => {
+                    // Nothing ready yet: linger briefly so a streaming reader
+                    // fills batches, then ship what is gathered.
+                    match tokio::time::timeout(LINGER, events.next()).await {
+                        Ok(ev) => ev,
+                        Err(_) => {
+                            self.flush().await?;
+                            continue;
+                        }
+                    }
+                }
                 None => {
-                    // Nothing ready: ship what is gathered before waiting.
+                    // Idle: report reads, maybe ask for a point, then wait.
                     self.flush().await?;
                     if self.since_point && self.last_point.elapsed() >= POINT_EVERY {
                         self.point().await?;

@@ -76,6 +76,25 @@ fn caught_up(site: &mut Site) -> serde_json::Value {
 
 fn identical(site: &Site, disk: &ProtectedDisk) {
     if let Err(e) = site.compare(disk) {
+        if std::env::var_os("BLOCKFERRY_E2E_KEEP").is_some() {
+            let keep = std::env::temp_dir().join("blockferry-e2e-failed");
+            let _ = std::fs::remove_dir_all(&keep);
+            run(
+                "cp",
+                &[
+                    "-a",
+                    site.dir.to_str().unwrap_or("."),
+                    keep.to_str().unwrap_or("."),
+                ],
+            );
+            run(
+                "cp",
+                &[
+                    disk.device.to_str().unwrap_or("."),
+                    keep.join("device.img").to_str().unwrap_or("."),
+                ],
+            );
+        }
         panic!("{e:#}\n{}", logs(site));
     }
 }

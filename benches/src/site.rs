@@ -364,13 +364,16 @@ rpo_alert_seconds = 30
     /// RPO of zero, as the agent reports it; fails after `timeout`.
     pub fn wait_caught_up(&mut self, timeout: Duration) -> Result<serde_json::Value> {
         let deadline = Instant::now() + timeout;
+        // Only a snapshot taken after the wait began (with margin for the
+        // tracker's ring buffer to be drained) describes the writes before it.
+        let since = unix_ms() + 500;
         let mut last = serde_json::Value::Null;
         loop {
             if let Some(status) = self.agent_exited() {
                 bail!("the agent exited with {status}; last status: {last}");
             }
             if let Ok(st) = self.agent_status() {
-                let fresh = st["updated_ms"].as_u64().unwrap_or(0) + 3000 >= unix_ms();
+                let fresh = st["updated_ms"].as_u64().unwrap_or(0) >= since;
                 let disks = st["disks"].as_array().cloned().unwrap_or_default();
                 let done = fresh
                     && !disks.is_empty()
