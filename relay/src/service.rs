@@ -207,7 +207,7 @@ pub async fn start(cfg: Config, cancel: CancellationToken) -> Result<RelayHandle
     // Replay: every disk with spooled frames (or a known position) forwards
     // again from where the target left off.
     for disk in disks {
-        shared.forwarder(disk);
+        shared.forwarder(disk, None);
     }
     tracing::info!(quic = %listen_addr, target = %shared.cfg.target.address, "relay listening");
     let sink = Arc::new(RelaySink {
@@ -234,7 +234,8 @@ impl Shared {
     }
 
     /// The forwarder of `disk`, started on first use.
-    fn forwarder(self: &Arc<Self>, disk: DiskId) -> Arc<Forwarder> {
+    /// `generation` is used for a disk the spool knows nothing about yet.
+    fn forwarder(self: &Arc<Self>, disk: DiskId, generation: Option<Generation>) -> Arc<Forwarder> {
         let mut map = self.forwarders.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(f) = map.get(&disk) {
             return f.clone();
@@ -244,7 +245,7 @@ impl Shared {
             let pos = s.durable_position(disk);
             (
                 s.disk_size(disk).unwrap_or(0),
-                pos.map_or(Generation(0), |p| p.0),
+                pos.map(|p| p.0).or(generation).unwrap_or(Generation(0)),
             )
         };
         let sender = DiskSender::forwarding(
@@ -464,7 +465,7 @@ impl FrameSink for RelaySink {
         })
         .await
         .map_err(|e| SinkError::new(ErrorCode::Unavailable, e.to_string()))?;
-        self.shared.forwarder(disk);
+        self.shared.forwarder(disk, Some(hello.generation));
         let (generation, durable_seq) = pos.unwrap_or((Generation(0), Seq::ZERO));
         tracing::info!(agent = %peer.name, %disk, %durable_seq, "disk stream opened");
         Ok(DiskState {
@@ -529,7 +530,7 @@ impl FrameSink for RelaySink {
         if let Some(seq) = last {
             shared.metrics.set_spooled(disk, seq.0);
         }
-        shared.forwarder(disk).wake.notify_one();
+        shared.forwarder(disk, None).wake.notify_one();
         Ok(())
     }
 
@@ -541,7 +542,7 @@ impl FrameSink for RelaySink {
         // The replica is at the target: let everything spooled reach it first,
         // so the digests describe the data the agent already sent.
         let disk = req.disk;
-        let fwd = self.shared.forwarder(disk);
+        let fwd = self.shared.forwarder(disk, Some(req.generation));
         let spooled = self
             .shared
             .spool_lock()
