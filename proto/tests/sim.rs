@@ -104,6 +104,10 @@ struct Agent {
     dirty: BTreeSet<usize>,
     sender: Option<DiskSender>,
     writes_left: usize,
+    /// Pushes refused because the window was full (backpressure seen).
+    refused: u64,
+    /// Frames pushed (batches and barriers).
+    pushed: u64,
 }
 
 impl Agent {
@@ -151,7 +155,9 @@ impl Agent {
             return;
         }
         if rng.gen_bool(0.1) {
-            let _ = sender.push_barrier(Consistency::CrashConsistent, 1);
+            if sender.push_barrier(Consistency::CrashConsistent, 1).is_ok() {
+                self.pushed += 1;
+            }
         }
         let take: Vec<usize> = self
             .dirty
@@ -172,12 +178,16 @@ impl Agent {
             .collect();
         match sender.push_batch(chunks) {
             Ok(_) => {
+                self.pushed += 1;
                 for b in take {
                     self.dirty.remove(&b);
                 }
             }
             // Backpressure: the blocks stay dirty and are read again later.
-            Err(r) => assert_eq!(r.error, PushError::WindowFull),
+            Err(r) => {
+                assert_eq!(r.error, PushError::WindowFull);
+                self.refused += 1;
+            }
         }
         assert!(sender.unacked_frames() <= WINDOW_FRAMES);
     }
@@ -351,6 +361,10 @@ struct World {
     /// Per-step chance that relay and target fsync; slow fsyncs keep frames
     /// received-but-not-durable around when crashes and reconnects happen.
     fsync_p: f64,
+    /// The target is unreachable while set.
+    target_unreachable: bool,
+    /// Largest spool seen, in frames.
+    max_spool: usize,
 }
 
 impl World {
@@ -366,6 +380,8 @@ impl World {
                 dirty: BTreeSet::new(),
                 sender: None,
                 writes_left: writes,
+                refused: 0,
+                pushed: 0,
             },
             relay: Relay {
                 durable: RelayDurable::default(),
@@ -385,6 +401,8 @@ impl World {
             r2t: Conn::default(),
             crashes: [0; 3],
             fsync_p: 0.3,
+            target_unreachable: false,
+            max_spool: 0,
         };
         w.fsync_p = w.rng.gen_range(0.02..0.5);
         w.agent.start();
@@ -458,7 +476,7 @@ impl World {
                 .expect("agent runs")
                 .handle_connected();
         }
-        if !self.r2t.connected && self.rng.gen_bool(0.2) {
+        if !self.r2t.connected && !self.target_unreachable && self.rng.gen_bool(0.2) {
             self.r2t.connected = true;
             self.relay
                 .live
@@ -522,6 +540,7 @@ impl World {
         if self.rng.gen_bool(self.fsync_p) {
             self.relay.fsync();
         }
+        self.max_spool = self.max_spool.max(self.relay.durable.spool.len());
         let (disk, _) = self.relay.live.as_mut().expect("relay runs");
         while let Some(fr) = self.r2t.up.recv(step) {
             disk.handle_downstream(fr, now)
@@ -575,6 +594,10 @@ fn run(seed: u64, faults: Faults) -> World {
     for _ in 0..2_000 {
         w.run_step(true);
     }
+    converge(w, seed)
+}
+
+fn converge(mut w: World, seed: u64) -> World {
     let mut calm = 0;
     while !w.quiescent() {
         w.run_step(false);
@@ -645,7 +668,7 @@ fn replica_equals_source_under_loss_reordering_duplication_and_crashes() {
 }
 
 #[test]
-fn replica_equals_source_on_a_clean_network_without_resends() {
+fn clean_network_applies_every_pushed_frame_exactly_once() {
     let clean = Faults {
         loss: 0.0,
         dup: 0.0,
@@ -654,10 +677,8 @@ fn replica_equals_source_on_a_clean_network_without_resends() {
         crash: 0.0,
     };
     let w = run(7, clean);
-    // Nothing lost, nothing crashed: every batch built was applied once, and
-    // only the initial full sync plus the writes crossed the wire.
     assert_eq!(w.crashes, [0; 3]);
-    assert!(w.target.durable.applied > 0);
+    assert_eq!(w.target.durable.applied, w.agent.pushed);
 }
 
 #[test]
@@ -672,4 +693,39 @@ fn reordering_and_duplication_alone_converge() {
     for seed in 100..110 {
         run(seed, f);
     }
+}
+
+#[test]
+fn full_spool_blocks_the_agent_without_loss_and_it_resumes() {
+    let clean = Faults {
+        loss: 0.0,
+        dup: 0.0,
+        max_delay: 1,
+        disconnect: 0.0,
+        crash: 0.0,
+    };
+    let mut w = World::new(3, clean, 300);
+    w.target_unreachable = true;
+    while w.agent.writes_left > 0 {
+        w.run_step(true);
+    }
+    for _ in 0..500 {
+        w.run_step(true);
+    }
+    // Nothing drains the spool: it fills to its limit, the relay stops
+    // acking, the agent's window fills and its pushes are refused.
+    assert_eq!(
+        w.max_spool, SPOOL_FRAMES,
+        "spool filled to its limit and no further"
+    );
+    let refused = w.agent.refused;
+    assert!(refused > 0, "the agent saw backpressure");
+    assert_eq!(
+        w.agent.sender.as_ref().map(DiskSender::unacked_frames),
+        Some(WINDOW_FRAMES)
+    );
+    assert!(!w.agent.dirty.is_empty(), "unsent changes stay tracked");
+    w.target_unreachable = false;
+    let w = converge(w, 3);
+    assert!(w.target.durable.applied > SPOOL_FRAMES as u64);
 }
