@@ -154,10 +154,8 @@ impl Agent {
         if self.dirty.is_empty() {
             return;
         }
-        if rng.gen_bool(0.1) {
-            if sender.push_barrier(Consistency::CrashConsistent, 1).is_ok() {
-                self.pushed += 1;
-            }
+        if rng.gen_bool(0.1) && sender.push_barrier(Consistency::CrashConsistent, 1).is_ok() {
+            self.pushed += 1;
         }
         let take: Vec<usize> = self
             .dirty
