@@ -87,6 +87,18 @@ impl Tracking {
         Ok(Tracking(Some(child)))
     }
 
+    /// CPU seconds (user + system) the agent has used so far.
+    fn cpu_seconds(&self) -> Option<f64> {
+        let pid = self.0.as_ref()?.id();
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // Fields after the command name, which is in parentheses and may hold spaces.
+        let rest = stat.rsplit_once(')')?.1;
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        // utime and stime are fields 14 and 15 of stat(5), in USER_HZ (100 on Linux).
+        let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+        Some(ticks / 100.0)
+    }
+
     fn stop(mut self) -> Result<String> {
         let child = self.0.take().context("agent already stopped")?;
         util::run(Command::new("kill").args(["-INT", &child.id().to_string()]))?;
