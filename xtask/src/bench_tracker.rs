@@ -199,9 +199,10 @@ pub fn run() -> Result<()> {
         a.push(r);
         let t = Tracking::start(&agent, &disk.dev)?;
         let r = fio(&disk.dev, "randwrite", Some(RUNTIME_S))?;
+        let cpu = t.cpu_seconds().unwrap_or(f64::NAN);
         let summary = t.stop()?;
         println!(
-            "round {round} tracked:   iops={:.0} p99={:.1}us ({summary})",
+            "round {round} tracked:   iops={:.0} p99={:.1}us agent_cpu={cpu:.2}s ({summary})",
             r.iops, r.p99_us
         );
         b.push(r);
