@@ -26,8 +26,13 @@ pub const MAX_CHUNK_LEN: u32 = 1 << 20;
 /// Largest zstd payload of one chunk: a chunk that does not shrink is sent raw,
 /// so this only leaves room for zstd's framing overhead.
 pub const MAX_COMPRESSED_CHUNK_LEN: u32 = MAX_CHUNK_LEN + 4096;
-/// Largest payload of one frame: 16 MiB of chunk data plus room for the chunk headers.
-pub const MAX_PAYLOAD_LEN: usize = (16 << 20) + (64 << 10);
+/// Chunk payload bytes a batch may carry: a batch of at most
+/// [`MAX_CHUNKS_PER_BATCH`] chunks whose payloads sum to at most this always
+/// fits in a frame.
+pub const MAX_BATCH_DATA: usize = 16 << 20;
+/// Largest payload of one frame: [`MAX_BATCH_DATA`] plus room for the headers
+/// of [`MAX_CHUNKS_PER_BATCH`] chunks.
+pub const MAX_PAYLOAD_LEN: usize = MAX_BATCH_DATA + (256 << 10);
 /// Largest frame, header included.
 pub const MAX_FRAME_LEN: usize = HEADER_LEN + MAX_PAYLOAD_LEN;
 /// Most chunks in one batch (all-zero chunks carry no payload, so the frame
@@ -41,7 +46,13 @@ pub const MAX_AGENT_NAME_LEN: usize = 255;
 pub const MAX_ERROR_MESSAGE_LEN: usize = 4096;
 
 /// Size of the fixed part of a chunk on the wire (without its payload).
-const CHUNK_HEADER_LEN: usize = 8 + 4 + 32 + 1 + 4;
+pub const CHUNK_HEADER_LEN: usize = 8 + 4 + 32 + 1 + 4;
+/// Size of a batch's fields before its chunks.
+const BATCH_HEADER_LEN: usize = 16 + 8 + 8 + 4;
+
+const _: () = assert!(
+    BATCH_HEADER_LEN + MAX_CHUNKS_PER_BATCH * CHUNK_HEADER_LEN + MAX_BATCH_DATA <= MAX_PAYLOAD_LEN
+);
 
 /// Frame type byte.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -479,9 +490,7 @@ impl Frame {
             Frame::Hello(f) => 2 + f.agent.len() + 16 + 8 + 8 + 8 + 8,
             Frame::HelloReply(_) => 16 + 8 + 8,
             Frame::Batch(f) => {
-                16 + 8
-                    + 8
-                    + 4
+                BATCH_HEADER_LEN
                     + f.chunks
                         .iter()
                         .map(|c| CHUNK_HEADER_LEN + c.payload.len())

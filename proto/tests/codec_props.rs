@@ -261,6 +261,25 @@ fn limits_are_enforced_on_encode() {
         seq: Seq(1),
         chunks: vec![chunk; 17],
     });
+    let fits = Frame::Batch(ExtentBatch {
+        disk: DiskId::default(),
+        generation: Generation(1),
+        seq: Seq(1),
+        chunks: (0..frame::MAX_CHUNKS_PER_BATCH as u64)
+            .map(|i| Chunk {
+                offset: i * 4096,
+                len: 4096,
+                hash: [0; 32],
+                encoding: Encoding::Raw,
+                payload: Bytes::from(vec![1u8; 4096]),
+            })
+            .collect(),
+    });
+    assert_eq!(frame::MAX_CHUNKS_PER_BATCH * 4096, frame::MAX_BATCH_DATA);
+    assert!(
+        fits.to_bytes().is_ok(),
+        "a full batch within the documented limits fits"
+    );
     assert!(big.encoded_len() > MAX_PAYLOAD_LEN);
     assert!(matches!(
         big.to_bytes(),
