@@ -231,6 +231,8 @@ impl DiskReceiver {
     /// for the shell to persist and then report with [`Self::handle_durable`].
     /// `Ok(None)`: a duplicate or a control frame, nothing to do. `Err`: see
     /// [`ReceiveError::is_fatal`]; a nack has been queued for the others.
+    /// Hash-range frames belong to the checksum resync that runs beside the
+    /// stream: the shell routes them elsewhere, here they are unexpected.
     pub fn handle_frame(&mut self, frame: Frame) -> Result<Option<Frame>, ReceiveError> {
         if let Some(d) = frame.disk()
             && d != self.disk

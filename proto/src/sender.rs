@@ -376,7 +376,8 @@ impl DiskSender {
         self.rto_base = None;
     }
 
-    /// A frame from the peer.
+    /// A frame from the peer: hello reply, ack, nack or error. Hash-range
+    /// frames belong to the checksum resync; the shell routes them elsewhere.
     pub fn handle_frame(&mut self, frame: Frame, now: Instant) -> Result<(), SenderError> {
         if let Some(d) = frame.disk()
             && d != self.disk
