@@ -17,7 +17,10 @@ fuzz_target!(|data: &[u8]| {
     };
     let again = frame.to_bytes().expect("a decoded frame encodes");
     assert_eq!(&again[..], &data[..used]);
-    assert_eq!(Frame::decode_exact(Bytes::copy_from_slice(&data[..used])), Ok(frame.clone()));
+    assert_eq!(
+        Frame::decode_exact(Bytes::copy_from_slice(&data[..used])),
+        Ok(frame.clone())
+    );
     if let Frame::Batch(b) = &frame {
         for c in &b.chunks {
             let _ = verify_chunk(c);
