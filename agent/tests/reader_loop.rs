@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use blockferry_agent::reader::{self, ReaderConfig, ReaderError};
-use reader_support::{check_range, mixed_data, read_ranges};
+use reader_support::{check_fine_range, check_range, mixed_data, read_ranges, read_ranges_fine};
 
 fn is_root_or_skip(test: &str) -> bool {
     let root = std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0);
@@ -82,6 +82,16 @@ fn loop_device_chunks_decode_to_the_backing_bytes() {
             let results = read_ranges(&lo.dev, &config, &ranges);
             for (r, res) in ranges.iter().zip(&results) {
                 check_range(&data, 65536, *r, res);
+            }
+            // Tracked writes read at 4 KiB, with O_DIRECT, up to the short tail.
+            let fine = [
+                (4096 * 7 + 5, 100),
+                (65536 - 4096, 12288),
+                (size - 700, 700),
+            ];
+            let results = read_ranges_fine(&lo.dev, &config, &fine);
+            for (r, res) in fine.iter().zip(&results) {
+                check_fine_range(&data, 65536, *r, res);
             }
         }
         let (handle, _events) = reader::spawn(&lo.dev, &ReaderConfig::default()).unwrap();

@@ -14,8 +14,12 @@
 //!   zero marker, zstd (when it saves at least 1/16), or the raw bytes. In
 //!   hash-only mode (checksum resync) non-zero chunks are `Raw` with an empty
 //!   payload.
-//! * Ranges are widened to the chunk grid (`chunk_size`, 64 KiB by default);
-//!   the last chunk of the device may be short.
+//! * [`ReadHandle::submit`] widens a range to the chunk grid (`chunk_size`,
+//!   64 KiB by default), for initial sync and resync, whose chunks are the
+//!   hash tree's leaves; the last chunk of the device may be short.
+//!   [`ReadHandle::submit_fine`], for tracked writes, widens only to 4 KiB
+//!   and cuts the range at grid boundaries: a 4 KiB write costs a 4 KiB
+//!   read, hash and send, and no chunk spans two leaves of the grid.
 //! * **Order**: chunks come out in the order the ranges were submitted, and by
 //!   ascending offset within a range; after the last chunk of a range comes
 //!   [`ReaderEvent::RangeDone`]. A range is complete for the caller (the

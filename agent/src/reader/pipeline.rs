@@ -4,6 +4,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::fs::File;
 use std::io;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, SendError, Sender, TryRecvError};
@@ -22,7 +23,12 @@ const MAX_ATTEMPTS: u32 = 64;
 /// Messages to the io_uring thread. Buffers come back on the same channel as
 /// new ranges, so that the thread has a single thing to block on when idle.
 enum Control {
-    Range { id: RangeId, start: u64, end: u64 },
+    Range {
+        id: RangeId,
+        start: u64,
+        end: u64,
+        fine: bool,
+    },
     Free(Lease),
     Close,
 }
@@ -97,7 +103,39 @@ impl std::fmt::Debug for ControlBox {
 impl ReadHandle {
     /// Queues the byte range `[offset, offset + len)`, widened to the chunk
     /// grid. Refused when it ends past the device end.
+    ///
+    /// For whole-chunk work: initial sync and checksum resync, whose chunks
+    /// must line up with the hash tree's leaves.
     pub fn submit(&self, offset: u64, len: u64) -> Result<RangeId, ReaderError> {
+        self.submit_as(offset, len, false)
+    }
+
+    /// Queues the byte range `[offset, offset + len)` widened only to 4 KiB
+    /// (see [`fine_span`](Self::fine_span)), for tracked writes: a 4 KiB write
+    /// then costs a 4 KiB read, hash and send instead of a whole chunk's.
+    ///
+    /// The range is cut at the chunk grid, so its chunks are at most
+    /// `chunk_size` long and one grid chunk is covered by at most one chunk
+    /// of the range; each chunk's hash covers its own offset and length.
+    /// Refused when it ends past the device end.
+    pub fn submit_fine(&self, offset: u64, len: u64) -> Result<RangeId, ReaderError> {
+        self.submit_as(offset, len, true)
+    }
+
+    /// What [`submit_fine`](Self::submit_fine) reads for `range`: the range
+    /// widened to 4 KiB (the O_DIRECT alignment of every logical block size
+    /// up to 4 KiB), clipped to the device end.
+    pub fn fine_span(&self, range: Range<u64>) -> Range<u64> {
+        widen(range, ALIGN as u64, self.size())
+    }
+
+    /// What [`submit`](Self::submit) reads for `range`: the range widened to
+    /// the chunk grid, clipped to the device end.
+    pub fn chunk_span(&self, range: Range<u64>) -> Range<u64> {
+        widen(range, self.chunk_size, self.size())
+    }
+
+    fn submit_as(&self, offset: u64, len: u64, fine: bool) -> Result<RangeId, ReaderError> {
         let size = self.size();
         let end = offset
             .checked_add(len)
@@ -111,18 +149,16 @@ impl ReadHandle {
         if self.closed.load(Ordering::Acquire) {
             return Err(self.stopped());
         }
-        let cs = self.chunk_size;
-        let (start, end) = if len == 0 {
-            (offset, offset)
-        } else {
-            (
-                offset / cs * cs,
-                end.div_ceil(cs).saturating_mul(cs).min(size),
-            )
-        };
+        let grain = if fine { ALIGN as u64 } else { self.chunk_size };
+        let Range { start, end } = widen(offset..end, grain, size);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         self.ctl
-            .send(ControlBox(Control::Range { id, start, end }))
+            .send(ControlBox(Control::Range {
+                id,
+                start,
+                end,
+                fine,
+            }))
             .map_err(|_| self.stopped())?;
         Ok(id)
     }
@@ -184,6 +220,17 @@ impl ReadHandle {
             device: self.device.clone(),
         }
     }
+}
+
+/// `range` widened outwards to multiples of `grain`, the end clipped to
+/// `size`; an empty range stays empty.
+fn widen(range: Range<u64>, grain: u64, size: u64) -> Range<u64> {
+    if range.is_empty() {
+        return range;
+    }
+    let start = range.start / grain * grain;
+    let end = range.end.div_ceil(grain).saturating_mul(grain).min(size);
+    start..end.max(start)
 }
 
 impl Drop for ReadHandle {
@@ -390,6 +437,8 @@ struct PendingRange {
     id: RangeId,
     next: u64,
     end: u64,
+    /// Chunks end at the range end rather than at the next grid boundary.
+    fine: bool,
 }
 
 struct UringLoop {
@@ -485,12 +534,18 @@ impl UringLoop {
 
     fn control(&mut self, c: Control) {
         match c {
-            Control::Range { id, start, end } => {
+            Control::Range {
+                id,
+                start,
+                end,
+                fine,
+            } => {
                 if !self.closed {
                     self.pending.push_back(PendingRange {
                         id,
                         next: start,
                         end,
+                        fine,
                     });
                 }
             }
@@ -514,14 +569,23 @@ impl UringLoop {
                 }
                 let Some(lease) = self.free.pop() else { break };
                 let offset = front.next;
-                let grid_end = offset.saturating_add(self.chunk_size);
+                // Every chunk ends at the next grid boundary (whole-chunk
+                // ranges start on the grid), so no chunk straddles two leaves.
+                let grid_end = (offset / self.chunk_size)
+                    .saturating_add(1)
+                    .saturating_mul(self.chunk_size);
+                let piece_end = if front.fine {
+                    grid_end.min(front.end)
+                } else {
+                    grid_end
+                };
                 let size = self.size.load(Ordering::Acquire);
                 // The size may have changed since the range was submitted:
                 // a grown device gives the old short last chunk in full.
-                let chunk_end = grid_end.min(size);
-                let last = grid_end >= front.end;
+                let chunk_end = piece_end.min(size);
+                let last = piece_end >= front.end;
                 let range = front.id;
-                front.next = grid_end;
+                front.next = piece_end;
                 if last {
                     self.pending.pop_front();
                 }

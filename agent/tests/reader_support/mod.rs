@@ -56,10 +56,34 @@ pub struct RangeResult {
 /// promised by the reader: ranges in submission order, each followed by its
 /// `RangeDone`, chunks by ascending offset.
 pub fn read_ranges(path: &Path, config: &ReaderConfig, ranges: &[(u64, u64)]) -> Vec<RangeResult> {
+    read_ranges_as(path, config, ranges, false)
+}
+
+/// [`read_ranges`] with `submit_fine` (4 KiB widening) instead of `submit`.
+pub fn read_ranges_fine(
+    path: &Path,
+    config: &ReaderConfig,
+    ranges: &[(u64, u64)],
+) -> Vec<RangeResult> {
+    read_ranges_as(path, config, ranges, true)
+}
+
+fn read_ranges_as(
+    path: &Path,
+    config: &ReaderConfig,
+    ranges: &[(u64, u64)],
+    fine: bool,
+) -> Vec<RangeResult> {
     let (handle, mut events) = reader::spawn(path, config).expect("start reader");
     let ids: Vec<_> = ranges
         .iter()
-        .map(|&(o, l)| handle.submit(o, l).expect("submit"))
+        .map(|&(o, l)| {
+            if fine {
+                handle.submit_fine(o, l).expect("submit_fine")
+            } else {
+                handle.submit(o, l).expect("submit")
+            }
+        })
         .collect();
     handle.close();
     let mut results: Vec<RangeResult> = ranges.iter().map(|_| RangeResult::default()).collect();
@@ -143,6 +167,52 @@ pub fn check_range(src: &[u8], chunk_size: u64, (offset, len): (u64, u64), r: &R
         if c.encoding == Encoding::Zstd {
             assert!(c.payload.len() < source.len());
         }
+        at += want_len;
+    }
+    assert_eq!(at, end, "chunks end at {at}, range ends at {end}");
+}
+
+/// Checks that the chunks of a fine range `(offset, len)` cover exactly its
+/// 4 KiB widening, are cut at every chunk-grid boundary and nowhere else, and
+/// that each decodes to the source bytes with the right hash.
+pub fn check_fine_range(src: &[u8], chunk_size: u64, (offset, len): (u64, u64), r: &RangeResult) {
+    const GRAIN: u64 = 4096;
+    assert_eq!(r.ok, Some(true));
+    assert!(r.failed.is_empty());
+    let size = src.len() as u64;
+    let (start, end) = if len == 0 {
+        (offset, offset)
+    } else {
+        (
+            offset / GRAIN * GRAIN,
+            ((offset + len).div_ceil(GRAIN) * GRAIN).min(size),
+        )
+    };
+    let mut at = start;
+    for c in &r.chunks {
+        assert_eq!(c.offset, at, "gap or overlap in chunks");
+        let next_grid = (at / chunk_size + 1) * chunk_size;
+        let want_len = next_grid.min(end) - at;
+        assert_eq!(
+            u64::from(c.len),
+            want_len,
+            "chunk at {at} must end at the grid boundary or the range end"
+        );
+        let source = &src[at as usize..(at + want_len) as usize];
+        assert_eq!(
+            c.hash,
+            *blake3::hash(source).as_bytes(),
+            "hash of chunk at {at}"
+        );
+        assert!(
+            plain(c) == source,
+            "payload of chunk at {at} differs from the source"
+        );
+        assert_eq!(
+            c.encoding == Encoding::Zero,
+            source.iter().all(|&b| b == 0),
+            "zero marker at {at}"
+        );
         at += want_len;
     }
     assert_eq!(at, end, "chunks end at {at}, range ends at {end}");
