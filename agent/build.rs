@@ -21,7 +21,7 @@ fn main() {
 fn find_tool(name: &str, env_var: &str) -> Option<PathBuf> {
     println!("cargo::rerun-if-env-changed={env_var}");
     if let Some(p) = env::var_os(env_var) {
-        return Some(PathBuf::from(p));
+        return Some(PathBuf::from(p)).filter(|p| p.is_file());
     }
     let path = env::var_os("PATH").unwrap_or_default();
     // bpftool lives in /usr/sbin, which is not on every user's PATH.
@@ -37,6 +37,8 @@ fn build() -> Result<(), String> {
     let out = PathBuf::from(env::var("OUT_DIR").map_err(|e| e.to_string())?);
     let source = ebpf.join("tracker.bpf.c");
     let header = ebpf.join("tracker.h");
+    // The directory too: a new header included by the programs must rebuild them.
+    println!("cargo::rerun-if-changed={}", ebpf.display());
     println!("cargo::rerun-if-changed={}", source.display());
     println!("cargo::rerun-if-changed={}", header.display());
     println!("cargo::rerun-if-env-changed=BLOCKFERRY_BTF");
