@@ -353,6 +353,19 @@ rpo_alert_seconds = 30
             .and_then(|c| c.try_wait().ok().flatten())
     }
 
+    /// Process ids of the running parties, by name (`agent`, `relay`,
+    /// `target`): benchmarks read their CPU time from `/proc/<pid>/stat`.
+    pub fn pids(&self) -> Vec<(&'static str, u32)> {
+        [
+            ("agent", &self.agent),
+            ("relay", &self.relay),
+            ("target", &self.target),
+        ]
+        .into_iter()
+        .filter_map(|(name, c)| c.as_ref().map(|c| (name, c.id())))
+        .collect()
+    }
+
     /// The agent's status snapshot (its status file).
     pub fn agent_status(&self) -> Result<serde_json::Value> {
         let p = self.agent_state_dir().join("status.json");

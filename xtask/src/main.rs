@@ -1,5 +1,6 @@
 //! Developer tasks: `cargo xtask build-and-load | demo | ci | bench <what>`.
 
+mod bench_e2e;
 mod bench_target;
 mod bench_tracker;
 mod bench_transport;
@@ -60,7 +61,7 @@ fn main() -> Result<()> {
             Bench::Tracker => bench_tracker::run(),
             Bench::Transport => bench_transport::run(),
             Bench::Target => bench_target::run(),
-            Bench::E2e => anyhow::bail!("the e2e benchmark is not built yet"),
+            Bench::E2e => bench_e2e::run(),
         },
     }
 }
