@@ -279,3 +279,40 @@ fn tracker_turns_ring_buffer_overflow_into_resync() {
         "the whole device must be marked dirty"
     );
 }
+
+/// A resized device (loop capacity change) cannot be trusted to its old dirty
+/// map: the tracker signals a resync of the whole new size.
+#[test]
+fn tracker_turns_a_resize_into_resync() {
+    if !require_root("tracker_turns_a_resize_into_resync") {
+        return;
+    }
+    let disk = LoopDev::new(8 * MIB, true);
+    let mut t = Tracker::load().expect("load tracker");
+    let id = t.protect(&disk.path).expect("protect");
+    assert!(
+        t.check_geometry().expect("check").is_empty(),
+        "no change yet"
+    );
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(disk.backing())
+        .and_then(|f| f.set_len(12 * MIB))
+        .expect("grow backing file");
+    run("losetup", &["-c", disk.path_str()]);
+    let notices = t.check_geometry().expect("check");
+    assert!(
+        matches!(notices.as_slice(), [Notice::Resync { .. }]),
+        "{notices:?}"
+    );
+    assert_eq!(t.device(id).expect("device").size_bytes(), 12 * MIB);
+    assert_eq!(
+        t.dirty(id).expect("dirty").iter().collect::<Vec<_>>(),
+        vec![0..12 * MIB]
+    );
+    t.take_dirty(id, u64::MAX);
+    // The kernel filter follows the new size: a write past the old end is seen.
+    dd_write(disk.path_str(), 4096, 10 * MIB / 4096, 1, &[]);
+    let (got, _) = collect(&t.poll_now().expect("poll"));
+    assert_eq!(got, only(Op::Write, 10 * MIB..10 * MIB + 4096));
+}

@@ -183,6 +183,42 @@ impl TrackerCore {
         }
     }
 
+    /// Feeds the device's current geometry. A resize (or a partition moved)
+    /// invalidates what was tracked for the old geometry: the device is marked
+    /// wholly dirty at its new size and a resync is signalled. Returns whether
+    /// it changed (the caller then updates the kernel filter).
+    pub fn handle_geometry(
+        &mut self,
+        id: DeviceId,
+        now: &DeviceInfo,
+        out: &mut Vec<Notice>,
+    ) -> bool {
+        let Some(st) = self.devices.get_mut(&id) else {
+            return false;
+        };
+        if (st.info.disk, st.info.start_sector, st.info.sectors)
+            == (now.disk, now.start_sector, now.sectors)
+        {
+            return false;
+        }
+        tracing::error!(
+            device = %st.info.path.display(),
+            old_sectors = st.info.sectors,
+            new_sectors = now.sectors,
+            "device geometry changed: the whole device is marked for resync"
+        );
+        st.info.disk = now.disk;
+        st.info.start_sector = now.start_sector;
+        st.info.sectors = now.sectors;
+        st.needs_resync = true;
+        st.dirty.insert(0..st.info.size_bytes());
+        out.push(Notice::Resync {
+            device: id,
+            dropped: st.drops_seen,
+        });
+        true
+    }
+
     /// The dirty set of a device (everything written and not yet taken).
     pub fn dirty(&self, id: DeviceId) -> Option<&ExtentSet> {
         self.devices.get(&id).map(|s| &s.dirty)
@@ -389,6 +425,28 @@ mod tests {
             c.dirty(id).unwrap().iter().collect::<Vec<_>>(),
             vec![0..2048 * 512]
         );
+    }
+
+    #[test]
+    fn a_resize_marks_the_new_size_dirty_once() {
+        let mut c = TrackerCore::new();
+        let id = c.add(disk(2048));
+        let mut out = Vec::new();
+        assert!(!c.handle_geometry(id, &disk(2048), &mut out));
+        assert!(c.handle_geometry(id, &disk(4096), &mut out));
+        assert!(!c.handle_geometry(id, &disk(4096), &mut out));
+        assert_eq!(
+            out,
+            vec![Notice::Resync {
+                device: id,
+                dropped: 0
+            }]
+        );
+        assert_eq!(
+            c.dirty(id).unwrap().iter().collect::<Vec<_>>(),
+            vec![0..4096 * 512]
+        );
+        assert_eq!(c.filter_for(KernelDev::new(7, 3)), vec![0..4096]);
     }
 
     #[test]

@@ -71,6 +71,11 @@ pub trait EventSource {
     fn readable(&mut self) -> impl Future<Output = Result<(), TrackerError>> + Send;
     /// Moves every available event into `out`, without waiting.
     fn drain(&mut self, out: &mut Vec<RawEvent>) -> Result<(), TrackerError>;
+    /// The device's current geometry, to notice a resize (`None`: unknown).
+    fn geometry(&self, info: &DeviceInfo) -> Option<DeviceInfo> {
+        let _ = info;
+        None
+    }
 }
 
 /// An in-memory event source for tests of code built on the tracker.
@@ -80,6 +85,8 @@ pub struct MemorySource {
     pub queue: VecDeque<RawEvent>,
     /// Drop counters per disk.
     pub drops: std::collections::HashMap<KernelDev, u64>,
+    /// Current geometry per device (`DeviceInfo::dev`), for resize tests.
+    pub geometry: std::collections::HashMap<KernelDev, DeviceInfo>,
     /// The filters last set, per disk.
     pub filters: std::collections::HashMap<KernelDev, Vec<Range<u64>>>,
 }
@@ -110,6 +117,10 @@ impl EventSource for MemorySource {
         out.extend(self.queue.drain(..));
         Ok(())
     }
+
+    fn geometry(&self, info: &DeviceInfo) -> Option<DeviceInfo> {
+        self.geometry.get(&info.dev).cloned()
+    }
 }
 
 /// The tracker: protected devices, their dirty sets, and the event stream.
@@ -119,7 +130,11 @@ pub struct Tracker<S: EventSource = BpfSource> {
     core: TrackerCore,
     buf: Vec<RawEvent>,
     events_seen: u64,
+    last_geometry_check: std::time::Instant,
 }
+
+/// How often `poll_now` looks for resized devices.
+const GEOMETRY_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Tracker<BpfSource> {
     /// Loads and attaches the kernel programs (needs root).
@@ -142,6 +157,7 @@ impl<S: EventSource> Tracker<S> {
             core: TrackerCore::new(),
             buf: Vec::with_capacity(4096),
             events_seen: 0,
+            last_geometry_check: std::time::Instant::now(),
         }
     }
 
@@ -222,6 +238,36 @@ impl<S: EventSource> Tracker<S> {
         for disk in disks {
             let n = self.source.drop_count(disk)?;
             self.core.handle_drops(disk, n, &mut out);
+        }
+        if self.last_geometry_check.elapsed() >= GEOMETRY_CHECK {
+            out.extend(self.check_geometry()?);
+        }
+        Ok(out)
+    }
+
+    /// Looks for devices whose size (or partition start) changed: each becomes
+    /// a resync of the whole device at its new size. `poll_now` does this once
+    /// a second.
+    pub fn check_geometry(&mut self) -> Result<Vec<Notice>, TrackerError> {
+        self.last_geometry_check = std::time::Instant::now();
+        let mut out = Vec::new();
+        let ids: Vec<DeviceId> = self.core.ids().collect();
+        for id in ids {
+            let Some(now) = self
+                .core
+                .info(id)
+                .and_then(|info| self.source.geometry(info))
+            else {
+                continue;
+            };
+            let old_disk = self.core.info(id).map(|i| i.disk);
+            if self.core.handle_geometry(id, &now, &mut out) {
+                if let Some(old) = old_disk.filter(|d| *d != now.disk) {
+                    self.source.set_filter(old, &self.core.filter_for(old))?;
+                }
+                self.source
+                    .set_filter(now.disk, &self.core.filter_for(now.disk))?;
+            }
         }
         Ok(out)
     }
@@ -339,6 +385,25 @@ mod tests {
                 dropped: 2
             }
         );
+    }
+
+    #[test]
+    fn a_resized_device_is_resynced_and_refiltered() {
+        let mut t = Tracker::with_source(MemorySource::default());
+        let id = t.protect_device(disk()).unwrap();
+        let mut bigger = disk();
+        bigger.sectors = 4096;
+        t.source_mut().geometry.insert(KernelDev::new(7, 3), bigger);
+        assert_eq!(
+            t.check_geometry().unwrap(),
+            vec![Notice::Resync {
+                device: id,
+                dropped: 0
+            }]
+        );
+        assert_eq!(t.source().filters[&KernelDev::new(7, 3)], vec![0..4096]);
+        assert_eq!(t.device(id).unwrap().sectors, 4096);
+        assert!(t.needs_resync(id));
     }
 
     #[test]

@@ -14,7 +14,7 @@ use aya::{Btf, Ebpf, EbpfLoader};
 
 use super::abi::{self, RawEvent};
 use super::ring::Ring;
-use super::{EventSource, KernelDev, TrackerError};
+use super::{DeviceInfo, EventSource, KernelDev, TrackerError};
 
 /// The compiled programs, built by `agent/build.rs` against this kernel's BTF.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracker.bpf.o"));
@@ -302,6 +302,11 @@ impl EventSource for BpfSource {
             i
         });
         self.ring.readable(tick).await
+    }
+
+    fn geometry(&self, info: &DeviceInfo) -> Option<DeviceInfo> {
+        // A device that vanished (detached loop device) reports nothing here.
+        DeviceInfo::from_sysfs(&info.path, info.dev, Path::new("/sys/dev/block")).ok()
     }
 
     fn drain(&mut self, out: &mut Vec<RawEvent>) -> Result<(), TrackerError> {
