@@ -19,7 +19,7 @@ use blockferry_transport::sink::{self, Accepted, DiskState, FrameSink, ServeOpti
 use blockferry_transport::tls::load_certs;
 use blockferry_transport::{
     ChannelError, Connector, DiskChannel, PeerIdentity, RevocationList, TlsIdentity, Tuning,
-    client_config, client_endpoint, server_config, server_endpoint,
+    client_config, client_endpoint, server_config, server_endpoint_for,
 };
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -138,10 +138,11 @@ pub async fn start(cfg: Config, cancel: CancellationToken) -> Result<RelayHandle
         }
         None => RevocationList::default(),
     };
-    let server = server_endpoint(
+    let server = server_endpoint_for(
         cfg.listen,
         server_config(&ca, identity.clone(), revoked, &tuning)?,
         &tuning,
+        &identity,
     )?;
     let listen_addr = server.local_addr().map_err(|source| {
         blockferry_transport::endpoint::EndpointError::Bind {

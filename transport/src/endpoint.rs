@@ -54,8 +54,10 @@ impl Default for Tuning {
             stream_receive_window: 16 << 20,
             connection_receive_window: 64 << 20,
             send_window: 64 << 20,
-            idle_timeout: Duration::from_secs(30),
-            keep_alive: Duration::from_secs(5),
+            // A peer that vanished (SIGKILL, host down) is given up after
+            // this long; the sender then reconnects and resumes.
+            idle_timeout: Duration::from_secs(10),
+            keep_alive: Duration::from_secs(2),
         }
     }
 }
@@ -90,8 +92,20 @@ impl Tuning {
         Ok(t)
     }
 
-    fn endpoint_config(&self) -> Result<EndpointConfig, EndpointError> {
-        let mut ec = EndpointConfig::default();
+    fn endpoint_config(&self, reset_seed: Option<&[u8]>) -> Result<EndpointConfig, EndpointError> {
+        let mut ec = match reset_seed {
+            // The stateless-reset key derives from the server's private key,
+            // so a restarted server (same key) resets the connections its
+            // previous life held: peers notice at once, not after the idle timeout.
+            Some(seed) => {
+                let key = blake3::derive_key("blockferry quic stateless reset v1", seed);
+                EndpointConfig::new(Arc::new(ring::hmac::Key::new(
+                    ring::hmac::HMAC_SHA256,
+                    &key,
+                )))
+            }
+            None => EndpointConfig::default(),
+        };
         ec.max_udp_payload_size(self.max_udp_payload.max(self.initial_mtu))
             .map_err(|e| EndpointError::Config(format!("max udp payload: {e}")))?;
         Ok(ec)
@@ -156,9 +170,29 @@ pub fn server_endpoint(
     config: quinn::ServerConfig,
     tuning: &Tuning,
 ) -> Result<quinn::Endpoint, EndpointError> {
+    server_endpoint_with_reset_seed(addr, config, tuning, None)
+}
+
+/// Like [`server_endpoint`], with stateless resets keyed by `identity`'s
+/// private key so they survive a restart of the process (use it for servers).
+pub fn server_endpoint_for(
+    addr: SocketAddr,
+    config: quinn::ServerConfig,
+    tuning: &Tuning,
+    identity: &TlsIdentity,
+) -> Result<quinn::Endpoint, EndpointError> {
+    server_endpoint_with_reset_seed(addr, config, tuning, Some(identity.key.secret_der()))
+}
+
+fn server_endpoint_with_reset_seed(
+    addr: SocketAddr,
+    config: quinn::ServerConfig,
+    tuning: &Tuning,
+    reset_seed: Option<&[u8]>,
+) -> Result<quinn::Endpoint, EndpointError> {
     let socket = bind(addr, tuning)?;
     quinn::Endpoint::new(
-        tuning.endpoint_config()?,
+        tuning.endpoint_config(reset_seed)?,
         Some(config),
         socket,
         Arc::new(quinn::TokioRuntime),
@@ -174,7 +208,7 @@ pub fn client_endpoint(
 ) -> Result<quinn::Endpoint, EndpointError> {
     let socket = bind(bind_addr, tuning)?;
     let mut ep = quinn::Endpoint::new(
-        tuning.endpoint_config()?,
+        tuning.endpoint_config(None)?,
         None,
         socket,
         Arc::new(quinn::TokioRuntime),

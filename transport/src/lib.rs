@@ -16,6 +16,8 @@ mod sockbuf;
 pub mod tls;
 
 pub use client::{ChannelError, Connector, DiskChannel, Progress};
-pub use endpoint::{Tuning, client_config, client_endpoint, server_config, server_endpoint};
+pub use endpoint::{
+    Tuning, client_config, client_endpoint, server_config, server_endpoint, server_endpoint_for,
+};
 pub use sink::{Accepted, DiskState, FrameSink, ServeOptions, SinkError};
 pub use tls::{PeerIdentity, RevocationList, TlsIdentity, peer_identity};

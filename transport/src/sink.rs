@@ -18,7 +18,9 @@ use blockferry_proto::{
     DiskId, ErrorCode, Frame, Generation, HashRangeReply, HashRangeRequest, Hello, Seq,
 };
 use bytes::Bytes;
-use tokio::sync::mpsc;
+use std::collections::HashMap;
+
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -120,6 +122,7 @@ pub async fn serve<S: FrameSink>(
     opts: ServeOptions,
     cancel: CancellationToken,
 ) {
+    let slots = Arc::new(Slots::default());
     loop {
         let incoming = tokio::select! {
             _ = cancel.cancelled() => break,
@@ -131,6 +134,7 @@ pub async fn serve<S: FrameSink>(
         let sink = sink.clone();
         let opts = opts.clone();
         let cancel = cancel.clone();
+        let slots = slots.clone();
         tokio::spawn(async move {
             let remote = incoming.remote_address();
             let conn = match incoming.await {
@@ -152,7 +156,7 @@ pub async fn serve<S: FrameSink>(
                 }
             };
             let span = tracing::info_span!("peer", peer = %peer.name, %remote);
-            serve_connection(conn, peer, sink, opts, cancel)
+            serve_connection(conn, peer, sink, opts, slots, cancel)
                 .instrument(span)
                 .await;
         });
@@ -165,6 +169,7 @@ async fn serve_connection<S: FrameSink>(
     peer: PeerIdentity,
     sink: Arc<S>,
     opts: ServeOptions,
+    slots: Arc<Slots>,
     cancel: CancellationToken,
 ) {
     tracing::info!("connected");
@@ -188,9 +193,12 @@ async fn serve_connection<S: FrameSink>(
         let sink = sink.clone();
         let opts = opts.clone();
         let cancel = cancel.clone();
+        let slots = slots.clone();
         tokio::spawn(
             async move {
-                if let Err(e) = serve_stream(&conn, send, recv, &peer, sink, opts, cancel).await {
+                if let Err(e) =
+                    serve_stream(&conn, send, recv, &peer, sink, opts, &slots, cancel).await
+                {
                     tracing::warn!(error = %e.message, code = ?e.code, "closing the connection");
                     conn.close(
                         quinn::VarInt::from_u32(u32::from(e.code.as_u16())),
@@ -214,6 +222,7 @@ async fn serve_stream<S: FrameSink>(
     peer: &PeerIdentity,
     sink: Arc<S>,
     opts: ServeOptions,
+    slots: &Slots,
     cancel: CancellationToken,
 ) -> Result<(), SinkError> {
     let mut reader = FrameReader::new(recv);
@@ -237,6 +246,12 @@ async fn serve_stream<S: FrameSink>(
     let disk = hello.disk;
     let span = tracing::info_span!("disk", %disk);
     async move {
+        // One stream per disk: a new one (a reconnecting sender) supersedes
+        // the old, and is answered only once the old one has finished
+        // applying what it accepted, so the durable state it reports is exact
+        // and nothing is applied twice.
+        let cancel = cancel.child_token();
+        let _slot = slots.claim(disk, cancel.clone()).await;
         let state = match sink.open(peer, &hello).await {
             Ok(s) => s,
             Err(e) => {
@@ -352,6 +367,71 @@ async fn serve_stream<S: FrameSink>(
     }
     .instrument(span)
     .await
+}
+
+/// The live stream of each disk.
+#[derive(Debug, Default)]
+struct Slots {
+    next_id: std::sync::atomic::AtomicU64,
+    map: std::sync::Mutex<HashMap<DiskId, Slot>>,
+}
+
+#[derive(Debug)]
+struct Slot {
+    id: u64,
+    cancel: CancellationToken,
+    /// Dropped by the stream when it has fully finished.
+    done: watch::Receiver<()>,
+}
+
+/// Held by a stream while it serves its disk.
+struct SlotGuard<'a> {
+    slots: &'a Slots,
+    disk: DiskId,
+    id: u64,
+    _done: watch::Sender<()>,
+}
+
+impl Drop for SlotGuard<'_> {
+    fn drop(&mut self) {
+        let mut map = self.slots.map.lock().unwrap_or_else(|e| e.into_inner());
+        if map.get(&self.disk).is_some_and(|s| s.id == self.id) {
+            map.remove(&self.disk);
+        }
+    }
+}
+
+impl Slots {
+    /// Makes this stream the disk's live one, stopping and awaiting the previous.
+    async fn claim(&self, disk: DiskId, cancel: CancellationToken) -> SlotGuard<'_> {
+        let id = self
+            .next_id
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (tx, rx) = watch::channel(());
+        let prev = {
+            let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+            map.insert(
+                disk,
+                Slot {
+                    id,
+                    cancel,
+                    done: rx,
+                },
+            )
+        };
+        if let Some(mut prev) = prev {
+            tracing::info!("a new stream supersedes the previous one of this disk");
+            prev.cancel.cancel();
+            // Err once the old stream dropped its sender: it has finished.
+            while prev.done.changed().await.is_ok() {}
+        }
+        SlotGuard {
+            slots: self,
+            disk,
+            id,
+            _done: tx,
+        }
+    }
 }
 
 async fn flush(rx: &mut DiskReceiver, out: &mpsc::Sender<Frame>) {
