@@ -197,7 +197,7 @@ async fn serve_connection<S: FrameSink>(
         tokio::spawn(
             async move {
                 if let Err(e) =
-                    serve_stream(&conn, send, recv, &peer, sink, opts, &slots, cancel).await
+                    serve_stream(&conn, (send, recv), &peer, sink, opts, &slots, cancel).await
                 {
                     tracing::warn!(error = %e.message, code = ?e.code, "closing the connection");
                     conn.close(
@@ -217,8 +217,7 @@ async fn serve_connection<S: FrameSink>(
 
 async fn serve_stream<S: FrameSink>(
     conn: &quinn::Connection,
-    send: quinn::SendStream,
-    recv: quinn::RecvStream,
+    (send, recv): (quinn::SendStream, quinn::RecvStream),
     peer: &PeerIdentity,
     sink: Arc<S>,
     opts: ServeOptions,
