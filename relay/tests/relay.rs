@@ -154,3 +154,37 @@ async fn metrics_endpoint_reports_traffic() {
     );
     r.cancel.cancel();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_frame_closes_the_connection_and_nothing_is_spooled() {
+    use blockferry_transport::{Tuning, client_config, client_endpoint};
+    let r = start(64 << 20).await;
+    let tuning = Tuning::default();
+    let ep = client_endpoint(
+        "127.0.0.1:0".parse().unwrap(),
+        client_config(&r.pki.ca(), r.pki.identity("agent-host-a"), &tuning).unwrap(),
+        &tuning,
+    )
+    .unwrap();
+    let conn = ep
+        .connect(r.relay.listen_addr, "relay")
+        .unwrap()
+        .await
+        .unwrap();
+    let (mut send, _recv) = conn.open_bi().await.unwrap();
+    // A valid hello would come first; garbage with the right magic instead.
+    send.write_all(b"BF\x01\x03\x00\x00\x00\x05\xff\xff\xff\xff\xff")
+        .await
+        .unwrap();
+    match conn.closed().await {
+        quinn::ConnectionError::ApplicationClosed(c) => {
+            let code = blockferry_proto::ErrorCode::Protocol.as_u16();
+            assert_eq!(c.error_code, quinn::VarInt::from_u32(code.into()));
+        }
+        other => panic!("closed for another reason: {other}"),
+    }
+    assert_eq!(r.relay.metrics.bytes_in.load(Ordering::Relaxed), 0);
+    assert_eq!(r.relay.metrics.spool_bytes.load(Ordering::Relaxed), 0);
+    assert!(r.target.seqs(DISK_A).is_empty());
+    r.cancel.cancel();
+}
