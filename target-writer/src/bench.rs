@@ -90,7 +90,8 @@ fn batches(pattern: Pattern, disk_size: u64, total: u64, seed: u64) -> Vec<Vec<(
 }
 
 /// Applies `total` bytes in `pattern` through a fresh store (with an open
-/// recovery point when `with_point`, so undo is captured) and through plain
+/// recovery point when `with_point`, so undo is captured; chunks zstd-encoded
+/// as the agent sends them when `zstd_level` is set) and through plain
 /// pwrite+fdatasync to a preallocated file, timing only the apply calls.
 pub fn apply_vs_raw(
     dir: &Path,
@@ -98,6 +99,7 @@ pub fn apply_vs_raw(
     total: u64,
     pattern: Pattern,
     with_point: bool,
+    zstd_level: Option<i32>,
     seed: u64,
 ) -> Result<ApplyFigure> {
     let work = batches(pattern, disk_size, total, seed);
@@ -140,8 +142,12 @@ pub fn apply_vs_raw(
         // Building and hashing the chunks is the agent's work, not the target's.
         let chunks = w
             .iter()
-            .map(|(off, d)| Chunk::raw(*off, d.clone()))
-            .collect();
+            .map(|(off, d)| match zstd_level {
+                Some(level) => Chunk::zstd(*off, d, level),
+                None => Ok(Chunk::raw(*off, d.clone())),
+            })
+            .collect::<std::io::Result<Vec<Chunk>>>()
+            .map_err(|e| TargetError::io("zstd", None, e))?;
         let b = ApplyBatch {
             disk: disk.clone(),
             generation: 1,

@@ -158,45 +158,63 @@ fn bench(dir: &std::path::Path, export_size: u64, rounds: usize) -> Result<()> {
     use blockferry_target::bench::{Pattern, apply_vs_raw, export_vs_qemu};
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let disk = 1u64 << 30;
+    let seq = Pattern::Sequential { batch: 1 << 20 };
+    let rnd = Pattern::Random {
+        chunk: 4096,
+        per_batch: 64,
+    };
+    // (name, pattern, bytes, recovery point open, zstd level of the chunks)
     let cases = [
         (
-            "sequential 1 MiB batches",
-            Pattern::Sequential { batch: 1 << 20 },
+            "sequential 1 MiB batches, raw chunks",
+            seq,
             512u64 << 20,
             false,
+            None,
         ),
         (
-            "sequential 1 MiB batches, point open",
-            Pattern::Sequential { batch: 1 << 20 },
+            "sequential 1 MiB batches, zstd chunks",
+            seq,
+            512 << 20,
+            false,
+            Some(1),
+        ),
+        (
+            "sequential 1 MiB batches, zstd chunks, point open",
+            seq,
             512 << 20,
             true,
+            Some(1),
         ),
         (
-            "random 4 KiB x 64 per batch",
-            Pattern::Random {
-                chunk: 4096,
-                per_batch: 64,
-            },
+            "random 4 KiB x 64 per batch, raw chunks",
+            rnd,
             64 << 20,
             false,
+            None,
         ),
         (
-            "random 4 KiB x 64 per batch, point open",
-            Pattern::Random {
-                chunk: 4096,
-                per_batch: 64,
-            },
+            "random 4 KiB x 64 per batch, zstd chunks",
+            rnd,
+            64 << 20,
+            false,
+            Some(1),
+        ),
+        (
+            "random 4 KiB x 64 per batch, zstd chunks, point open",
+            rnd,
             64 << 20,
             true,
+            Some(1),
         ),
     ];
     let mut summary = Vec::new();
-    for (name, pattern, total, with_point) in cases {
+    for (name, pattern, total, with_point, level) in cases {
         let mut ratios = Vec::new();
         let mut ours = Vec::new();
         let mut raws = Vec::new();
         for r in 0..rounds {
-            let f = apply_vs_raw(dir, disk, total, pattern, with_point, 1 + r as u64)?;
+            let f = apply_vs_raw(dir, disk, total, pattern, with_point, level, 1 + r as u64)?;
             ours.push(mbps(f.bytes, f.store));
             raws.push(mbps(f.bytes, f.raw));
             ratios.push(f.raw.as_secs_f64() / f.store.as_secs_f64().max(1e-9));

@@ -204,6 +204,32 @@ pub fn list_points(root: &Path, disk: &str) -> Result<Vec<PointMeta>> {
     Ok(read_state(&dir)?.points)
 }
 
+/// Writes zeros up to the checkpoint size (plus room for one large batch),
+/// so that journal appends overwrite allocated blocks and each fdatasync is
+/// a data flush, not a file-system journal commit for a growing file.
+fn preallocate_journal(wal: &File, path: &Path, checkpoint_bytes: u64) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    let want = checkpoint_bytes
+        .saturating_add(crate::batch::MAX_CHUNK_LEN)
+        .min(1 << 30);
+    let have = wal
+        .metadata()
+        .map_err(|e| TargetError::io(path, None, e))?
+        .len();
+    if have >= want {
+        return Ok(());
+    }
+    let zeros = vec![0u8; 1 << 20];
+    let mut off = have;
+    while off < want {
+        let n = ((want - off) as usize).min(zeros.len());
+        wal.write_all_at(&zeros[..n], off)
+            .map_err(|e| TargetError::io(path, Some(off), e))?;
+        off += n as u64;
+    }
+    Ok(())
+}
+
 /// A content id that differs for every batch boundary of every disk, and is
 /// the same when recovery rebuilds the same boundary.
 pub fn content_id(disk: &str, created_ms: u64, generation: u64, seq: u64) -> u32 {
@@ -267,6 +293,8 @@ impl DiskStore {
             .truncate(true)
             .open(&wal_path)
             .map_err(|e| TargetError::io(&wal_path, None, e))?;
+        preallocate_journal(&wal, &wal_path, opts.checkpoint_bytes)?;
+        f.sync_data(&wal, &wal_path)?;
         let state = DiskState {
             format: STATE_FORMAT,
             disk: disk.to_string(),
@@ -327,6 +355,7 @@ impl DiskStore {
             .truncate(false)
             .open(&wal_path)
             .map_err(|e| TargetError::io(&wal_path, None, e))?;
+        preallocate_journal(&wal, &wal_path, opts.checkpoint_bytes)?;
         let mut s = DiskStore {
             dir,
             state,

@@ -14,6 +14,13 @@ use common::*;
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
 const SIZE: u64 = 4 << 20;
+
+fn small() -> StoreOptions {
+    StoreOptions {
+        checkpoint_bytes: 200_000,
+        ..StoreOptions::default()
+    }
+}
 const BATCHES: u64 = 60;
 
 #[test]
@@ -105,7 +112,7 @@ fn sigkill_at_random_moments_leaves_the_replica_at_a_batch_boundary() {
         if finished {
             assert!(status.success(), "round {round}: {status}");
         }
-        let mut s = DiskStore::open(&root, DISK, StoreOptions::default()).unwrap();
+        let mut s = DiskStore::open(&root, DISK, small()).unwrap();
         let applied = s.applied_seq();
         assert!(
             applied >= acked,
@@ -152,7 +159,7 @@ fn sigkill_at_random_moments_leaves_the_replica_at_a_batch_boundary() {
         }
     }
     assert!(kills >= 3, "only {kills} kills");
-    let s = DiskStore::open(&root, DISK, StoreOptions::default()).unwrap();
+    let s = DiskStore::open(&root, DISK, small()).unwrap();
     if s.applied_seq() == last_seq && have_qemu_img() {
         let model = tmp.path().join("model.raw");
         std::fs::write(&model, model_at(&batches, SIZE, last_seq)).unwrap();

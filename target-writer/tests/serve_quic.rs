@@ -63,6 +63,7 @@ store = "store"
 ca = "pki/ca.crt"
 cert = "pki/target.crt"
 key = "pki/target.key"
+checkpoint_mib = 4
 loopback_tuning = true
 point_every_secs = 0
 "#,
@@ -144,6 +145,7 @@ store = "store"
 ca = "pki/ca.crt"
 cert = "pki/target.crt"
 key = "pki/target.key"
+checkpoint_mib = 4
 "#,
         dir,
     )

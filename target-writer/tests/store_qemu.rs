@@ -148,7 +148,7 @@ fn replica_equals_the_model_after_every_batch_and_every_point_exports_equal() {
 #[test]
 fn a_hash_mismatch_rejects_the_whole_batch_and_writes_nothing() {
     let tmp = tempfile::tempdir().unwrap();
-    let mut s = DiskStore::create(tmp.path(), DISK, SIZE, now_ms(), opts(64 << 20)).unwrap();
+    let mut s = DiskStore::create(tmp.path(), DISK, SIZE, now_ms(), opts(8 << 20)).unwrap();
     let mut rng = StdRng::seed_from_u64(7);
     s.apply(&random_batch(&mut rng, 1, SIZE)).unwrap();
     s.create_point(Consistency::CrashConsistent, now_ms())
@@ -181,7 +181,7 @@ fn a_hash_mismatch_rejects_the_whole_batch_and_writes_nothing() {
 #[test]
 fn replays_are_harmless_and_gaps_are_detected() {
     let tmp = tempfile::tempdir().unwrap();
-    let mut s = DiskStore::create(tmp.path(), DISK, SIZE, now_ms(), opts(64 << 20)).unwrap();
+    let mut s = DiskStore::create(tmp.path(), DISK, SIZE, now_ms(), opts(8 << 20)).unwrap();
     let mut rng = StdRng::seed_from_u64(8);
     let b: Vec<_> = (1..=4).map(|q| random_batch(&mut rng, q, SIZE)).collect();
     s.apply(&b[0]).unwrap();
@@ -230,7 +230,7 @@ fn replays_are_harmless_and_gaps_are_detected() {
 #[test]
 fn no_space_for_the_journal_leaves_files_consistent_and_a_retry_applies() {
     let tmp = tempfile::tempdir().unwrap();
-    let o = opts(64 << 20);
+    let o = opts(8 << 20);
     let faults = o.faults.clone();
     let mut s = DiskStore::create(tmp.path(), DISK, SIZE, now_ms(), o).unwrap();
     let mut rng = StdRng::seed_from_u64(9);
@@ -251,7 +251,7 @@ fn no_space_for_the_journal_leaves_files_consistent_and_a_retry_applies() {
     s.apply(&b[2]).unwrap();
     // And everything survives a reopen (journal replay).
     drop(s);
-    let mut s = DiskStore::open(tmp.path(), DISK, StoreOptions::default()).unwrap();
+    let mut s = DiskStore::open(tmp.path(), DISK, opts(1 << 20)).unwrap();
     assert_eq!(s.applied_seq(), 3);
     assert_eq!(
         first_diff(&replica_bytes(s.dir()), &model_at(&b, SIZE, 3)),
@@ -301,7 +301,7 @@ fn a_failed_sync_at_any_step_recovers_to_a_batch_boundary_with_exact_points() {
         assert!(!err.is_no_space(), "{err}");
         drop(s);
         faults.clear();
-        let mut s = DiskStore::open(tmp.path(), DISK, StoreOptions::default()).unwrap();
+        let mut s = DiskStore::open(tmp.path(), DISK, opts(1 << 20)).unwrap();
         let applied = s.applied_seq();
         assert!(
             applied == before || applied == before + 1,
@@ -341,7 +341,7 @@ fn a_failed_sync_at_any_step_recovers_to_a_batch_boundary_with_exact_points() {
 #[test]
 fn retention_drops_points_and_every_remaining_point_stays_exact() {
     let tmp = fast_tempdir();
-    let mut s = DiskStore::create(tmp.path(), DISK, SIZE, now_ms(), opts(64 << 20)).unwrap();
+    let mut s = DiskStore::create(tmp.path(), DISK, SIZE, now_ms(), opts(8 << 20)).unwrap();
     let mut rng = StdRng::seed_from_u64(11);
     let mut batches = Vec::new();
     let t0 = now_ms();
@@ -406,7 +406,7 @@ fn retention_drops_points_and_every_remaining_point_stays_exact() {
 #[test]
 fn reads_beyond_the_disk_end_are_refused() {
     let tmp = tempfile::tempdir().unwrap();
-    let mut s = DiskStore::create(tmp.path(), DISK, SIZE, now_ms(), opts(64 << 20)).unwrap();
+    let mut s = DiskStore::create(tmp.path(), DISK, SIZE, now_ms(), opts(8 << 20)).unwrap();
     let p = s
         .create_point(Consistency::NotConsistent, now_ms())
         .unwrap();
