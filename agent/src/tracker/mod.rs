@@ -13,6 +13,12 @@
 //!
 //! Protect before the initial read: writes submitted before `protect` returns
 //! are not seen, the initial full read covers them.
+//!
+//! The kernel wakes the agent only when its ring buffer fills up, and
+//! [`Tracker::next`] drains it every 10 ms (`BF_POLL_MS`) otherwise: the dirty
+//! sets lag the kernel by up to that. Code that must account for every write
+//! made so far (a final drain, a test, a status snapshot after writes) calls
+//! [`Tracker::poll_now`] first.
 
 pub mod abi;
 mod core;
