@@ -279,8 +279,8 @@ pub fn export_flat(
         }
         Ok(data_bytes)
     })?;
-    f.sync_all()
-        .map_err(VmdkError::io("fsync", &flat_path, 0))?;
+    f.sync_data()
+        .map_err(VmdkError::io("fdatasync", &flat_path, 0))?;
     let cid = opts.cid.unwrap_or_else(new_cid);
     let mut d = Descriptor::new(
         ct,
