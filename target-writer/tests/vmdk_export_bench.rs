@@ -71,7 +71,8 @@ fn export_vs_qemu_img_convert() {
     let used = size / 10 * 6;
     // What the store knows and passes to an export: where data may be.
     // qemu-img learns the same from the raw file's holes (SEEK_DATA).
-    let allocated = [0..used];
+    let data_range = 0..used;
+    let allocated = [data_range];
     // A used disk: the first 60 % holds data with one 64 KiB grain in eight
     // zero, the rest was never written.
     {
