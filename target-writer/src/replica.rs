@@ -137,7 +137,14 @@ impl Replica for FlatReplica {
 
     fn write_at(&mut self, faults: &FaultPlan, buf: &[u8], offset: u64) -> Result<()> {
         self.check_range(offset, buf.len())?;
-        faults.write_at(&self.flat, &self.flat_path, buf, offset)
+        faults.write_at(&self.flat, &self.flat_path, buf, offset)?;
+        // Overlap the replica's writeback with the next batches instead of
+        // stalling on all of it at the checkpoint. Only a hint: durability
+        // still comes from the checkpoint's sync.
+        if let Err(e) = crate::sys::start_writeback(&self.flat, offset, buf.len() as u64) {
+            tracing::debug!(path = %self.flat_path.display(), offset, error = %e, "cannot start writeback");
+        }
+        Ok(())
     }
 
     fn sync(&mut self, faults: &FaultPlan) -> Result<()> {

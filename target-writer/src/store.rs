@@ -209,9 +209,7 @@ pub fn list_points(root: &Path, disk: &str) -> Result<Vec<PointMeta>> {
 /// a data flush, not a file-system journal commit for a growing file.
 fn preallocate_journal(wal: &File, path: &Path, checkpoint_bytes: u64) -> Result<()> {
     use std::os::unix::fs::FileExt;
-    let want = checkpoint_bytes
-        .saturating_add(crate::batch::MAX_CHUNK_LEN)
-        .min(1 << 30);
+    let want = checkpoint_bytes.saturating_add(4 << 20).min(1 << 30);
     let have = wal
         .metadata()
         .map_err(|e| TargetError::io(path, None, e))?

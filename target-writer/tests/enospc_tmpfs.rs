@@ -1,0 +1,145 @@
+//! A real full file system under the store (a small tmpfs this test mounts and
+//! unmounts): applies fail with the typed "no space" error, every file stays
+//! consistent, and once space is freed the same batches go through.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use blockferry_target::{Consistency, DiskStore, StoreOptions, TargetError};
+use common::*;
+use rand::{SeedableRng, rngs::StdRng};
+
+const SIZE: u64 = 4 << 20;
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
+        })
+        .unwrap_or(false)
+}
+
+/// A tmpfs mounted for this test, unmounted on drop (also on panic).
+struct Tmpfs {
+    dir: PathBuf,
+    _holder: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    fn mount(bytes: u64) -> Tmpfs {
+        let holder = tempfile::tempdir().unwrap();
+        let dir = holder.path().join("fs");
+        std::fs::create_dir(&dir).unwrap();
+        let st = Command::new("mount")
+            .args(["-t", "tmpfs", "-o"])
+            .arg(format!("size={bytes}"))
+            .arg("blockferry-enospc")
+            .arg(&dir)
+            .status()
+            .unwrap();
+        assert!(st.success(), "mount tmpfs: {st}");
+        Tmpfs {
+            dir,
+            _holder: holder,
+        }
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        match Command::new("umount").arg(&self.dir).status() {
+            Ok(st) if st.success() => {}
+            other => eprintln!("umount {}: {other:?}", self.dir.display()),
+        }
+    }
+}
+
+fn fill_up(path: &Path) -> u64 {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path).unwrap();
+    let block = vec![0x55u8; 64 << 10];
+    let mut n = 0;
+    while f.write_all(&block).is_ok() {
+        n += block.len() as u64;
+    }
+    n
+}
+
+#[test]
+fn a_full_file_system_stops_applies_cleanly_and_they_resume_when_space_frees() {
+    if !is_root() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "this test needs root in CI"
+        );
+        eprintln!("skipping: needs root to mount a tmpfs");
+        return;
+    }
+    let fs = Tmpfs::mount(16 << 20);
+    let root = fs.dir.join("store");
+    let opts = || StoreOptions {
+        checkpoint_bytes: 1 << 20,
+        ..StoreOptions::default()
+    };
+    let mut s = DiskStore::create(&root, DISK, SIZE, now_ms(), opts()).unwrap();
+    let mut rng = StdRng::seed_from_u64(33);
+    let batches: Vec<_> = (1..=400).map(|q| random_batch(&mut rng, q, SIZE)).collect();
+    s.apply(&batches[0]).unwrap();
+    let point = s
+        .create_point(Consistency::CrashConsistent, now_ms())
+        .unwrap();
+    let filler = fs.dir.join("filler");
+    fill_up(&filler);
+
+    // Apply until the file system is full: the undo kept for the point grows.
+    let mut i = 1;
+    let err = loop {
+        assert!(i < batches.len(), "never ran out of space");
+        match s.apply(&batches[i]) {
+            Ok(_) => i += 1,
+            Err(e) => break e,
+        }
+    };
+    assert!(matches!(err, TargetError::NoSpace { .. }), "{err}");
+    // Whatever the store reports as durable is exactly in the replica.
+    let applied = s.applied_seq();
+    assert!(
+        applied as usize >= i,
+        "acked batches lost: applied {applied}, acked {i}"
+    );
+    assert_eq!(
+        first_diff(&replica_bytes(s.dir()), &model_at(&batches, SIZE, applied)),
+        None
+    );
+    // Still full: retrying fails the same clean way.
+    let again = s.apply(&batches[applied as usize]);
+    assert!(
+        matches!(again, Err(TargetError::NoSpace { .. }) | Ok(_)),
+        "{again:?}"
+    );
+
+    // Space frees: the batches go through, from where the store stands.
+    std::fs::remove_file(&filler).unwrap();
+    for b in &batches[s.applied_seq() as usize..] {
+        s.apply(b).unwrap();
+    }
+    s.close().unwrap();
+    let mut s = DiskStore::open(&root, DISK, opts()).unwrap();
+    assert_eq!(s.applied_seq(), batches.len() as u64);
+    assert_eq!(
+        first_diff(
+            &replica_bytes(s.dir()),
+            &model_at(&batches, SIZE, batches.len() as u64)
+        ),
+        None
+    );
+    let img = s.point_image(point.id).unwrap();
+    let mut got = vec![0u8; SIZE as usize];
+    img.read_at(&mut got, 0).unwrap();
+    assert_eq!(first_diff(&got, &model_at(&batches, SIZE, 1)), None);
+}
