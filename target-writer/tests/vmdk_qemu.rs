@@ -56,6 +56,18 @@ fn assert_qemu_same(raw: &Path, vmdk: &Path) {
     );
 }
 
+/// `qemu-img check` (read-only) finds nothing wrong.
+fn assert_qemu_check_clean(vmdk: &Path) {
+    let out = qemu(&["check", "-f", "vmdk"], &[vmdk]);
+    assert!(
+        out.status.success(),
+        "qemu-img check {}: {} {}",
+        vmdk.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn qemu_json(args: &[&str], path: &Path) -> serde_json::Value {
     let out = qemu(args, &[path]);
     assert!(
@@ -187,6 +199,7 @@ fn random_writes_match_model(kind: DiskKind, seed: u64) {
     assert_eq!(read_all(&img), model.bytes());
     if qemu {
         assert_qemu_same(&model.path, &path);
+        assert_qemu_check_clean(&path);
     }
     let report = check(&path).unwrap();
     assert!(report.is_clean(), "{:?}", report.problems);
@@ -470,6 +483,7 @@ fn exports_compare_equal_and_delta_chains_by_cid() {
     let sparse = dir.path().join("e-sparse.vmdk");
     let base = export_sparse(&src, None, &sparse, &opts, &mut progress).unwrap();
     assert_qemu_same(&model.path, &sparse);
+    assert_qemu_check_clean(&sparse);
     assert!(check(&sparse).unwrap().is_clean());
     // Grains only where the data is non-zero.
     let bytes = model.bytes();
@@ -493,6 +507,7 @@ fn exports_compare_equal_and_delta_chains_by_cid() {
     let d = export_delta(&src, &changed, &sparse, &delta, &opts, &mut progress).unwrap();
     assert_ne!(d.cid, base.cid);
     assert_qemu_same(&model.path, &delta);
+    assert_qemu_check_clean(&delta);
     assert!(check(&delta).unwrap().is_clean());
     let info = qemu_json(&["info", "--output=json", "--backing-chain"], &delta);
     let chain = info.as_array().unwrap();
