@@ -525,6 +525,15 @@ fn exports_compare_equal_and_delta_chains_by_cid() {
             "{r:?} not changed"
         );
     }
+    // A delta may not overwrite its own parent.
+    assert!(matches!(
+        export_delta(&src, &changed, &sparse, &sparse, &opts, &mut |_| {}),
+        Err(VmdkError::Invalid { .. })
+    ));
+    assert_eq!(
+        VmdkImage::open(&sparse, OpenMode::ReadOnly).unwrap().cid(),
+        base.cid
+    );
     let p = last.unwrap();
     assert_eq!(p.done, p.total);
     assert!(calls >= 3);

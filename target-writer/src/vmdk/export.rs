@@ -456,6 +456,14 @@ pub fn export_delta(
     check_size(out, size)?;
     let p = VmdkImage::open(parent, OpenMode::ReadOnly)?;
     let hint = parent_hint(parent, out)?;
+    if let (Ok(a), Ok(b)) = (parent.canonicalize(), out.canonicalize())
+        && a == b
+    {
+        return Err(VmdkError::Invalid {
+            path: out.to_owned(),
+            what: "the delta would overwrite its own parent; choose another output path".into(),
+        });
+    }
     let cid = opts.cid.unwrap_or_else(new_cid);
     let mut d = sparse_descriptor(out, size, cid, opts)?;
     d.parent_cid = p.cid();
