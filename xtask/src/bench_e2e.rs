@@ -292,7 +292,7 @@ fn caught_up(s: &Scratch, site: &mut Site, limit: Duration) -> Result<serde_json
     let deadline = Instant::now() + limit;
     loop {
         s.check()?;
-        match site.wait_caught_up(Duration::from_secs(3)) {
+        match site.wait_caught_up(Duration::from_secs(10)) {
             Ok(st) => return Ok(st),
             Err(e) if site.agent_exited().is_some() || Instant::now() > deadline => return Err(e),
             Err(_) => {}
