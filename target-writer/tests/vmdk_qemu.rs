@@ -823,3 +823,45 @@ fn unreferenced_tail_from_a_crash_is_harmless() {
         assert_qemu_same(&model.path, &path);
     }
 }
+
+#[test]
+fn read_only_and_zero_extents_refuse_writes_before_writing() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ro.vmdk");
+    drop(
+        VmdkImage::create(
+            &path,
+            &CreateOptions::new(1 << 20, DiskKind::MonolithicFlat),
+        )
+        .unwrap(),
+    );
+    let text = std::fs::read_to_string(&path).unwrap();
+    // Half the disk read-only, then a ZERO extent.
+    let text = text.replace(
+        "RW 2048 FLAT \"ro-flat.vmdk\" 0",
+        "RW 1024 FLAT \"ro-flat.vmdk\" 0\nRDONLY 1024 FLAT \"ro-flat.vmdk\" 1024\nRW 1024 ZERO",
+    );
+    std::fs::write(&path, text).unwrap();
+    let mut img = VmdkImage::open(&path, OpenMode::ReadWrite).unwrap();
+    assert_eq!(img.size(), 3 << 19);
+    let data = vec![7u8; 4096];
+    for offset in [(1 << 19) - 1024, 1 << 20] {
+        let e = img
+            .apply(&[
+                WriteOp::Data {
+                    offset: 0,
+                    data: &data,
+                },
+                WriteOp::Data {
+                    offset,
+                    data: &data,
+                },
+            ])
+            .unwrap_err();
+        assert!(matches!(e, VmdkError::Invalid { .. }), "{e}");
+    }
+    // Nothing of either refused batch reached the file.
+    let mut buf = vec![1u8; 4096];
+    img.read_at(&mut buf, 0).unwrap();
+    assert!(buf.iter().all(|&b| b == 0));
+}

@@ -984,6 +984,26 @@ impl VmdkImage {
                 WriteOp::Zero { offset, len } => (offset, len),
             };
             check_range(&self.path, offset, len, self.size)?;
+            let end = offset + len;
+            for e in &self.extents {
+                if e.start >= end || e.start + e.len <= offset {
+                    continue;
+                }
+                if e.access != Access::Rw || matches!(e.data, ExtentData::Zero) {
+                    return Err(VmdkError::Invalid {
+                        path: self.path.clone(),
+                        what: format!(
+                            "bytes {offset}..{end} reach an extent that is {} {}, which cannot be written",
+                            e.access.as_str(),
+                            if matches!(e.data, ExtentData::Zero) {
+                                "ZERO"
+                            } else {
+                                "data"
+                            }
+                        ),
+                    });
+                }
+            }
         }
         // Plans per (extent, grain) for sparse extents; flat writes go straight out.
         let mut plans: BTreeMap<(usize, u64), GrainPlan<'_>> = BTreeMap::new();
