@@ -865,3 +865,51 @@ fn read_only_and_zero_extents_refuse_writes_before_writing() {
     img.read_at(&mut buf, 0).unwrap();
     assert!(buf.iter().all(|&b| b == 0));
 }
+
+#[test]
+fn set_parent_links_and_unlinks_a_delta() {
+    if !have_qemu_img() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let size = 1 << 20;
+    let base_path = dir.path().join("p.vmdk");
+    let mut base = VmdkImage::create(
+        &base_path,
+        &CreateOptions::new(size, DiskKind::MonolithicSparse),
+    )
+    .unwrap();
+    base.write_at(&[0x44; 4096], 0).unwrap();
+    let base_cid = base.cid();
+    drop(base);
+    let child_path = dir.path().join("c.vmdk");
+    let mut child = VmdkImage::create(
+        &child_path,
+        &CreateOptions::new(size, DiskKind::MonolithicSparse),
+    )
+    .unwrap();
+    child
+        .set_parent(Some(ParentLink {
+            cid: base_cid,
+            file_name_hint: "p.vmdk".into(),
+        }))
+        .unwrap();
+    drop(child);
+    let child = VmdkImage::open(&child_path, OpenMode::ReadOnly).unwrap();
+    let mut b = [0u8; 4096];
+    child.read_at(&mut b, 0).unwrap();
+    assert_eq!(b, [0x44; 4096], "reads through to the new parent");
+    drop(child);
+    let info = qemu_json(&["info", "--output=json", "--backing-chain"], &child_path);
+    assert_eq!(info.as_array().unwrap().len(), 2, "{info}");
+    assert_eq!(info[0]["format-specific"]["data"]["parent-cid"], base_cid);
+
+    let mut child = VmdkImage::open(&child_path, OpenMode::ReadWrite).unwrap();
+    child.set_parent(None).unwrap();
+    drop(child);
+    let info = qemu_json(&["info", "--output=json", "--backing-chain"], &child_path);
+    assert_eq!(info.as_array().unwrap().len(), 1, "{info}");
+    let child = VmdkImage::open(&child_path, OpenMode::ReadOnly).unwrap();
+    child.read_at(&mut b, 0).unwrap();
+    assert_eq!(b, [0u8; 4096]);
+}
