@@ -273,12 +273,13 @@ impl TargetSink {
         let mut s = lock(&store);
         let name = disk.to_string();
         let mut new_point = false;
+        // Runs of batches between barriers share one journal sync.
+        let mut run = Vec::new();
         for a in frames {
             match &a.frame {
-                Frame::Batch(b) => {
-                    s.apply(&batch_from_proto(&name, b))?;
-                }
+                Frame::Batch(b) => run.push(batch_from_proto(&name, b)),
                 Frame::Barrier(b) => {
+                    s.apply_many(&std::mem::take(&mut run))?;
                     new_point |= s
                         .barrier(&barrier_from_proto(&name, b), now_ms())?
                         .is_some();
@@ -288,6 +289,7 @@ impl TargetSink {
                 }
             }
         }
+        s.apply_many(&run)?;
         let now = now_ms();
         let last = s.points().last().map(|p| (p.time_ms, p.seq));
         let changed_since = last.is_none_or(|(_, seq)| seq < s.applied_seq());

@@ -525,75 +525,103 @@ impl DiskStore {
 
     /// Verifies and applies one batch; returns once it is durable.
     pub fn apply(&mut self, batch: &ApplyBatch) -> Result<ApplyOutcome> {
+        let mut out = self.apply_many(std::slice::from_ref(batch))?;
+        Ok(out.pop().unwrap_or(ApplyOutcome::Duplicate))
+    }
+
+    /// Verifies and applies consecutive batches with one journal sync (group
+    /// commit); returns once all are durable. Each batch is still its own
+    /// journal record, so a crash leaves the replica at a batch boundary. Any
+    /// bad batch rejects the whole call before anything is written.
+    pub fn apply_many(&mut self, batches: &[ApplyBatch]) -> Result<Vec<ApplyOutcome>> {
         self.check_usable()?;
         let disk = self.state.disk.clone();
-        let span = tracing::debug_span!("apply", disk = %disk, generation = batch.generation, seq = batch.seq);
+        let span = tracing::debug_span!("apply", disk = %disk, batches = batches.len());
         let _g = span.enter();
-        if batch.disk != disk {
-            return Err(TargetError::WrongDisk {
-                disk,
-                got: batch.disk.clone(),
-            });
-        }
-        if batch.generation < self.state.generation {
-            return Err(TargetError::StaleGeneration {
-                disk,
-                got: batch.generation,
-                current: self.state.generation,
-            });
-        }
-        if batch.generation == self.state.generation {
-            if batch.seq <= self.state.applied_seq {
-                debug!("replayed batch ignored");
-                return Ok(ApplyOutcome::Duplicate);
-            }
-            if batch.seq != self.state.applied_seq + 1 {
-                return Err(TargetError::Gap {
+        let (mut generation, mut applied) = (self.state.generation, self.state.applied_seq);
+        let mut outcomes = Vec::with_capacity(batches.len());
+        let mut redo_all = Vec::new();
+        let mut pending = ExtentSet::new();
+        let mut bytes = Vec::new();
+        for batch in batches {
+            if batch.disk != disk {
+                return Err(TargetError::WrongDisk {
                     disk,
-                    generation: batch.generation,
-                    got: batch.seq,
-                    expected: self.state.applied_seq + 1,
+                    got: batch.disk.clone(),
                 });
             }
+            if batch.generation < generation {
+                return Err(TargetError::StaleGeneration {
+                    disk,
+                    got: batch.generation,
+                    current: generation,
+                });
+            }
+            if batch.generation == generation {
+                if batch.seq <= applied {
+                    debug!(seq = batch.seq, "replayed batch ignored");
+                    outcomes.push(ApplyOutcome::Duplicate);
+                    continue;
+                }
+                if batch.seq != applied + 1 {
+                    return Err(TargetError::Gap {
+                        disk,
+                        generation: batch.generation,
+                        got: batch.seq,
+                        expected: applied + 1,
+                    });
+                }
+            }
+            // A newer generation starts a new sequence space: accept it as the next batch.
+            let redo = verify_batch(batch, &disk, self.state.size)?;
+            // Reading undo data writes nothing, so a failure here leaves the store usable.
+            let undo = self.capture_undo(&redo, &mut pending)?;
+            bytes.extend_from_slice(&wal::encode_parts(
+                self.state.wal_epoch,
+                batch.generation,
+                batch.seq,
+                &batch.chunks,
+                &undo,
+            ));
+            redo_all.push(redo);
+            generation = batch.generation;
+            applied = batch.seq;
+            outcomes.push(ApplyOutcome::Applied);
         }
-        // A newer generation starts a new sequence space: accept it as the next batch.
-        let redo = verify_batch(batch, &disk, self.state.size)?;
-        // Reading undo data writes nothing, so a failure here leaves the store usable.
-        let (undo, pending) = self.capture_undo(&redo)?;
-        let bytes = wal::encode_parts(
-            self.state.wal_epoch,
-            batch.generation,
-            batch.seq,
-            &batch.chunks,
-            &undo,
-        );
-        self.journal(&bytes, batch.seq)?;
+        if redo_all.is_empty() {
+            return Ok(outcomes);
+        }
+        self.journal(&bytes, applied)?;
         self.guarded(|s| {
             let f = s.opts.faults.clone();
-            for c in &redo {
+            for c in redo_all.iter().flatten() {
                 s.replica.write_at(&f, &c.data, c.offset)?;
             }
             for (a, b) in pending.iter() {
                 s.cover.insert(a, b);
             }
-            s.state.generation = batch.generation;
-            s.state.applied_seq = batch.seq;
+            s.state.generation = generation;
+            s.state.applied_seq = applied;
             let cid = s.cid();
             s.replica.set_cid(&f, cid, false)?;
             if s.wal_pos >= s.opts.checkpoint_bytes {
                 s.checkpoint_inner()?;
             }
-            Ok(ApplyOutcome::Applied)
+            Ok(outcomes)
         })
     }
 
     /// The current contents of every range of `redo` that the open point has
-    /// not saved yet, and those ranges.
-    fn capture_undo(&self, redo: &[PlainChunk]) -> Result<(Vec<PlainChunk>, ExtentSet)> {
+    /// not saved yet (neither in its segment, nor in the journal, nor earlier
+    /// in this group: `pending`), adding those ranges to `pending`.
+    fn capture_undo(
+        &self,
+        redo: &[PlainChunk],
+        pending: &mut ExtentSet,
+    ) -> Result<Vec<PlainChunk>> {
         let mut undo = Vec::new();
-        let mut pending = ExtentSet::new();
         if self.open_seg.is_none() {
-            return Ok((undo, pending));
+            return Ok(undo);
         }
         for c in redo {
             let end = c.offset + c.data.len() as u64;
@@ -606,7 +634,7 @@ impl DiskStore {
             }
             pending.insert(c.offset, end);
         }
-        Ok((undo, pending))
+        Ok(undo)
     }
 
     /// Appends `rec` to the journal and syncs it. On ENOSPC the journal

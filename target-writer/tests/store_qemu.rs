@@ -418,3 +418,45 @@ fn reads_beyond_the_disk_end_are_refused() {
     ));
     assert!(img.read_at(&mut buf, u64::MAX - 10).is_err());
 }
+
+#[test]
+fn a_group_of_batches_is_applied_in_order_and_one_bad_batch_rejects_the_group() {
+    let tmp = fast_tempdir();
+    let mut s = DiskStore::create(tmp.path(), DISK, SIZE, now_ms(), opts(8 << 20)).unwrap();
+    let mut rng = StdRng::seed_from_u64(12);
+    let b: Vec<_> = (1..=8).map(|q| random_batch(&mut rng, q, SIZE)).collect();
+    s.apply(&b[0]).unwrap();
+    s.create_point(Consistency::CrashConsistent, now_ms())
+        .unwrap();
+    // Batches 2..=5 with a bad chunk in 5: nothing of 2..=4 is written either.
+    let mut group = b[1..5].to_vec();
+    group[3].chunks[0].hash[0] ^= 1;
+    let before = replica_bytes(s.dir());
+    assert!(matches!(
+        s.apply_many(&group).unwrap_err(),
+        TargetError::HashMismatch { .. }
+    ));
+    assert_eq!(s.applied_seq(), 1);
+    assert_eq!(first_diff(&replica_bytes(s.dir()), &before), None);
+    // A good group, including a replay of batch 1, goes through in order.
+    let out = s.apply_many(&b[0..8]).unwrap();
+    assert_eq!(out[0], blockferry_target::ApplyOutcome::Duplicate);
+    assert!(
+        out[1..]
+            .iter()
+            .all(|o| *o == blockferry_target::ApplyOutcome::Applied)
+    );
+    assert_eq!(s.applied_seq(), 8);
+    assert_eq!(
+        first_diff(&replica_bytes(s.dir()), &model_at(&b, SIZE, 8)),
+        None
+    );
+    // The point still reads as the disk after batch 1, also after a reopen.
+    drop(s);
+    let mut s = DiskStore::open(tmp.path(), DISK, opts(1 << 20)).unwrap();
+    let id = s.points()[0].id;
+    let img = s.point_image(id).unwrap();
+    let mut got = vec![0u8; SIZE as usize];
+    img.read_at(&mut got, 0).unwrap();
+    assert_eq!(first_diff(&got, &model_at(&b, SIZE, 1)), None);
+}
