@@ -9,6 +9,25 @@
 //! proves the write order at an arbitrary moment), retention after each new
 //! point, and answers to checksum-resync requests from a hash tree of the
 //! replica built on demand and cached until the next write.
+//!
+//! Config (`target.toml`; relative paths are taken from its directory):
+//!
+//! ```toml
+//! listen = "0.0.0.0:7411"      # port 0 picks one; printed as `listening quic=…`
+//! store = "target-store"       # one directory per disk id
+//! ca = "pki/ca.crt"
+//! cert = "pki/target.crt"
+//! key = "pki/target.key"
+//! # revocation_list = "pki/revoked.txt"
+//! # loopback_tuning = false
+//! # peers = ["relay"]          # certificate names allowed to send
+//! # point_every_secs = 600     # scheduled points; 0 = only barriers
+//! # resync_chunk_kib = 64      # the agents' chunk_size_kib
+//! # checkpoint_mib = 64
+//! # [retention]
+//! # keep_all_secs = 3600
+//! # tiers = [{ every_secs = 600, up_to_secs = 86400 }, { every_secs = 86400, up_to_secs = 604800 }]
+//! ```
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -478,4 +497,50 @@ pub async fn start(
         server.close(0u32.into(), b"target stopping");
     });
     Ok(TargetHandle { listen_addr, serve })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_resolves_paths_and_reads_retention() {
+        let cfg = ServeConfig::parse(
+            r#"
+listen = "127.0.0.1:0"
+store = "s"
+ca = "/etc/bf/ca.crt"
+cert = "b"
+key = "c"
+point_every_secs = 0
+[retention]
+keep_all_secs = 60
+tiers = [{ every_secs = 600, up_to_secs = 86400 }]
+"#,
+            Path::new("/base"),
+        )
+        .unwrap();
+        assert_eq!(cfg.store, Path::new("/base/s"));
+        assert_eq!(cfg.ca, Path::new("/etc/bf/ca.crt"));
+        assert_eq!(cfg.retention.keep_all_secs, 60);
+        assert_eq!(cfg.retention.tiers.len(), 1);
+        assert!(cfg.peers.contains("relay"));
+        assert_eq!(cfg.resync_chunk_size, 65536);
+    }
+
+    #[test]
+    fn config_errors_say_what_to_write() {
+        let e = ServeConfig::parse(
+            "listen = \"nowhere\"\nstore = \"s\"\nca = \"a\"\ncert = \"b\"\nkey = \"c\"\n",
+            Path::new("."),
+        )
+        .unwrap_err();
+        assert!(e.contains("IP:PORT"), "{e}");
+        let e = ServeConfig::parse(
+            "listen = \"127.0.0.1:1\"\nstore = \"s\"\nca = \"a\"\ncert = \"b\"\nkey = \"c\"\nbogus = 1\n",
+            Path::new("."),
+        )
+        .unwrap_err();
+        assert!(e.contains("bogus"), "{e}");
+    }
 }

@@ -9,7 +9,11 @@
 //!    batch overwrites for the first time since that point (undo).
 //! 3. Append one journal record (redo + undo) and fdatasync it. From here the
 //!    batch is durable: the caller may ack.
-//! 4. Write the blocks in place (page cache; synced at the next checkpoint).
+//! 4. Write the blocks in place (page cache, writeback started; synced at
+//!    the next checkpoint) and rewrite the descriptor's CID in place.
+//!
+//! [`DiskStore::apply_many`] does this for a run of batches with one sync
+//! (group commit); each batch stays its own journal record.
 //!
 //! A checkpoint (when the journal passes a size, at each recovery point, on
 //! close and on open) appends the journalled undo to the open segment and
