@@ -143,7 +143,16 @@ pub fn first_diff(a: &[u8], b: &[u8]) -> Option<usize> {
 /// injected (not real), where thousands of real fsyncs would only cost time.
 pub fn fast_tempdir() -> tempfile::TempDir {
     let shm = Path::new("/dev/shm");
-    if shm.is_dir()
+    // Containers often give /dev/shm only 64 MiB: use it only when roomy.
+    let avail_kib = Command::new("df")
+        .args(["-k", "--output=avail"])
+        .arg(shm)
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|t| t.lines().nth(1).and_then(|l| l.trim().parse::<u64>().ok()))
+        .unwrap_or(0);
+    if avail_kib >= 512 << 10
         && let Ok(d) = tempfile::tempdir_in(shm)
     {
         return d;
