@@ -398,7 +398,8 @@ impl Service {
         for d in &mut self.disks {
             let progress = d.channel.progress().borrow().clone();
             d.durable = progress.durable;
-            d.rpo.handle_ack(progress.durable.0);
+            // The RPO runs until the write is durable at the replica, not at the relay.
+            d.rpo.handle_ack(progress.replica.0);
             if let Some(err) = &progress.last_error {
                 d.error = Some(err.clone());
             }
@@ -627,6 +628,7 @@ impl Service {
                 resync_hash_bytes: d.resync_hash_bytes,
                 last_resync: d.state.last_resync,
                 durable_seq: progress.durable.0,
+                replica_seq: progress.replica.0,
                 last_error: d.error.clone().or(progress.last_error),
             });
         }
@@ -654,7 +656,7 @@ impl Service {
                     return false;
                 }
                 d.durable = progress.durable;
-                d.rpo.handle_ack(progress.durable.0);
+                d.rpo.handle_ack(progress.replica.0);
                 Self::advance_sync(d);
                 // The initial sync is not finished at a stop: it resumes later.
                 d.sync_next = None;

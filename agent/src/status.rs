@@ -19,6 +19,7 @@ pub struct Status {
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct DiskStatus {
     pub id: String,
     pub device: String,
@@ -42,7 +43,10 @@ pub struct DiskStatus {
     pub resync_hash_bytes: u64,
     /// Last completed resync, Unix seconds.
     pub last_resync: Option<u64>,
+    /// Everything through this sequence is durable at the relay...
     pub durable_seq: u64,
+    /// ... and through this one at the replica.
+    pub replica_seq: u64,
     pub last_error: Option<String>,
 }
 

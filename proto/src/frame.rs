@@ -234,6 +234,8 @@ pub struct HelloReply {
     pub generation: Generation,
     /// Everything up to and including this sequence is durable at the receiver.
     pub durable_seq: Seq,
+    /// ... and through this one at the replica at the end of the chain.
+    pub replica_seq: Seq,
 }
 
 /// A batch of changed chunks of one disk.
@@ -257,12 +259,16 @@ pub struct Barrier {
     pub timestamp_ns: u64,
 }
 
-/// Everything of `disk` up to and including `durable_seq` is durable.
+/// Everything of `disk` up to and including `durable_seq` is durable at the
+/// peer, and up to `replica_seq` durable at the replica (the end of the chain:
+/// a target acks with both equal; a relay reports what its target has). The
+/// agent's RPO counts until a write is durable at the replica.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Ack {
     pub disk: DiskId,
     pub generation: Generation,
     pub durable_seq: Seq,
+    pub replica_seq: Seq,
 }
 
 /// Why a frame was refused.
@@ -488,7 +494,7 @@ impl Frame {
     fn payload_len(&self) -> usize {
         match self {
             Frame::Hello(f) => 2 + f.agent.len() + 16 + 8 + 8 + 8 + 8,
-            Frame::HelloReply(_) => 16 + 8 + 8,
+            Frame::HelloReply(_) => 16 + 8 + 8 + 8,
             Frame::Batch(f) => {
                 BATCH_HEADER_LEN
                     + f.chunks
@@ -497,7 +503,7 @@ impl Frame {
                         .sum::<usize>()
             }
             Frame::Barrier(_) => 16 + 8 + 8 + 1 + 8,
-            Frame::Ack(_) => 16 + 8 + 8,
+            Frame::Ack(_) => 16 + 8 + 8 + 8,
             Frame::Nack(_) => 16 + 8 + 8 + 2 + 8,
             Frame::HashRequest(f) => 16 + 8 + 8 + 4 + f.ranges.len() * 16,
             Frame::HashReply(f) => 16 + 8 + 8 + 4 + f.digests.len() * (16 + 32),
@@ -561,6 +567,7 @@ impl Frame {
                 buf.put_slice(f.disk.as_bytes());
                 buf.put_u64(f.generation.0);
                 buf.put_u64(f.durable_seq.0);
+                buf.put_u64(f.replica_seq.0);
             }
             Frame::Batch(f) => {
                 buf.put_slice(f.disk.as_bytes());
@@ -587,6 +594,7 @@ impl Frame {
                 buf.put_slice(f.disk.as_bytes());
                 buf.put_u64(f.generation.0);
                 buf.put_u64(f.durable_seq.0);
+                buf.put_u64(f.replica_seq.0);
             }
             Frame::Nack(f) => {
                 buf.put_slice(f.disk.as_bytes());
@@ -869,6 +877,7 @@ fn decode_payload(ty: FrameType, payload: Bytes) -> Result<Frame, DecodeError> {
             disk: r.disk()?,
             generation: Generation(r.u64("generation")?),
             durable_seq: Seq(r.u64("durable sequence")?),
+            replica_seq: Seq(r.u64("replica sequence")?),
         }),
         FrameType::Batch => {
             let disk = r.disk()?;
@@ -915,6 +924,7 @@ fn decode_payload(ty: FrameType, payload: Bytes) -> Result<Frame, DecodeError> {
             disk: r.disk()?,
             generation: Generation(r.u64("generation")?),
             durable_seq: Seq(r.u64("durable sequence")?),
+            replica_seq: Seq(r.u64("replica sequence")?),
         }),
         FrameType::Nack => {
             let disk = r.disk()?;
@@ -1015,6 +1025,7 @@ mod tests {
             disk: DiskId([7; 16]),
             generation: Generation(3),
             durable_seq: Seq(42),
+            replica_seq: Seq(40),
         })
     }
 

@@ -162,6 +162,9 @@ pub struct DiskReceiver {
     hello_pending: bool,
     ack_pending: bool,
     outbox: VecDeque<Frame>,
+    /// What the next hop reported durable at the replica; `None` when this
+    /// receiver's own durability is the replica's (the target).
+    replica: Option<Seq>,
 }
 
 impl DiskReceiver {
@@ -187,6 +190,7 @@ impl DiskReceiver {
             hello_pending: false,
             ack_pending: false,
             outbox: VecDeque::new(),
+            replica: None,
         }
     }
 
@@ -335,6 +339,23 @@ impl DiskReceiver {
         self.ack_pending = true;
     }
 
+    /// A forwarding shell (the relay) learned that the replica further down has
+    /// everything through `seq` durable: the next ack tells the sender, whose
+    /// RPO runs until then.
+    pub fn handle_replica_durable(&mut self, seq: Seq) {
+        let old = self.replica_seq();
+        let new = self.replica.map_or(seq, |r| r.max(seq));
+        self.replica = Some(new);
+        if self.replica_seq() != old {
+            self.ack_pending = true;
+        }
+    }
+
+    /// Through which sequence the replica is durable, as far as this receiver knows.
+    pub fn replica_seq(&self) -> Seq {
+        self.replica.map_or(self.durable, |r| r.min(self.durable))
+    }
+
     /// The shell could not persist what it was handed after the durable
     /// sequence: those frames count as never received, and are accepted again.
     pub fn handle_persist_failed(&mut self) {
@@ -356,6 +377,7 @@ impl DiskReceiver {
                 disk: self.disk,
                 generation: self.durable_generation,
                 durable_seq: self.durable,
+                replica_seq: self.replica_seq(),
             }));
         }
         if let Some(f) = self.outbox.pop_front() {
@@ -367,6 +389,7 @@ impl DiskReceiver {
                 disk: self.disk,
                 generation: self.durable_generation,
                 durable_seq: self.durable,
+                replica_seq: self.replica_seq(),
             }));
         }
         None
@@ -419,6 +442,28 @@ mod tests {
         assert!(matches!(r.poll_transmit(), Some(Frame::Ack(a)) if a.durable_seq == Seq(1)));
         assert_eq!(r.handle_frame(barrier(1)), Ok(None));
         assert!(matches!(r.poll_transmit(), Some(Frame::Ack(a)) if a.durable_seq == Seq(1)));
+    }
+
+    #[test]
+    fn acks_carry_the_replica_position() {
+        // A target is the replica: both positions move together.
+        let mut t = greeted();
+        t.handle_frame(barrier(1)).unwrap();
+        t.handle_durable(Seq(1));
+        assert!(matches!(t.poll_transmit(),
+            Some(Frame::Ack(a)) if a.durable_seq == Seq(1) && a.replica_seq == Seq(1)));
+        // A relay reports what its target has, and acks again when only that moves.
+        let mut r = greeted();
+        r.handle_frame(barrier(1)).unwrap();
+        r.handle_frame(barrier(2)).unwrap();
+        r.handle_replica_durable(Seq::ZERO);
+        r.handle_durable(Seq(2));
+        assert!(matches!(r.poll_transmit(),
+            Some(Frame::Ack(a)) if a.durable_seq == Seq(2) && a.replica_seq == Seq::ZERO));
+        r.handle_replica_durable(Seq(2));
+        assert!(matches!(r.poll_transmit(),
+            Some(Frame::Ack(a)) if a.durable_seq == Seq(2) && a.replica_seq == Seq(2)));
+        assert_eq!(r.poll_transmit(), None);
     }
 
     #[test]

@@ -154,6 +154,8 @@ pub struct DiskSender {
     held_bytes: usize,
     /// Highest sequence the peer reported durable.
     durable: Seq,
+    /// Highest sequence the peer reported durable at the replica.
+    replica: Seq,
     /// Next sequence to transmit; frames below it were sent on this link.
     send_next: Seq,
     link: Link,
@@ -184,6 +186,7 @@ impl DiskSender {
             held: VecDeque::new(),
             held_bytes: 0,
             durable: Seq::ZERO,
+            replica: Seq::ZERO,
             send_next: Seq(1),
             link: Link::Down,
             hello_queued: false,
@@ -216,6 +219,11 @@ impl DiskSender {
     }
 
     /// Highest sequence the peer acked durable.
+    /// Through which sequence the replica at the end of the chain is durable.
+    pub fn replica_seq(&self) -> Seq {
+        self.replica
+    }
+
     pub fn durable_seq(&self) -> Seq {
         self.durable
     }
@@ -414,6 +422,7 @@ impl DiskSender {
         }
         self.link = Link::Up;
         self.rto_base = None;
+        self.replica = self.replica.max(r.replica_seq.min(r.durable_seq));
         let fresh = self.numbering == (Numbering::Assign { confirmed: false });
         if r.generation > self.generation {
             if fresh {
@@ -483,7 +492,12 @@ impl DiskSender {
     }
 
     fn handle_ack(&mut self, a: Ack, now: Instant) -> Result<(), SenderError> {
-        if self.link != Link::Up || a.durable_seq <= self.durable {
+        if self.link != Link::Up {
+            return Ok(());
+        }
+        // The replica is never ahead of what the peer holds durable.
+        self.replica = self.replica.max(a.replica_seq.min(a.durable_seq));
+        if a.durable_seq <= self.durable {
             return Ok(());
         }
         let sent = Seq(self.send_next.0.saturating_sub(1));
@@ -690,6 +704,7 @@ mod tests {
             disk: D,
             generation: Generation(1),
             durable_seq: Seq(durable),
+            replica_seq: Seq(durable),
         })
     }
 
@@ -698,6 +713,7 @@ mod tests {
             disk: D,
             generation: Generation(1),
             durable_seq: Seq(durable),
+            replica_seq: Seq(durable),
         })
     }
 

@@ -18,10 +18,10 @@ use blockferry_proto::{
 use blockferry_transport::sink::{self, Accepted, DiskState, FrameSink, ServeOptions, SinkError};
 use blockferry_transport::tls::load_certs;
 use blockferry_transport::{
-    ChannelError, Connector, DiskChannel, PeerIdentity, RevocationList, TlsIdentity, Tuning,
-    client_config, client_endpoint, server_config, server_endpoint_for,
+    ChannelError, Connector, DiskChannel, PeerIdentity, Progress, RevocationList, TlsIdentity,
+    Tuning, client_config, client_endpoint, server_config, server_endpoint_for,
 };
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -533,6 +533,11 @@ impl FrameSink for RelaySink {
         }
         shared.forwarder(disk, None).wake.notify_one();
         Ok(())
+    }
+
+    fn replica_progress(&self, disk: DiskId) -> Option<watch::Receiver<Progress>> {
+        // Agents learn what the target has durable through this relay's acks.
+        Some(self.shared.forwarder(disk, None).channel.progress())
     }
 
     async fn hash_ranges(

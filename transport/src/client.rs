@@ -92,6 +92,9 @@ impl Connector {
 pub struct Progress {
     /// Everything through this sequence is durable at the peer.
     pub durable: Seq,
+    /// Everything through this sequence is durable at the replica at the end
+    /// of the chain (equal to `durable` when the peer is the target).
+    pub replica: Seq,
     /// Last sequence pushed.
     pub last: Seq,
     pub connected: bool,
@@ -300,15 +303,16 @@ impl Task {
         self.progress.send_if_modified(|p| {
             let new = (
                 s.durable_seq(),
+                s.replica_seq(),
                 s.last_seq(),
                 s.is_connected(),
                 s.unacked_bytes(),
             );
-            let old = (p.durable, p.last, p.connected, p.unacked_bytes);
+            let old = (p.durable, p.replica, p.last, p.connected, p.unacked_bytes);
             if new == old {
                 return false;
             }
-            (p.durable, p.last, p.connected, p.unacked_bytes) = new;
+            (p.durable, p.replica, p.last, p.connected, p.unacked_bytes) = new;
             true
         });
     }

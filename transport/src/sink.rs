@@ -77,6 +77,13 @@ pub trait FrameSink: Send + Sync + 'static {
         frames: Vec<Accepted>,
     ) -> impl Future<Output = Result<(), SinkError>> + Send;
 
+    /// For a sink that forwards (the relay): the progress of its channel to the
+    /// next hop, whose `replica` field says through which sequence the replica
+    /// has `disk` durable. The default, `None`, means this sink is the replica.
+    fn replica_progress(&self, _disk: DiskId) -> Option<watch::Receiver<crate::client::Progress>> {
+        None
+    }
+
     /// Answers a checksum-resync request.
     fn hash_ranges(
         &self,
@@ -284,11 +291,21 @@ async fn serve_stream<S: FrameSink>(
         let apply_task = tokio::spawn(
             apply_loop(sink.clone(), disk, apply_rx, durable_tx, opts.clone()).in_current_span(),
         );
+        // A forwarding sink (the relay) reports what the replica further down
+        // has durable, so the sender's RPO runs until the write is there.
+        let mut replica = sink.replica_progress(disk);
+        if let Some(w) = replica.as_mut() {
+            rx.handle_replica_durable(w.borrow_and_update().replica);
+        }
         let result = async {
             flush(&mut rx, &out_tx).await;
             loop {
                 tokio::select! {
                     _ = cancel.cancelled() => return Ok(()),
+                    r = replica_changed(&mut replica) => match r {
+                        Some(seq) => rx.handle_replica_durable(seq),
+                        None => replica = None,
+                    },
                     d = durable_rx.recv() => match d {
                         Some(Ok(seq)) => rx.handle_durable(seq),
                         Some(Err(e)) => return Err(e),
@@ -366,6 +383,18 @@ async fn serve_stream<S: FrameSink>(
     }
     .instrument(span)
     .await
+}
+
+/// The next replica position of a forwarding sink; never resolves for a sink
+/// that is the replica. `None` when the watch closed.
+async fn replica_changed(w: &mut Option<watch::Receiver<crate::client::Progress>>) -> Option<Seq> {
+    match w {
+        Some(w) => match w.changed().await {
+            Ok(()) => Some(w.borrow_and_update().replica),
+            Err(_) => None,
+        },
+        None => std::future::pending().await,
+    }
 }
 
 /// The live stream of each disk.

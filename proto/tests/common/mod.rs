@@ -67,13 +67,16 @@ pub fn frame() -> impl Strategy<Value = Frame> {
                     })
                 }
             ),
-        (disk(), g.clone(), s.clone()).prop_map(|(disk, generation, durable_seq)| {
-            Frame::HelloReply(HelloReply {
-                disk,
-                generation,
-                durable_seq,
-            })
-        }),
+        (disk(), g.clone(), s.clone(), s.clone()).prop_map(
+            |(disk, generation, durable_seq, replica_seq)| {
+                Frame::HelloReply(HelloReply {
+                    disk,
+                    generation,
+                    durable_seq,
+                    replica_seq,
+                })
+            },
+        ),
         (
             disk(),
             g.clone(),
@@ -106,13 +109,16 @@ pub fn frame() -> impl Strategy<Value = Frame> {
                     timestamp_ns,
                 })
             }),
-        (disk(), g.clone(), s.clone()).prop_map(|(disk, generation, durable_seq)| {
-            Frame::Ack(Ack {
-                disk,
-                generation,
-                durable_seq,
-            })
-        }),
+        (disk(), g.clone(), s.clone(), s.clone()).prop_map(
+            |(disk, generation, durable_seq, replica_seq)| {
+                Frame::Ack(Ack {
+                    disk,
+                    generation,
+                    durable_seq,
+                    replica_seq,
+                })
+            },
+        ),
         (disk(), g.clone(), s.clone(), 0u16..5, any::<u64>()).prop_map(
             |(disk, generation, seq, code, arg)| {
                 let reason = match code {
