@@ -229,6 +229,7 @@ fn bad_relay_address_is_reported_and_replication_catches_up_once_fixed() {
         .expect("free port");
     site.write_agent_config(nowhere).expect("config");
     site.start_agent().expect("agent with a bad address");
+    site.wait_agent_ready(CATCH_UP).expect("agent tracking");
     dd_write(dev.path_str(), MIB, 3, 4, &[]);
     let deadline = std::time::Instant::now() + CATCH_UP;
     let reported = loop {

@@ -107,6 +107,7 @@ pub struct Site {
     target: Option<Child>,
     relay: Option<Child>,
     agent: Option<Child>,
+    agent_started_ms: u64,
     target_addr: Option<SocketAddr>,
     relay_addr: Option<SocketAddr>,
     pub metrics_addr: Option<SocketAddr>,
@@ -141,6 +142,7 @@ impl Site {
             target: None,
             relay: None,
             agent: None,
+            agent_started_ms: 0,
             target_addr: None,
             relay_addr: None,
             metrics_addr: None,
@@ -323,7 +325,28 @@ rpo_alert_seconds = 30
         // The agent prints nothing on stdout; keep the pipe from closing.
         std::mem::forget(out);
         self.agent = Some(child);
+        self.agent_started_ms = unix_ms();
         Ok(())
+    }
+
+    /// Waits until the agent started by [`Site::start_agent`] tracks its disks
+    /// (its first status snapshot comes after every disk is protected).
+    pub fn wait_agent_ready(&mut self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.agent_exited() {
+                bail!("the agent exited with {status}");
+            }
+            if let Ok(st) = self.agent_status()
+                && st["updated_ms"].as_u64().unwrap_or(0) >= self.agent_started_ms
+            {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("the agent wrote no status within {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// SIGKILL: the process gets no chance to save anything.
