@@ -317,7 +317,7 @@ impl Service {
         self.disks.iter_mut().find(|d| d.dev == dev)
     }
 
-    fn handle_notices(&mut self, _tracker: &mut Tracker, notices: Vec<Notice>) {
+    fn handle_notices(&mut self, tracker: &mut Tracker, notices: Vec<Notice>) {
         let now = Instant::now();
         for n in notices {
             match n {
@@ -328,11 +328,29 @@ impl Service {
                 }
                 Notice::Flush { .. } => {}
                 Notice::Resync { device, dropped } => {
+                    let size = tracker.device(device).map(|i| i.size_bytes());
                     if let Some(d) = self.disk_of(device) {
-                        tracing::error!(disk = %d.cfg.id, dropped,
-                            "tracker lost events: resyncing the disk by checksum");
                         d.rpo.handle_dirty(now);
-                        d.resync_wanted = Some("the tracker lost events");
+                        match size {
+                            Some(size) if size != d.size => {
+                                // The replica keeps its size: what lies past it is
+                                // not shipped until the disk is protected again.
+                                let msg = format!(
+                                    "{} changed size from {} to {size} bytes; the replica keeps its {} bytes (growing a replica is not supported yet)",
+                                    d.cfg.path.display(),
+                                    d.size,
+                                    d.size
+                                );
+                                tracing::error!(disk = %d.cfg.id, "{msg}");
+                                d.error = Some(msg);
+                                d.resync_wanted = Some("the disk changed size");
+                            }
+                            _ => {
+                                tracing::error!(disk = %d.cfg.id, dropped,
+                                    "tracker lost events: resyncing the disk by checksum");
+                                d.resync_wanted = Some("the tracker lost events");
+                            }
+                        }
                     }
                 }
             }
