@@ -39,6 +39,22 @@ struct {
 	__type(value, __u64);
 } bf_drops SEC(".maps");
 
+/* Never touched by the programs: they exist so that, pinned, they carry the
+ * agent's bookkeeping across restarts (see agent/src/tracker/pin.rs). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, BF_MAX_DISKS);
+	__type(key, __u32);
+	__type(value, __u64);
+} bf_seen SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} bf_build SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, BF_KC_COUNT);

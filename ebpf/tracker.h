@@ -17,6 +17,9 @@
 #define BF_MAP_PROTECTED "bf_protected" /* HASH: __u32 kernel dev_t -> struct bf_protect */
 #define BF_MAP_DROPS "bf_drops"         /* HASH: __u32 kernel dev_t -> __u64 failed reserves */
 #define BF_MAP_KCONSTS "bf_kconsts"     /* ARRAY: index BF_KC_* -> __u64 resolved enum value */
+/* Written by user space only, pinned with the rest so a restarted agent finds them: */
+#define BF_MAP_SEEN "bf_seen"   /* HASH: __u32 kernel dev_t -> __u64 drops user space accounted for */
+#define BF_MAP_BUILD "bf_build" /* ARRAY[1]: __u64 id of the object that created the pins */
 
 /* Ring buffer size in bytes (power of two, multiple of the page size). */
 #define BF_RINGBUF_BYTES 4194304

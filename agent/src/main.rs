@@ -42,6 +42,15 @@ enum Cmd {
     },
     /// Print a new random disk id for a `[[disk]]` entry of the configuration.
     NewDiskId,
+    /// Stop the kernel tracking that outlives the agent (uninstall): removes its pins.
+    Untrack {
+        /// Every device: the tracker's pins are removed and its programs detach.
+        #[arg(long, required = true)]
+        all: bool,
+        /// Where the tracker is pinned.
+        #[arg(long, default_value = tracker::DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+    },
 }
 
 #[derive(Args)]
@@ -104,6 +113,17 @@ fn main() -> Result<()> {
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| d.as_millis() as u64);
                 print!("{}", status::render(&st, now_ms));
+            }
+            Ok(())
+        }
+        Cmd::Untrack { all: _, pin_dir } => {
+            let removed = Tracker::remove_pins(&pin_dir).with_context(|| {
+                format!("cannot remove the tracker pins in {}", pin_dir.display())
+            })?;
+            if removed {
+                println!("tracking stopped: pins in {} removed", pin_dir.display());
+            } else {
+                println!("nothing pinned in {}", pin_dir.display());
             }
             Ok(())
         }

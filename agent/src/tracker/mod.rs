@@ -23,11 +23,12 @@
 pub mod abi;
 mod core;
 mod device;
+mod pin;
 mod report;
 mod ring;
 mod sys;
 
-use std::collections::VecDeque;
+use std::collections::{HashMap as StdHashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -36,6 +37,7 @@ pub use abi::{Op, Phase, RawEvent};
 pub use blockferry_proto::extent::ExtentSet;
 pub use core::{DeviceId, Notice, TrackerCore};
 pub use device::{DeviceInfo, KernelDev};
+pub use pin::{Continuity, DEFAULT_PIN_DIR};
 pub use report::{ProbeReport, notice_json, notice_text, probe};
 pub use sys::{BpfSource, Hook, check_prerequisites};
 
@@ -66,6 +68,9 @@ pub enum TrackerError {
     UnknownDevice(DeviceId),
 }
 
+/// A disk and the sector ranges the kernel reports of it.
+pub type DiskFilter = (KernelDev, Vec<Range<u64>>);
+
 /// Where kernel events come from: the seam between the tracker logic and the kernel.
 pub trait EventSource {
     /// Sets the sector ranges (absolute, on the whole disk) of `disk` that the
@@ -73,6 +78,21 @@ pub trait EventSource {
     fn set_filter(&mut self, disk: KernelDev, sectors: &[Range<u64>]) -> Result<(), TrackerError>;
     /// Events lost for `disk` so far (never decreases).
     fn drop_count(&self, disk: KernelDev) -> Result<u64, TrackerError>;
+    /// The drop count an earlier consumer of the same (pinned) kernel state
+    /// already accounted for; drops above it are news. A source that does not
+    /// outlive its process has no earlier consumer: the current count.
+    fn drop_baseline(&mut self, disk: KernelDev) -> Result<u64, TrackerError> {
+        self.drop_count(disk)
+    }
+    /// Records that drops up to `total` were reported, for the next consumer.
+    fn acknowledge_drops(&mut self, disk: KernelDev, total: u64) -> Result<(), TrackerError> {
+        let _ = (disk, total);
+        Ok(())
+    }
+    /// The filters in force now (set by this or an earlier consumer).
+    fn filters(&self) -> Result<Vec<DiskFilter>, TrackerError> {
+        Ok(Vec::new())
+    }
     /// Waits until events may be available.
     fn readable(&mut self) -> impl Future<Output = Result<(), TrackerError>> + Send;
     /// Moves every available event into `out`, without waiting.
@@ -95,6 +115,8 @@ pub struct MemorySource {
     pub geometry: std::collections::HashMap<KernelDev, DeviceInfo>,
     /// The filters last set, per disk.
     pub filters: std::collections::HashMap<KernelDev, Vec<Range<u64>>>,
+    /// Drops acknowledged per disk (what a pinned `bf_seen` holds).
+    pub acknowledged: std::collections::HashMap<KernelDev, u64>,
 }
 
 impl EventSource for MemorySource {
@@ -109,6 +131,19 @@ impl EventSource for MemorySource {
 
     fn drop_count(&self, disk: KernelDev) -> Result<u64, TrackerError> {
         Ok(self.drops.get(&disk).copied().unwrap_or(0))
+    }
+
+    fn drop_baseline(&mut self, disk: KernelDev) -> Result<u64, TrackerError> {
+        Ok(self.acknowledged.get(&disk).copied().unwrap_or(0))
+    }
+
+    fn acknowledge_drops(&mut self, disk: KernelDev, total: u64) -> Result<(), TrackerError> {
+        self.acknowledged.insert(disk, total);
+        Ok(())
+    }
+
+    fn filters(&self) -> Result<Vec<DiskFilter>, TrackerError> {
+        Ok(self.filters.iter().map(|(d, r)| (*d, r.clone())).collect())
     }
 
     async fn readable(&mut self) -> Result<(), TrackerError> {
@@ -137,6 +172,16 @@ pub struct Tracker<S: EventSource = BpfSource> {
     buf: Vec<RawEvent>,
     events_seen: u64,
     last_geometry_check: std::time::Instant,
+    /// Resumed from kernel state an earlier process left (pins).
+    resumed: bool,
+    /// Sector ranges the kernel filtered for an earlier process and this one
+    /// has not yet claimed (protect) or released (unprotect, `forget_inherited`):
+    /// kept in the filter so no write falls into a gap between processes.
+    inherited: StdHashMap<KernelDev, ExtentSet>,
+    /// Devices whose whole range was tracked by the kernel before this process.
+    carried: HashSet<DeviceId>,
+    /// Drop counts acknowledged to the source, per disk.
+    acked: StdHashMap<KernelDev, u64>,
 }
 
 /// How often `poll_now` looks for resized devices.
@@ -164,7 +209,64 @@ impl<S: EventSource> Tracker<S> {
             buf: Vec::with_capacity(4096),
             events_seen: 0,
             last_geometry_check: std::time::Instant::now(),
+            resumed: false,
+            inherited: StdHashMap::new(),
+            carried: HashSet::new(),
+            acked: StdHashMap::new(),
         }
+    }
+
+    /// A tracker continuing where an earlier consumer of `source` stopped: the
+    /// kernel state (filters, drop accounting, unread events) outlived it.
+    /// Protect every device before the first poll: events of devices not
+    /// protected yet are discarded.
+    pub fn resume(source: S) -> Result<Self, TrackerError> {
+        let mut inherited = StdHashMap::new();
+        for (disk, ranges) in source.filters()? {
+            let set: ExtentSet = ranges.into_iter().collect();
+            inherited.insert(disk, set);
+        }
+        let mut t = Tracker::with_source(source);
+        t.resumed = true;
+        t.inherited = inherited;
+        Ok(t)
+    }
+
+    /// Whether the kernel tracked this device without a gap since an earlier
+    /// process protected it: resumed from pins, its whole current range was in
+    /// the inherited filter, and no drop was seen since. Call after protecting
+    /// every device and one [`poll_now`](Self::poll_now) (which reports drops
+    /// made while no agent ran). `false`: resync the device.
+    pub fn continuous(&self, id: DeviceId) -> bool {
+        self.carried.contains(&id) && !self.core.needs_resync(id)
+    }
+
+    /// Whether this tracker resumed kernel state left by an earlier process.
+    pub fn is_resumed(&self) -> bool {
+        self.resumed
+    }
+
+    /// Stops filtering what an earlier process protected and this one did not
+    /// (call once every configured device is protected).
+    pub fn forget_inherited(&mut self) -> Result<(), TrackerError> {
+        let disks: Vec<KernelDev> = self.inherited.drain().map(|(d, _)| d).collect();
+        for disk in disks {
+            let filter = self.filter_for(disk);
+            self.source.set_filter(disk, &filter)?;
+        }
+        Ok(())
+    }
+
+    /// The kernel filter of `disk`: this process's devices plus what it inherited.
+    fn filter_for(&self, disk: KernelDev) -> Vec<Range<u64>> {
+        let mut set: ExtentSet = self.core.filter_for(disk).into_iter().collect();
+        if let Some(old) = self.inherited.get(&disk) {
+            set.extend_from(old);
+        }
+        if set.len() > abi::MAX_RANGES as usize {
+            return std::iter::once(0..u64::MAX).collect();
+        }
+        set.iter().collect()
     }
 
     pub fn source(&self) -> &S {
@@ -184,7 +286,24 @@ impl<S: EventSource> Tracker<S> {
     pub fn protect_device(&mut self, info: DeviceInfo) -> Result<DeviceId, TrackerError> {
         let disk = info.disk;
         let path = info.path.clone();
-        let drops_before = self.source.drop_count(disk)?;
+        let range = info.sector_range();
+        let carried = self.resumed
+            && self
+                .inherited
+                .get(&disk)
+                .is_some_and(|s| s.contains(range.clone()));
+        // A carried device's drops since the last acknowledgement happened
+        // while no agent ran: they are news, reported by the next poll.
+        let drops_before = if carried {
+            self.source.drop_baseline(disk)?
+        } else {
+            let n = self.source.drop_count(disk)?;
+            // Recorded before the filter lets events through, so the next
+            // process knows which drops this one never reported.
+            self.source.acknowledge_drops(disk, n)?;
+            self.acked.insert(disk, n);
+            n
+        };
         let id = self.core.add(info);
         // Old drops of this disk (another device of it protected earlier) are not news.
         self.core.handle_drops(disk, drops_before, &mut Vec::new());
@@ -194,11 +313,14 @@ impl<S: EventSource> Tracker<S> {
         {
             self.core.take_dirty(id, u64::MAX);
         }
-        if let Err(e) = self.source.set_filter(disk, &self.core.filter_for(disk)) {
+        if let Err(e) = self.source.set_filter(disk, &self.filter_for(disk)) {
             self.core.remove(id);
             return Err(e);
         }
-        tracing::info!(device = %path.display(), %disk, "protecting");
+        if carried {
+            self.carried.insert(id);
+        }
+        tracing::info!(device = %path.display(), %disk, carried, "protecting");
         Ok(id)
     }
 
@@ -213,8 +335,15 @@ impl<S: EventSource> Tracker<S> {
             .core
             .remove(id)
             .ok_or(TrackerError::UnknownDevice(id))?;
+        self.carried.remove(&id);
+        if let Some(old) = self.inherited.get_mut(&info.disk) {
+            old.remove(info.sector_range());
+            if old.is_empty() {
+                self.inherited.remove(&info.disk);
+            }
+        }
         self.source
-            .set_filter(info.disk, &self.core.filter_for(info.disk))?;
+            .set_filter(info.disk, &self.filter_for(info.disk))?;
         tracing::info!(device = %info.path.display(), "unprotected");
         Ok(dirty)
     }
@@ -244,6 +373,10 @@ impl<S: EventSource> Tracker<S> {
         for disk in disks {
             let n = self.source.drop_count(disk)?;
             self.core.handle_drops(disk, n, &mut out);
+            if self.acked.get(&disk) != Some(&n) {
+                self.source.acknowledge_drops(disk, n)?;
+                self.acked.insert(disk, n);
+            }
         }
         if self.last_geometry_check.elapsed() >= GEOMETRY_CHECK {
             out.extend(self.check_geometry()?);
@@ -269,10 +402,11 @@ impl<S: EventSource> Tracker<S> {
             let old_disk = self.core.info(id).map(|i| i.disk);
             if self.core.handle_geometry(id, &now, &mut out) {
                 if let Some(old) = old_disk.filter(|d| *d != now.disk) {
-                    self.source.set_filter(old, &self.core.filter_for(old))?;
+                    let filter = self.filter_for(old);
+                    self.source.set_filter(old, &filter)?;
                 }
-                self.source
-                    .set_filter(now.disk, &self.core.filter_for(now.disk))?;
+                let filter = self.filter_for(now.disk);
+                self.source.set_filter(now.disk, &filter)?;
             }
         }
         Ok(out)

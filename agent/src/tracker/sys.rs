@@ -9,12 +9,14 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 use aya::maps::{Array, HashMap, MapData, RingBuf};
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::tp_btf::BtfTracePointLinkId;
 use aya::programs::{BtfTracePoint, RawTracePoint, RawTracePointRunOptions, TestRun};
 use aya::{Btf, Ebpf, EbpfLoader};
 
 use super::abi::{self, RawEvent};
 use super::ring::Ring;
-use super::{DeviceInfo, EventSource, KernelDev, TrackerError};
+use super::{DeviceInfo, DiskFilter, EventSource, KernelDev, TrackerError};
 
 /// The compiled programs, built by `agent/build.rs` against this kernel's BTF.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracker.bpf.o"));
@@ -57,21 +59,27 @@ const HOOKS: [(&str, &str, &str, bool); 3] = [
 ];
 
 /// The real event source: the tracker programs loaded in this kernel. Dropping
-/// it detaches and unloads them.
+/// it detaches and unloads them, unless they are pinned (see `pin`): then they
+/// keep tracking until the pins are removed.
 #[derive(Debug)]
 pub struct BpfSource {
     ring: Ring,
     tick: Option<tokio::time::Interval>,
     protected: HashMap<MapData, u32, Filter>,
     drops: HashMap<MapData, u32, u64>,
+    /// Drops user space has accounted for, per disk; kept only when pinned.
+    seen: HashMap<MapData, u32, u64>,
+    /// Pinned: the drop accounting in `seen` must survive this process.
+    persistent: bool,
     /// Decoding failures (records of an unknown layout): a lost event, so they
     /// count as drops for every protected disk.
     pub undecodable: u64,
     hooks: Vec<Hook>,
     kconsts: Vec<(&'static str, Option<u64>)>,
     // Last: the programs (and their links) must outlive nothing above, and
-    // dropping the Ebpf detaches them.
-    _ebpf: Ebpf,
+    // dropping the Ebpf detaches the links that are not pinned. `None` when
+    // opened from pins: the kernel holds the programs through the pinned links.
+    _ebpf: Option<Ebpf>,
 }
 
 fn is_root() -> bool {
@@ -114,6 +122,21 @@ impl BpfSource {
     /// Like [`load`](Self::load) with a ring buffer of `bytes` (a power of two,
     /// at least the page size): small ones let tests provoke overflows.
     pub fn load_with_ring_bytes(bytes: u32) -> Result<BpfSource, TrackerError> {
+        Self::load_inner(bytes, None)
+    }
+
+    /// Loads, attaches, and pins the maps and links under `dir` (which exists,
+    /// on bpffs), then writes `build` into `bf_build`: the last step, so pins
+    /// without it are an unfinished set.
+    pub(super) fn load_pinned(
+        bytes: u32,
+        dir: &Path,
+        build: u64,
+    ) -> Result<BpfSource, TrackerError> {
+        Self::load_inner(bytes, Some((dir, build)))
+    }
+
+    fn load_inner(bytes: u32, pin: Option<(&Path, u64)>) -> Result<BpfSource, TrackerError> {
         check_prerequisites()?;
         let btf = Btf::from_sys_fs().map_err(|e| TrackerError::Kernel {
             what: "reading /sys/kernel/btf/vmlinux".into(),
@@ -130,7 +153,12 @@ impl BpfSource {
 
         let mut hooks = Vec::new();
         for (program, tracepoint, role, required) in HOOKS {
-            let error = attach(&mut ebpf, &btf, program, tracepoint).err();
+            let attached = attach(&mut ebpf, &btf, program, tracepoint);
+            let error = match (attached, pin) {
+                (Ok(id), Some((dir, _))) => pin_link(&mut ebpf, program, id, dir).err(),
+                (Ok(_), None) => None,
+                (Err(e), _) => Some(e),
+            };
             if let Some(e) = &error {
                 if required {
                     return Err(TrackerError::Kernel {
@@ -149,6 +177,19 @@ impl BpfSource {
             });
         }
         let kconsts = read_kconsts(&mut ebpf);
+        if let Some((dir, _)) = pin {
+            for name in super::pin::MAPS {
+                let map = ebpf.map(name).ok_or_else(|| TrackerError::Kernel {
+                    what: format!("map {name} missing from the tracker object"),
+                    source: "object and header disagree".into(),
+                })?;
+                let path = dir.join(name);
+                map.pin(&path).map_err(|e| TrackerError::Kernel {
+                    what: format!("pinning map {name} at {}", path.display()),
+                    source: Box::new(e),
+                })?;
+            }
+        }
 
         let take = |ebpf: &mut Ebpf, name: &str| {
             ebpf.take_map(name).ok_or_else(|| TrackerError::Kernel {
@@ -162,16 +203,102 @@ impl BpfSource {
             .map_err(|e| map_err(abi::MAP_PROTECTED, e))?;
         let drops = HashMap::try_from(take(&mut ebpf, abi::MAP_DROPS)?)
             .map_err(|e| map_err(abi::MAP_DROPS, e))?;
+        let seen = HashMap::try_from(take(&mut ebpf, abi::MAP_SEEN)?)
+            .map_err(|e| map_err(abi::MAP_SEEN, e))?;
+        if let Some((_, build)) = pin {
+            let mut stamp: Array<MapData, u64> = Array::try_from(take(&mut ebpf, abi::MAP_BUILD)?)
+                .map_err(|e| map_err(abi::MAP_BUILD, e))?;
+            stamp
+                .set(0, build, 0)
+                .map_err(|e| map_err(abi::MAP_BUILD, e))?;
+        }
         Ok(BpfSource {
             ring: Ring::Plain(ring),
             tick: None,
             protected,
             drops,
+            seen,
+            persistent: pin.is_some(),
             undecodable: 0,
             hooks,
             kconsts,
-            _ebpf: ebpf,
+            _ebpf: Some(ebpf),
         })
+    }
+
+    /// Opens the pins under `dir` left by an earlier process, without loading
+    /// or attaching anything. `Err` says why they cannot be used (the caller
+    /// removes them and loads afresh).
+    pub(super) fn open_pinned(dir: &Path, build: u64) -> Result<BpfSource, String> {
+        check_prerequisites().map_err(|e| e.to_string())?;
+        let open = |name: &str| {
+            MapData::from_pin(dir.join(name))
+                .and_then(aya::maps::Map::from_map_data)
+                .map_err(|e| format!("map {name}: {}", explain(&e)))
+        };
+        let stamp: Array<MapData, u64> = Array::try_from(open(abi::MAP_BUILD)?)
+            .map_err(|e| format!("map {}: {e}", abi::MAP_BUILD))?;
+        let found = stamp
+            .get(&0, 0)
+            .map_err(|e| format!("map {}: {e}", abi::MAP_BUILD))?;
+        if found == 0 {
+            return Err("the pins are an unfinished set (a previous start was interrupted)".into());
+        }
+        if found != build {
+            return Err(format!(
+                "the pins were made by another build of the tracker programs ({found:#x}, this \
+                 build is {build:#x})"
+            ));
+        }
+        // The typed views check key and value sizes against the pinned maps.
+        let ring = RingBuf::try_from(open(abi::MAP_EVENTS)?)
+            .map_err(|e| format!("map {}: {e}", abi::MAP_EVENTS))?;
+        let protected = HashMap::try_from(open(abi::MAP_PROTECTED)?)
+            .map_err(|e| format!("map {}: {e}", abi::MAP_PROTECTED))?;
+        let drops = HashMap::try_from(open(abi::MAP_DROPS)?)
+            .map_err(|e| format!("map {}: {e}", abi::MAP_DROPS))?;
+        let seen = HashMap::try_from(open(abi::MAP_SEEN)?)
+            .map_err(|e| format!("map {}: {e}", abi::MAP_SEEN))?;
+        let mut hooks = Vec::new();
+        for (program, tracepoint, role, required) in HOOKS {
+            let path = dir.join(super::pin::link_name(program));
+            // A pinned link of a tp_btf program stays attached as long as the
+            // pin exists: finding it is finding the hook attached.
+            let error = match PinnedLink::from_pin(&path) {
+                Ok(link) => match FdLink::from(link).info() {
+                    Ok(_) => None,
+                    Err(e) => Some(explain(&e)),
+                },
+                Err(e) => Some(explain(&e)),
+            };
+            if let (Some(e), true) = (&error, required) {
+                return Err(format!("the link of {program} (tp_btf/{tracepoint}): {e}"));
+            }
+            hooks.push(Hook {
+                program,
+                tracepoint,
+                role,
+                required,
+                error,
+            });
+        }
+        Ok(BpfSource {
+            ring: Ring::Plain(ring),
+            tick: None,
+            protected,
+            drops,
+            seen,
+            persistent: true,
+            undecodable: 0,
+            hooks,
+            kconsts: Vec::new(),
+            _ebpf: None,
+        })
+    }
+
+    /// The embedded object file.
+    pub(super) fn object() -> &'static [u8] {
+        OBJECT
     }
 
     /// The hooks and whether each attached.
@@ -185,14 +312,39 @@ impl BpfSource {
     }
 }
 
-fn attach(ebpf: &mut Ebpf, btf: &Btf, program: &str, tracepoint: &str) -> Result<(), String> {
+fn attach(
+    ebpf: &mut Ebpf,
+    btf: &Btf,
+    program: &str,
+    tracepoint: &str,
+) -> Result<BtfTracePointLinkId, String> {
     let prog: &mut BtfTracePoint = ebpf
         .program_mut(program)
         .ok_or_else(|| format!("program {program} missing from the object"))?
         .try_into()
         .map_err(|e| format!("{e}"))?;
     prog.load(tracepoint, btf).map_err(|e| explain(&e))?;
-    prog.attach().map_err(|e| explain(&e))?;
+    prog.attach().map_err(|e| explain(&e))
+}
+
+/// Moves the attachment out of aya's bookkeeping and pins it: from then on it
+/// stays attached after this process exits, until the pin is removed.
+fn pin_link(
+    ebpf: &mut Ebpf,
+    program: &str,
+    id: BtfTracePointLinkId,
+    dir: &Path,
+) -> Result<(), String> {
+    let prog: &mut BtfTracePoint = ebpf
+        .program_mut(program)
+        .ok_or_else(|| format!("program {program} missing from the object"))?
+        .try_into()
+        .map_err(|e| format!("{e}"))?;
+    let link = prog.take_link(id).map_err(|e| explain(&e))?;
+    let fd = FdLink::from(link);
+    let path = dir.join(super::pin::link_name(program));
+    fd.pin(&path)
+        .map_err(|e| format!("pinning at {}: {}", path.display(), explain(&e)))?;
     Ok(())
 }
 
@@ -284,6 +436,43 @@ impl EventSource for BpfSource {
         self.protected
             .insert(disk.0, filter, 0)
             .map_err(|e| map_err(abi::MAP_PROTECTED, e))
+    }
+
+    fn drop_baseline(&mut self, disk: KernelDev) -> Result<u64, TrackerError> {
+        if !self.persistent {
+            return self.drop_count(disk);
+        }
+        // No record of what an earlier process accounted for: every drop
+        // counted so far is news (a needless resync at worst, never a miss).
+        match self.seen.get(&disk.0, 0) {
+            Ok(n) => Ok(n.saturating_add(self.undecodable)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(self.undecodable),
+            Err(e) => Err(map_err(abi::MAP_SEEN, e)),
+        }
+    }
+
+    fn acknowledge_drops(&mut self, disk: KernelDev, total: u64) -> Result<(), TrackerError> {
+        if !self.persistent {
+            return Ok(());
+        }
+        // Only the kernel's part persists: undecodable records die with us.
+        self.seen
+            .insert(disk.0, total.saturating_sub(self.undecodable), 0)
+            .map_err(|e| map_err(abi::MAP_SEEN, e))
+    }
+
+    fn filters(&self) -> Result<Vec<DiskFilter>, TrackerError> {
+        let mut out = Vec::new();
+        for item in self.protected.iter() {
+            let (disk, filter) = item.map_err(|e| map_err(abi::MAP_PROTECTED, e))?;
+            let ranges = filter
+                .chunks_exact(2)
+                .filter(|p| p[0] < p[1])
+                .map(|p| p[0]..p[1])
+                .collect();
+            out.push((KernelDev(disk), ranges));
+        }
+        Ok(out)
     }
 
     fn drop_count(&self, disk: KernelDev) -> Result<u64, TrackerError> {
