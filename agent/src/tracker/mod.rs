@@ -557,6 +557,88 @@ mod tests {
         assert!(t.dirty(id).unwrap().is_empty());
     }
 
+    fn partition(n: u32, start: u64, sectors: u64) -> DeviceInfo {
+        DeviceInfo {
+            path: format!("/dev/loop3p{n}").into(),
+            dev: KernelDev::new(7, 3 + n),
+            disk: KernelDev::new(7, 3),
+            start_sector: start,
+            sectors,
+        }
+    }
+
+    /// Kernel state an earlier process left: both partitions filtered.
+    fn inherited_source() -> MemorySource {
+        let mut src = MemorySource::default();
+        src.filters
+            .insert(KernelDev::new(7, 3), vec![100..200, 300..400]);
+        src.acknowledged.insert(KernelDev::new(7, 3), 3);
+        src.drops.insert(KernelDev::new(7, 3), 3);
+        src
+    }
+
+    #[test]
+    fn resuming_keeps_inherited_filters_until_released() {
+        let mut t = Tracker::resume(inherited_source()).unwrap();
+        let p1 = t.protect_device(partition(1, 100, 100)).unwrap();
+        // The second partition, not protected yet, stays in the filter: no gap.
+        assert_eq!(
+            t.source().filters[&KernelDev::new(7, 3)],
+            vec![100..200, 300..400]
+        );
+        t.poll_now().unwrap();
+        assert!(t.continuous(p1));
+        t.forget_inherited().unwrap();
+        assert_eq!(t.source().filters[&KernelDev::new(7, 3)], vec![100..200]);
+        t.unprotect(p1).unwrap();
+        assert!(t.source().filters.is_empty());
+    }
+
+    #[test]
+    fn unprotect_releases_the_inherited_range_too() {
+        let mut t = Tracker::resume(inherited_source()).unwrap();
+        let p2 = t.protect_device(partition(2, 300, 100)).unwrap();
+        t.unprotect(p2).unwrap();
+        assert_eq!(t.source().filters[&KernelDev::new(7, 3)], vec![100..200]);
+    }
+
+    #[test]
+    fn a_device_outside_the_inherited_filter_is_not_continuous() {
+        let mut t = Tracker::resume(inherited_source()).unwrap();
+        // Grown while no agent ran: its new end was never filtered.
+        let p1 = t.protect_device(partition(1, 100, 150)).unwrap();
+        t.poll_now().unwrap();
+        assert!(!t.continuous(p1));
+        // A fresh tracker vouches for nothing.
+        let mut f = Tracker::with_source(MemorySource::default());
+        let id = f.protect_device(disk()).unwrap();
+        f.poll_now().unwrap();
+        assert!(!f.continuous(id));
+    }
+
+    #[test]
+    fn drops_while_no_agent_ran_are_reported_once() {
+        let mut src = inherited_source();
+        src.drops.insert(KernelDev::new(7, 3), 5);
+        let mut t = Tracker::resume(src).unwrap();
+        let p1 = t.protect_device(partition(1, 100, 100)).unwrap();
+        assert_eq!(
+            t.poll_now().unwrap(),
+            vec![Notice::Resync {
+                device: p1,
+                dropped: 5
+            }]
+        );
+        assert!(!t.continuous(p1));
+        assert_eq!(t.source().acknowledged[&KernelDev::new(7, 3)], 5);
+        // The next process starts from the acknowledged count.
+        let src = std::mem::take(t.source_mut());
+        let mut next = Tracker::resume(src).unwrap();
+        let p1 = next.protect_device(partition(1, 100, 100)).unwrap();
+        assert!(next.poll_now().unwrap().is_empty());
+        assert!(next.continuous(p1));
+    }
+
     #[test]
     fn unprotect_returns_the_dirty_set_and_clears_the_filter() {
         let mut t = Tracker::with_source(MemorySource::default());
