@@ -109,6 +109,61 @@ fn writes_while_no_agent_runs_reach_the_next_agent() {
     assert_eq!(dirty_after_poll(&mut b, id), one(12 * MIB..12 * MIB + 4096));
 }
 
+/// Run by `tracking_outlives_the_process_that_pinned_it` in a child process:
+/// loads persistently, protects the device and exits without any cleanup.
+#[test]
+#[ignore = "a helper run in a child process"]
+fn pin_child_protects_and_exits() {
+    let (Some(dir), Some(dev)) = (
+        std::env::var_os("BF_PIN_CHILD_DIR"),
+        std::env::var_os("BF_PIN_CHILD_DEV"),
+    ) else {
+        return;
+    };
+    let (mut t, _) = Tracker::load_persistent(Path::new(&dir)).expect("child: load and pin");
+    t.protect(Path::new(&dev)).expect("child: protect");
+    // Gone without dropping anything: what a crash or SIGKILL leaves behind.
+    std::process::exit(0);
+}
+
+#[test]
+fn tracking_outlives_the_process_that_pinned_it() {
+    if !require_root("tracking_outlives_the_process_that_pinned_it") {
+        return;
+    }
+    let disk = LoopDev::new(8 * MIB, true);
+    let pins = Pins::new("child");
+    let out = std::process::Command::new(std::env::current_exe().expect("test binary"))
+        .args([
+            "--exact",
+            "pin_child_protects_and_exits",
+            "--ignored",
+            "--test-threads=1",
+        ])
+        .env("BF_PIN_CHILD_DIR", pins.path())
+        .env("BF_PIN_CHILD_DEV", &disk.path)
+        .output()
+        .expect("run the child");
+    assert!(
+        out.status.success(),
+        "child failed: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(
+        pins.path().join("bf_events").exists(),
+        "the child pinned nothing"
+    );
+
+    // The process that attached the programs is gone.
+    dd_write(disk.path_str(), 4096, 2 * MIB / 4096, 2, &[]);
+
+    let (mut t, continuity) = Tracker::load_persistent(pins.path()).expect("resume");
+    assert_eq!(continuity, Continuity::Resumed);
+    let id = t.protect(&disk.path).expect("protect");
+    assert_eq!(dirty_after_poll(&mut t, id), one(2 * MIB..2 * MIB + 8192));
+    assert!(t.continuous(id));
+}
+
 #[test]
 fn removed_pins_mean_tracking_was_not_continuous() {
     if !require_root("removed_pins_mean_tracking_was_not_continuous") {
