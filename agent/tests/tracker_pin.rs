@@ -79,6 +79,15 @@ fn writes_while_no_agent_runs_reach_the_next_agent() {
     dd_write(dev, 4096, 0, 1, &[]);
     assert_eq!(dirty_after_poll(&mut a, id), one(0..4096));
     dd_write(dev, 4096, 3 * MIB / 4096, 1, &[]);
+    // One agent per pinned tracker: a second one, or an uninstall, is refused.
+    let second = Tracker::load_persistent(pins.path()).map(|_| ());
+    assert!(
+        second
+            .as_ref()
+            .is_err_and(|e| e.to_string().contains("another blockferry agent")),
+        "a second agent on the same pins: {second:?}"
+    );
+    assert!(Tracker::remove_pins(pins.path()).is_err());
     drop(a);
 
     // No tracker in any process now: these writes only the pinned programs see.

@@ -14,6 +14,11 @@
 //! Protect before the initial read: writes submitted before `protect` returns
 //! are not seen, the initial full read covers them.
 //!
+//! [`Tracker::load`] ties the programs to this process (the `track`
+//! diagnostic, tests); [`Tracker::load_persistent`] pins them in bpffs so the
+//! kernel keeps tracking while no agent runs, and the next process resumes
+//! the same ring buffer (`pin`, [`Continuity`], [`Tracker::continuous`]).
+//!
 //! The kernel wakes the agent only when its ring buffer fills up, and
 //! [`Tracker::next`] drains it every 10 ms (`BF_POLL_MS`) otherwise: the dirty
 //! sets lag the kernel by up to that. Code that must account for every write

@@ -171,9 +171,54 @@ fn any_pin(dir: &Path) -> bool {
         .any(|p| p.exists())
 }
 
-/// Removes the pins under `dir` and the directory: the programs detach and the
-/// maps are freed once no process holds them. Missing pins are fine.
-pub(super) fn remove_pins(dir: &Path) -> Result<bool, TrackerError> {
+/// Locks the pin directory (flock, released when the process dies): two
+/// agents sharing one pinned tracker would release each other's filters.
+fn lock_dir(dir: &Path) -> Result<std::fs::File, TrackerError> {
+    let f = std::fs::File::open(dir)
+        .map_err(|e| io_err(format!("opening the pin directory {}", dir.display()), e))?;
+    match f.try_lock() {
+        Ok(()) => Ok(f),
+        Err(std::fs::TryLockError::WouldBlock) => Err(TrackerError::Device {
+            path: dir.to_owned(),
+            what: "another blockferry agent is using this pinned tracker: stop it first \
+                   (or give this one its own pin directory)"
+                .into(),
+            source: None,
+        }),
+        Err(std::fs::TryLockError::Error(e)) => Err(io_err(
+            format!("locking the pin directory {}", dir.display()),
+            e,
+        )),
+    }
+}
+
+/// Removes the pins under `dir` and the directory, unless an agent uses them.
+fn remove_pins(dir: &Path) -> Result<bool, TrackerError> {
+    if !dir.exists() {
+        return Ok(false);
+    }
+    let _lock = lock_dir(dir)?;
+    let removed = remove_pin_files(dir)?;
+    match std::fs::remove_dir(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            return Err(io_err(
+                format!(
+                    "removing the pin directory {} (files other than blockferry's are in it?)",
+                    dir.display()
+                ),
+                e,
+            ));
+        }
+    }
+    Ok(removed)
+}
+
+/// Removes the pins under `dir`: the programs detach and the maps are freed
+/// once no process holds them. Missing pins are fine. The directory stays (its
+/// lock is held by the caller).
+fn remove_pin_files(dir: &Path) -> Result<bool, TrackerError> {
     let mut removed = false;
     // Links first: a write after that is not recorded, so stopping the
     // recording comes before freeing what it records into.
@@ -187,19 +232,6 @@ pub(super) fn remove_pins(dir: &Path) -> Result<bool, TrackerError> {
             Ok(()) => removed = true,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(io_err(format!("removing the pin {}", path.display()), e)),
-        }
-    }
-    match std::fs::remove_dir(dir) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => {
-            return Err(io_err(
-                format!(
-                    "removing the pin directory {} (files other than blockferry's are in it?)",
-                    dir.display()
-                ),
-                e,
-            ));
         }
     }
     Ok(removed)
@@ -224,10 +256,12 @@ impl Tracker<BpfSource> {
     ) -> Result<(Self, Continuity), TrackerError> {
         super::sys::check_prerequisites()?;
         ensure_bpffs(pin_dir)?;
+        let lock = lock_dir(pin_dir)?;
         let build = build_id();
         let continuity = if any_pin(pin_dir) {
             match BpfSource::open_pinned(pin_dir, build) {
-                Ok(source) => {
+                Ok(mut source) => {
+                    source.hold_lock(lock);
                     tracing::info!(pins = %pin_dir.display(), "resumed the pinned tracker");
                     return Ok((Tracker::resume(source)?, Continuity::Resumed));
                 }
@@ -237,8 +271,7 @@ impl Tracker<BpfSource> {
                         %reason,
                         "pinned tracker unusable: replacing it; every protected device needs a resync"
                     );
-                    remove_pins(pin_dir)?;
-                    ensure_bpffs(pin_dir)?;
+                    remove_pin_files(pin_dir)?;
                     Continuity::Replaced { reason }
                 }
             }
@@ -246,14 +279,15 @@ impl Tracker<BpfSource> {
             Continuity::Fresh
         };
         match BpfSource::load_pinned(bytes, pin_dir, build) {
-            Ok(source) => {
+            Ok(mut source) => {
+                source.hold_lock(lock);
                 tracing::info!(pins = %pin_dir.display(), "loaded and pinned the tracker");
                 Ok((Tracker::with_source(source), continuity))
             }
             Err(e) => {
                 // Half a set would be mistaken for an interrupted start next
                 // time anyway; leave nothing attached behind.
-                if let Err(rm) = remove_pins(pin_dir) {
+                if let Err(rm) = remove_pin_files(pin_dir) {
                     tracing::warn!(error = %rm, "cannot remove the partial pins");
                 }
                 Err(e)
@@ -262,8 +296,8 @@ impl Tracker<BpfSource> {
     }
 
     /// Removes the pinned tracker under `pin_dir` (uninstall, `untrack
-    /// --all`): tracking stops for every device. Returns whether anything was
-    /// pinned.
+    /// --all`): tracking stops for every device. Refused while an agent uses
+    /// it. Returns whether anything was pinned.
     pub fn remove_pins(pin_dir: &Path) -> Result<bool, TrackerError> {
         remove_pins(pin_dir)
     }

@@ -71,6 +71,8 @@ pub struct BpfSource {
     seen: HashMap<MapData, u32, u64>,
     /// Pinned: the drop accounting in `seen` must survive this process.
     persistent: bool,
+    /// The pin directory, locked: one agent per pinned tracker.
+    lock: Option<std::fs::File>,
     /// Decoding failures (records of an unknown layout): a lost event, so they
     /// count as drops for every protected disk.
     pub undecodable: u64,
@@ -222,6 +224,7 @@ impl BpfSource {
             undecodable: 0,
             hooks,
             kconsts,
+            lock: None,
             _ebpf: Some(ebpf),
         })
     }
@@ -292,8 +295,14 @@ impl BpfSource {
             undecodable: 0,
             hooks,
             kconsts: Vec::new(),
+            lock: None,
             _ebpf: None,
         })
+    }
+
+    /// Keeps the lock of the pin directory for as long as this source lives.
+    pub(super) fn hold_lock(&mut self, lock: std::fs::File) {
+        self.lock = Some(lock);
     }
 
     /// The embedded object file.
