@@ -136,6 +136,9 @@ pub struct Spool {
     sizes: HashMap<DiskId, u64>,
     /// Payload bytes of unreleased records.
     live_bytes: u64,
+    /// An append failed for lack of space: start a fresh segment as soon as
+    /// the active one is fully released, so its space can be given back.
+    starved: bool,
 }
 
 impl Spool {
@@ -172,6 +175,7 @@ impl Spool {
             acked,
             sizes,
             live_bytes: 0,
+            starved: false,
         };
         for id in ids {
             spool.load_segment(id)?;
@@ -308,7 +312,7 @@ impl Spool {
                 len: e.frame.len() as u32,
             });
         }
-        let result = (|| {
+        let result: Result<(), SpoolError> = (|| {
             seg.file
                 .write_all_at(&buf, start)
                 .map_err(|source| SpoolError::Io {
@@ -332,6 +336,9 @@ impl Spool {
             // boundary; if even that fails, open() cuts it by checksum.
             if let Err(t) = seg.file.set_len(start) {
                 tracing::error!(path = %seg.path.display(), offset = start, error = %t, "cannot cut a failed spool append");
+            }
+            if e.is_no_space() {
+                self.starved = true;
             }
             return Err(e);
         }
@@ -520,8 +527,10 @@ impl Spool {
             // rather than growing it forever.
             if let Some((_, seg)) = self.segments.last_key_value()
                 && seg.live == 0
-                && seg.len >= self.opts.segment_bytes
+                && seg.len > 0
+                && (seg.len >= self.opts.segment_bytes || self.starved)
             {
+                self.starved = false;
                 let next = active.unwrap_or(0) + 1;
                 self.new_segment(next)?;
                 return self.delete_empty_segments();
