@@ -25,6 +25,8 @@ pub enum ConfigError {
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     state_dir: PathBuf,
+    #[serde(default)]
+    tracker_pin_dir: Option<PathBuf>,
     relay: RawRelay,
     #[serde(default)]
     replication: RawReplication,
@@ -82,6 +84,8 @@ struct RawDisk {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub state_dir: PathBuf,
+    /// Where the tracker is pinned in bpffs, so tracking outlives the process.
+    pub tracker_pin_dir: PathBuf,
     pub relay: RelayConfig,
     pub replication: ReplicationConfig,
     pub disks: Vec<DiskConfig>,
@@ -202,8 +206,18 @@ impl Config {
             }
             disks.push(DiskConfig { id, path: d.path });
         }
+        let tracker_pin_dir = raw
+            .tracker_pin_dir
+            .unwrap_or_else(|| PathBuf::from(crate::tracker::DEFAULT_PIN_DIR));
+        if !tracker_pin_dir.starts_with("/sys/fs/bpf/") {
+            return Err(invalid(format!(
+                "tracker_pin_dir = {:?} must be a directory under /sys/fs/bpf (bpffs)",
+                tracker_pin_dir
+            )));
+        }
         Ok(Config {
             state_dir: anchor(&raw.state_dir),
+            tracker_pin_dir,
             relay: RelayConfig {
                 address,
                 server_name: raw.relay.server_name,

@@ -161,7 +161,15 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), Servic
         config.relay.server_name.clone(),
     );
 
-    let mut tracker = Tracker::load()?;
+    // Pinned: the kernel keeps tracking while this process is down, so a clean
+    // restart needs no resync and writes made meanwhile are not lost.
+    let (mut tracker, continuity) = Tracker::load_persistent(&config.tracker_pin_dir)?;
+    if !continuity.is_continuous() {
+        tracing::warn!(
+            ?continuity,
+            "kernel tracking was not continuous since the last run: known disks are compared by checksum"
+        );
+    }
     let (shipped_tx, mut shipped_rx) = mpsc::channel::<Shipped>(256);
     let mut disks = Vec::new();
     for (i, dc) in config.disks.iter().enumerate() {
@@ -189,6 +197,8 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), Servic
         let mut resync_wanted = None;
         if prev.is_some() && !was_clean {
             resync_wanted = Some("the last stop was not clean");
+        } else if prev.is_some() && !tracker.continuous(dev) {
+            resync_wanted = Some("kernel tracking was not continuous while the agent was down");
         }
         if ds.size != size {
             tracing::warn!(disk = %dc.id, old = ds.size, new = size, "disk size changed while the agent was down");
@@ -249,6 +259,7 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), Servic
     }
     drop(shipped_tx);
     store.save(&state)?;
+    tracker.forget_inherited()?;
 
     let mut svc = Service {
         config,

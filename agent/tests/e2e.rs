@@ -181,6 +181,35 @@ fn agent_killed_mid_replication_converges_without_full_copy() {
 }
 
 #[test]
+fn clean_restart_needs_no_resync_and_keeps_writes_made_while_down() {
+    if !require_root("clean_restart_needs_no_resync_and_keeps_writes_made_while_down") {
+        return;
+    }
+    let size = 64 * MIB;
+    let dev = LoopDev::new(size, true);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut site, disk) = site(dir.path(), &dev);
+    site.start_agent().expect("agent");
+    caught_up(&mut site);
+    let status = site.stop_agent().expect("clean stop");
+    assert!(status.success(), "the agent stopped with {status}");
+    // The kernel keeps tracking while no agent runs.
+    dd_write(dev.path_str(), 4096, 1000, 3, &[]);
+    dd_write(dev.path_str(), 4096, 9000, 1, &[]);
+    site.start_agent().expect("restart");
+    let st = caught_up(&mut site);
+    identical(&site, &disk);
+    assert!(
+        st["disks"][0]["last_resync"].is_null(),
+        "a clean restart needs no resync: {st}"
+    );
+    assert!(
+        status_u64(&st, "bytes_read") <= 4 * 64 * 1024,
+        "only the chunks written while the agent was down were read: {st}"
+    );
+}
+
+#[test]
 fn relay_and_target_killed_mid_replication_lose_nothing() {
     if !require_root("relay_and_target_killed_mid_replication_lose_nothing") {
         return;

@@ -163,6 +163,22 @@ impl Site {
             .join("replica.vmdk")
     }
 
+    /// The agent's tracker pins in bpffs: one directory per site, so sites can
+    /// run side by side; removed when the site is dropped.
+    pub fn pin_dir(&self) -> PathBuf {
+        let name = self
+            .dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        // bpffs refuses names with dots.
+        let name: String = name
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+            .collect();
+        PathBuf::from("/sys/fs/bpf").join(format!("blockferry-site{name}"))
+    }
+
     pub fn agent_state_dir(&self) -> PathBuf {
         self.dir.join("agent-state")
     }
@@ -228,6 +244,7 @@ disks = [{}]
     pub fn write_agent_config(&self, relay: SocketAddr) -> Result<()> {
         let mut text = format!(
             r#"state_dir = "agent-state"
+tracker_pin_dir = "{}"
 [relay]
 address = "{relay}"
 server_name = "relay"
@@ -239,7 +256,9 @@ chunk_size_kib = {}
 zstd_level = {}
 rpo_alert_seconds = 30
 "#,
-            self.opts.chunk_size_kib, self.opts.zstd_level
+            self.pin_dir().display(),
+            self.opts.chunk_size_kib,
+            self.opts.zstd_level
         );
         for d in &self.disks {
             text.push_str(&format!(
@@ -509,6 +528,22 @@ impl Drop for Site {
             }
             if let Err(e) = c.wait() {
                 eprintln!("cannot reap {}: {e}", c.id());
+            }
+        }
+        // The kernel programs outlive the agent by design: detach them.
+        if self.pin_dir().exists() {
+            let out = Command::new(self.bins.agent())
+                .args(["untrack", "--all", "--pin-dir"])
+                .arg(self.pin_dir())
+                .output();
+            match out {
+                Ok(o) if o.status.success() => {}
+                Ok(o) => eprintln!(
+                    "cannot remove the tracker pins {}: {}",
+                    self.pin_dir().display(),
+                    String::from_utf8_lossy(&o.stderr).trim()
+                ),
+                Err(e) => eprintln!("cannot run blockferry-agent untrack: {e}"),
             }
         }
     }
