@@ -204,7 +204,9 @@ fn phases(
     let t = Instant::now();
     let stats = output(
         Command::new("rsync")
-            .args(["--inplace", "--no-whole-file", "--stats"])
+            // --ignore-times: the copy's mtime says nothing about its
+            // content, and rsync must not skip the file on size and mtime.
+            .args(["--inplace", "--no-whole-file", "--ignore-times", "--stats"])
             .arg(backing)
             .arg(&copy),
     )?;
