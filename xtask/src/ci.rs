@@ -38,8 +38,14 @@ pub fn run_ci() -> Result<()> {
     step("tests");
     run(cargo().args(["test", "--workspace", "--locked"]))?;
     if is_root() {
+        // The agent the tests just built: load, attach, report, detach.
         step("build-and-load");
-        crate::build_and_load::run()?;
+        run(&mut Command::new(
+            crate::util::target_dir()
+                .join("debug")
+                .join("blockferry-agent"),
+        )
+        .arg("probe"))?;
     }
     step("done: all checks passed");
     Ok(())
