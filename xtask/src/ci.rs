@@ -40,12 +40,10 @@ pub fn run_ci() -> Result<()> {
     if is_root() {
         // The agent the tests just built: load, attach, report, detach.
         step("build-and-load");
-        run(&mut Command::new(
-            crate::util::target_dir()
-                .join("debug")
-                .join("blockferry-agent"),
-        )
-        .arg("probe"))?;
+        let agent = crate::util::target_dir()
+            .join("debug")
+            .join("blockferry-agent");
+        run(Command::new(agent).arg("probe"))?;
     }
     step("done: all checks passed");
     Ok(())
