@@ -273,6 +273,9 @@ impl Shared {
     }
 }
 
+/// Most bytes read from the spool per trip by a forwarder.
+const FORWARD_READ_BYTES: u64 = 32 << 20;
+
 /// Reads spooled frames of `disk` in order and pushes them to the target.
 async fn forward(shared: Arc<Shared>, disk: DiskId, fwd: Arc<Forwarder>) {
     let progress = fwd.channel.progress();
@@ -283,10 +286,35 @@ async fn forward(shared: Arc<Shared>, disk: DiskId, fwd: Arc<Forwarder>) {
     loop {
         pushed = pushed.max(progress.borrow().durable);
         let after = pushed;
-        let recs = match on_spool(&shared.spool, move |s| Ok(s.pending(disk, after, 32))).await {
+        // One trip to the spool for a run of records: the lock is shared
+        // with appends, which hold it through their fsync.
+        let recs = match on_spool(&shared.spool, move |s| {
+            let mut out = Vec::new();
+            let mut bytes = 0u64;
+            for r in s.pending(disk, after, 32) {
+                if bytes >= FORWARD_READ_BYTES {
+                    break;
+                }
+                match s.read(&r) {
+                    Ok(b) => {
+                        bytes += b.len() as u64;
+                        out.push((r, b));
+                    }
+                    // Released meanwhile (the target already had it) or an
+                    // I/O error: forward what was read, then look again.
+                    Err(e) => {
+                        tracing::debug!(error = %e, seq = %r.seq, "re-reading the spool");
+                        break;
+                    }
+                }
+            }
+            Ok(out)
+        })
+        .await
+        {
             Ok(r) => r,
             Err(e) => {
-                tracing::error!(error = %e, "cannot list the spool");
+                tracing::error!(error = %e, "cannot read the spool");
                 Vec::new()
             }
         };
@@ -297,16 +325,7 @@ async fn forward(shared: Arc<Shared>, disk: DiskId, fwd: Arc<Forwarder>) {
             }
             continue;
         }
-        for r in recs {
-            let raw = match on_spool(&shared.spool, move |s| s.read(&r)).await {
-                Ok(b) => b,
-                Err(e) => {
-                    // Released meanwhile (the target already had it) or an I/O
-                    // error: start over from the spool's current state.
-                    tracing::debug!(error = %e, seq = %r.seq, "re-reading the spool");
-                    break;
-                }
-            };
+        for (r, raw) in recs {
             let frame = match Frame::decode_exact(raw) {
                 Ok(f) => f,
                 Err(e) => {
@@ -460,13 +479,38 @@ impl FrameSink for RelaySink {
             ));
         }
         let size = hello.disk_size;
-        let pos = on_spool(&self.shared.spool, move |s| {
-            s.register_disk(disk, size)?;
-            Ok(s.durable_position(disk))
+        let (known, pos) = on_spool(&self.shared.spool, move |s| {
+            let known = s.disk_size(disk);
+            // A shrunk disk is refused before it is registered: the replica
+            // keeps the data past the new end.
+            if known.is_none_or(|k| size >= k) {
+                s.register_disk(disk, size)?;
+            }
+            Ok((known, s.durable_position(disk)))
         })
         .await
         .map_err(|e| SinkError::new(ErrorCode::Unavailable, e.to_string()))?;
-        self.shared.forwarder(disk, Some(hello.generation));
+        if let Some(known) = known
+            && size < known
+        {
+            tracing::warn!(agent = %peer.name, %disk, known, size, "refused: the disk shrank");
+            return Err(SinkError::new(
+                ErrorCode::DiskSizeMismatch,
+                format!(
+                    "disk {disk} shrank from {known} to {size} bytes; a replica never shrinks (that would destroy its data past the new end): grow the disk back to {known} bytes, or protect it as a new disk"
+                ),
+            ));
+        }
+        let fwd = self.shared.forwarder(disk, Some(hello.generation));
+        if known.is_some_and(|k| size > k) {
+            // The target learns the new size from the forwarder's next Hello,
+            // before any frame that reaches past the old end is forwarded.
+            tracing::info!(%disk, old = ?known, new = size, "disk grew");
+            fwd.channel
+                .resize(size)
+                .await
+                .map_err(|e| SinkError::new(ErrorCode::Unavailable, e.to_string()))?;
+        }
         let (generation, durable_seq) = pos.unwrap_or((Generation(0), Seq::ZERO));
         tracing::info!(agent = %peer.name, %disk, %durable_seq, "disk stream opened");
         Ok(DiskState {
