@@ -35,7 +35,15 @@ fn iperf3_tcp_mb_per_sec() -> Result<f64> {
         .context("cannot find a free port for iperf3")?
         .port();
     let mut child = Command::new("iperf3")
-        .args(["-s", "-1", "--forceflush", "-B", "127.0.0.1", "-p", &port.to_string()])
+        .args([
+            "-s",
+            "-1",
+            "--forceflush",
+            "-B",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
