@@ -65,8 +65,10 @@ const READ_WINDOW: u64 = 64 << 20;
 const SYNC_PIECE: u64 = 16 << 20;
 /// How often bookkeeping runs when no event wakes the loop.
 const TICK: Duration = Duration::from_millis(20);
-/// How often progress is persisted and the status file written.
+/// How often progress is persisted (fsynced).
 const SAVE_EVERY: Duration = Duration::from_secs(1);
+/// How often the status file is rewritten (not fsynced: it describes the moment).
+const STATUS_EVERY: Duration = Duration::from_millis(200);
 /// How long a clean stop waits for the target to make everything durable.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -267,6 +269,7 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), Servic
         state,
         disks,
         last_save: Instant::now(),
+        last_status: Instant::now(),
     };
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -321,6 +324,7 @@ struct Service {
     state: AgentState,
     disks: Vec<Disk>,
     last_save: Instant,
+    last_status: Instant,
 }
 
 impl Service {
@@ -444,7 +448,7 @@ impl Service {
             if d.resync_wanted.is_some() && d.resync.is_none() && progress.connected {
                 Self::start_resync(d, tracker, &self.config);
             }
-            Self::schedule_reads(d, tracker, &self.config)?;
+            Self::schedule_reads(d, tracker)?;
             let rpo = d.rpo.current(now);
             if rpo > self.config.replication.rpo_alert && !d.rpo_alerted {
                 d.rpo_alerted = true;
@@ -460,6 +464,9 @@ impl Service {
             self.last_save = now;
             self.save_progress();
             self.store.save(&self.state)?;
+        }
+        if now.duration_since(self.last_status) >= STATUS_EVERY {
+            self.last_status = now;
             self.write_status(tracker);
         }
         Ok(())
@@ -555,12 +562,7 @@ impl Service {
 
     /// Submits reads while the read window has room: first tracked writes (they
     /// age the RPO), then the next piece of the initial sync.
-    fn schedule_reads(
-        d: &mut Disk,
-        tracker: &mut Tracker,
-        config: &Config,
-    ) -> Result<(), ServiceError> {
-        let chunk = u64::from(config.replication.chunk_size);
+    fn schedule_reads(d: &mut Disk, tracker: &mut Tracker) -> Result<(), ServiceError> {
         if d.read_bytes < READ_WINDOW && d.resync.is_none() {
             let room = READ_WINDOW - d.read_bytes;
             let taken = tracker.take_dirty(d.dev, room);
@@ -571,10 +573,10 @@ impl Service {
                     if r.is_empty() {
                         continue;
                     }
-                    let id = d.reader.submit(r.start, r.end - r.start)?;
-                    // The reader widens to the chunk grid; account what it reads.
-                    let wide = r.start / chunk * chunk..r.end.div_ceil(chunk) * chunk;
-                    let wide = wide.start..wide.end.min(d.size);
+                    // Only the written 4 KiB blocks are read, not whole chunks: a
+                    // 4 KiB write costs 4 KiB of reading, hashing and shipping.
+                    let id = d.reader.submit_fine(r.start, r.end - r.start)?;
+                    let wide = d.reader.fine_span(r.clone());
                     d.read_bytes += wide.end - wide.start;
                     d.rpo.handle_taken(id, emptied);
                     d.reads.insert(
@@ -692,7 +694,7 @@ impl Service {
                 if d.resync.is_some() || d.resync_wanted.is_some() {
                     return false;
                 }
-                if Self::schedule_reads(d, tracker, &self.config).is_err() {
+                if Self::schedule_reads(d, tracker).is_err() {
                     return false;
                 }
                 let dirty = tracker.dirty(d.dev).is_some_and(|s| !s.is_empty());
