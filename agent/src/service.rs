@@ -202,8 +202,14 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), Servic
         } else if prev.is_some() && !tracker.continuous(dev) {
             resync_wanted = Some("kernel tracking was not continuous while the agent was down");
         }
-        if ds.size != size {
-            tracing::warn!(disk = %dc.id, old = ds.size, new = size, "disk size changed while the agent was down");
+        if ds.size < size {
+            // The replica grows at the first Hello, which carries the new size;
+            // the old range was tracked, the new one is shipped whole.
+            tracing::info!(disk = %dc.id, old = ds.size, new = size, "disk grew while the agent was down");
+            tracker.mark_dirty(dev, ds.size..size);
+            ds.size = size;
+        } else if ds.size != size {
+            tracing::warn!(disk = %dc.id, old = ds.size, new = size, "disk shrank while the agent was down");
             ds.size = size;
             resync_wanted = Some("the disk size changed");
         }
@@ -347,11 +353,34 @@ impl Service {
                     if let Some(d) = self.disk_of(device) {
                         d.rpo.handle_dirty(now);
                         match size {
+                            Some(size) if size > d.size => {
+                                let old = d.size;
+                                match d.reader.refresh_size() {
+                                    Ok(seen) if seen == size => {}
+                                    Ok(seen) => {
+                                        tracing::warn!(disk = %d.cfg.id, tracker = size, reader = seen,
+                                        "the reader sees another size than the tracker")
+                                    }
+                                    Err(e) => tracing::warn!(disk = %d.cfg.id, error = %e,
+                                        "cannot re-read the device size"),
+                                }
+                                tracing::info!(disk = %d.cfg.id, old, new = size, "disk grew: growing the replica");
+                                d.size = size;
+                                d.state.size = size;
+                                // Before the grown range is marked dirty: the relay
+                                // and the target hear the new size in a Hello before
+                                // any chunk past the old end.
+                                if let Err(e) = d.channel.resize(size) {
+                                    tracing::warn!(disk = %d.cfg.id, error = %e, "cannot resize the stream");
+                                }
+                                // The old range stays tracked; the new one is shipped.
+                                tracker.mark_dirty(device, old..size);
+                            }
                             Some(size) if size != d.size => {
                                 // The replica keeps its size: what lies past it is
                                 // not shipped until the disk is protected again.
                                 let msg = format!(
-                                    "{} changed size from {} to {size} bytes; the replica keeps its {} bytes (growing a replica is not supported yet)",
+                                    "{} shrank from {} to {size} bytes; the replica keeps its {} bytes (a replica never shrinks: grow the disk back, or protect it as a new disk)",
                                     d.cfg.path.display(),
                                     d.size,
                                     d.size

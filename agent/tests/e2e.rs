@@ -298,6 +298,73 @@ fn bad_relay_address_is_reported_and_replication_catches_up_once_fixed() {
     );
 }
 
+#[test]
+fn grown_disk_keeps_replicating_at_its_new_size() {
+    if !require_root("grown_disk_keeps_replicating_at_its_new_size") {
+        return;
+    }
+    let old = 64 * MIB;
+    let new = 96 * MIB;
+    let dev = LoopDev::new(old, true);
+    dd_write(dev.path_str(), MIB, 2, 4, &[]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut site, disk) = site(dir.path(), &dev);
+    site.start_agent().expect("agent");
+    let before = caught_up(&mut site);
+    identical(&site, &disk);
+    let read_before = status_u64(&before, "bytes_read");
+
+    run(
+        "truncate",
+        &[
+            "-s",
+            &new.to_string(),
+            dev.backing().to_str().expect("utf-8"),
+        ],
+    );
+    run("losetup", &["-c", dev.path_str()]);
+    // Into the grown range (one write straddling the old end) and the old one.
+    dd_write(dev.path_str(), MIB, old / MIB - 1, 2, &[]);
+    dd_write(dev.path_str(), MIB, 80, 8, &[]);
+    dd_write(dev.path_str(), 4096, 7, 2, &[]);
+
+    // Caught up counts only once the agent has seen the new size.
+    let deadline = std::time::Instant::now() + CATCH_UP;
+    while status_u64(&site.agent_status().unwrap_or_default(), "size") != new {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the agent did not notice the new size\n{}",
+            logs(&site)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let st = caught_up(&mut site);
+    identical(&site, &disk);
+    let info = run(
+        "qemu-img",
+        &[
+            "info",
+            "--output=json",
+            site.replica(&disk.id).to_str().expect("utf-8"),
+        ],
+    );
+    let info: serde_json::Value = serde_json::from_str(&info).expect("qemu-img info json");
+    assert_eq!(
+        info["virtual-size"].as_u64(),
+        Some(new),
+        "the replica has the new size: {info}\n{}",
+        logs(&site)
+    );
+    assert!(
+        st["disks"][0]["last_resync"].is_null(),
+        "a grown disk needs no checksum resync: {st}"
+    );
+    eprintln!(
+        "grow: {} bytes read after the grow",
+        status_u64(&st, "bytes_read") - read_before
+    );
+}
+
 /// Unmounts on drop, so a failing test leaves no mount behind.
 struct Unmount(std::path::PathBuf);
 

@@ -214,6 +214,18 @@ impl DiskSender {
         self.disk
     }
 
+    /// The disk size the next Hello announces.
+    pub fn disk_size(&self) -> u64 {
+        self.disk_size
+    }
+
+    /// The disk changed size: the next Hello announces `size`. The peer learns
+    /// it only from a Hello, so the shell reconnects the stream; held frames
+    /// are resent from the peer's durable sequence as after any reconnect.
+    pub fn set_disk_size(&mut self, size: u64) {
+        self.disk_size = size;
+    }
+
     pub fn generation(&self) -> Generation {
         self.generation
     }
@@ -738,6 +750,30 @@ mod tests {
         connect(&mut s, 41, now);
         assert_eq!(drain(&mut s, now), [42, 43]);
         assert_eq!(s.push_barrier(Consistency::NotConsistent, 0), Ok(Seq(44)));
+    }
+
+    #[test]
+    fn resized_sender_announces_the_new_size_and_keeps_what_it_holds() {
+        let now = Instant::now();
+        let mut s = DiskSender::new(cfg(8), "a", D, 1 << 20, Generation(1));
+        connect(&mut s, 0, now);
+        s.push_barrier(Consistency::NotConsistent, 0).unwrap();
+        s.push_barrier(Consistency::NotConsistent, 0).unwrap();
+        assert_eq!(drain(&mut s, now), [1, 2]);
+        s.set_disk_size(2 << 20);
+        s.handle_disconnected();
+        s.handle_connected();
+        let Some(Frame::Hello(h)) = s.poll_transmit(now) else {
+            panic!("a reconnect starts with a hello");
+        };
+        assert_eq!(h.disk_size, 2 << 20);
+        assert_eq!(h.oldest_held, Seq(1));
+        s.handle_frame(reply(1), now).unwrap();
+        assert_eq!(
+            drain(&mut s, now),
+            [2],
+            "only what the peer lacks is resent"
+        );
     }
 
     #[test]

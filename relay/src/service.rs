@@ -508,7 +508,6 @@ impl FrameSink for RelaySink {
             tracing::info!(%disk, old = ?known, new = size, "disk grew");
             fwd.channel
                 .resize(size)
-                .await
                 .map_err(|e| SinkError::new(ErrorCode::Unavailable, e.to_string()))?;
         }
         let (generation, durable_seq) = pos.unwrap_or((Generation(0), Seq::ZERO));

@@ -102,6 +102,14 @@ pub enum TargetError {
     #[error("disk size {size} is not a positive multiple of 512 bytes")]
     BadSize { size: u64 },
     #[error(
+        "disk {disk} shrank from {size} to {new_size} bytes; a replica never shrinks (that would destroy its data past the new end): grow the disk back to {size} bytes, or protect it as a new disk"
+    )]
+    Shrink {
+        disk: String,
+        size: u64,
+        new_size: u64,
+    },
+    #[error(
         "the store of disk {disk} stopped after a failed write or sync; reopen it so the journal is replayed"
     )]
     Poisoned { disk: String },

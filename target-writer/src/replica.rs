@@ -89,7 +89,15 @@ impl FlatReplica {
             .metadata()
             .map_err(|e| TargetError::io(&flat_path, None, e))?
             .len();
-        if actual != size {
+        if actual > size {
+            // A grow that crashed before the disk state committed the new
+            // size: nothing was written past the old end yet.
+            tracing::warn!(path = %flat_path.display(), actual, size, "cutting back an interrupted grow");
+            flat.set_len(size)
+                .map_err(|e| TargetError::io(&flat_path, Some(size), e))?;
+            flat.sync_all()
+                .map_err(|e| TargetError::io(&flat_path, None, e))?;
+        } else if actual != size {
             return Err(TargetError::corrupt(
                 &flat_path,
                 None,
@@ -122,6 +130,17 @@ impl FlatReplica {
 
     pub fn flat_path(&self) -> &Path {
         &self.flat_path
+    }
+
+    /// Extends the flat extent to `size` bytes, preallocated like at creation
+    /// so in-place writes never run out of space, and syncs it. The caller
+    /// rewrites the descriptor once the new size is committed.
+    pub fn grow(&mut self, faults: &FaultPlan, size: u64) -> Result<()> {
+        sys::fallocate(&self.flat, size)
+            .map_err(|e| TargetError::io(&self.flat_path, Some(self.size), e))?;
+        faults.sync_data(&self.flat, &self.flat_path)?;
+        self.size = size;
+        Ok(())
     }
 }
 

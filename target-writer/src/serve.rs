@@ -385,22 +385,38 @@ impl FrameSink for TargetService {
         let this = self.0.clone();
         let disk = hello.disk;
         let size = hello.disk_size;
-        let (generation, seq, have) = tokio::task::spawn_blocking(move || {
+        let (generation, seq) = tokio::task::spawn_blocking(move || {
             let store = this.store(disk, Some(size))?;
-            let s = lock(&store);
-            Ok::<_, TargetError>((s.generation(), s.applied_seq(), s.size()))
+            let mut s = lock(&store);
+            let have = s.size();
+            if size > have {
+                let r = s.grow(size);
+                // The range digests cover the old size; a failed grow leaves
+                // the store poisoned, to be reopened.
+                drop(s);
+                lock(&this.trees).remove(&disk);
+                if let Err(e) = r {
+                    this.drop_store(disk);
+                    return Err(e);
+                }
+                s = lock(&store);
+            } else if size < have {
+                return Err(TargetError::Shrink {
+                    disk: disk.to_string(),
+                    size: have,
+                    new_size: size,
+                });
+            }
+            Ok::<_, TargetError>((s.generation(), s.applied_seq()))
         })
         .await
         .map_err(join_error)?
-        .map_err(|e| sink_error(&e))?;
-        if have != size {
-            return Err(SinkError::new(
-                ErrorCode::DiskSizeMismatch,
-                format!(
-                    "disk {disk} is {size} bytes at the source but its replica is {have} bytes; resizing a replica is not supported yet"
-                ),
-            ));
-        }
+        .map_err(|e| match e {
+            TargetError::Shrink { .. } => {
+                SinkError::new(ErrorCode::DiskSizeMismatch, e.to_string())
+            }
+            e => sink_error(&e),
+        })?;
         info!(%disk, peer = %peer.name, generation, durable_seq = seq, "disk stream opened");
         Ok(DiskState {
             generation: Generation(generation),

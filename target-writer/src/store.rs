@@ -88,6 +88,11 @@ pub struct PointMeta {
     pub segment: String,
     /// Committed length of that segment.
     pub segment_len: u64,
+    /// The disk size at the point; a disk that grew later exports each point
+    /// at its own size. Absent in states written before disks could grow
+    /// (the disk's size then).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -718,6 +723,43 @@ impl DiskStore {
         Ok(())
     }
 
+    /// Grows the replica to `size` bytes (the protected disk grew): the flat
+    /// extent is extended and preallocated, then the disk state commits the
+    /// new size, then the descriptor's extent line and geometry are rewritten.
+    /// A crash before the state is written leaves the old size (open cuts the
+    /// extent back); after it, open rewrites the descriptor. Recovery points
+    /// taken before keep their own size. A replica never shrinks: that would
+    /// destroy the data past the new end.
+    pub fn grow(&mut self, size: u64) -> Result<()> {
+        self.check_usable()?;
+        let old = self.state.size;
+        if size == old {
+            return Ok(());
+        }
+        if size < old {
+            return Err(TargetError::Shrink {
+                disk: self.state.disk.clone(),
+                size: old,
+                new_size: size,
+            });
+        }
+        if !size.is_multiple_of(512) {
+            return Err(TargetError::BadSize { size });
+        }
+        self.guarded(|s| {
+            let f = s.opts.faults.clone();
+            s.replica.grow(&f, size)?;
+            let mut st = s.state.clone();
+            st.size = size;
+            s.write_state(&st)?;
+            s.state = st;
+            let cid = s.cid();
+            s.replica.set_cid(&f, cid, true)?;
+            info!(disk = %s.state.disk, old, size, "grew replica");
+            Ok(())
+        })
+    }
+
     fn write_state(&self, st: &DiskState) -> Result<()> {
         let bytes = serde_json::to_vec_pretty(st)
             .map_err(|e| TargetError::corrupt(self.dir.join(STATE), None, e.to_string()))?;
@@ -800,6 +842,7 @@ impl DiskStore {
                 marker_seq: marker.map_or(s.state.applied_seq, |m| m.1),
                 segment: name,
                 segment_len: segment::HEADER_LEN,
+                size: Some(s.state.size),
             };
             let mut st = s.state.clone();
             if let Some((generation, seq)) = marker {
@@ -1029,8 +1072,10 @@ pub struct PointImage<'a> {
 }
 
 impl PointImage<'_> {
+    /// The disk size at the point (smaller than the replica's when the disk
+    /// grew after it).
     pub fn size(&self) -> u64 {
-        self.store.state.size
+        self.point.size.unwrap_or(self.store.state.size)
     }
 
     pub fn point(&self) -> &PointMeta {

@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use blockferry_proto::{
@@ -116,6 +117,9 @@ enum Cmd {
         oneshot::Sender<Result<HashRangeReply, ChannelError>>,
     ),
     StartGeneration(blockferry_proto::Generation),
+    /// Wakes the task after [`DiskChannel::resize`] (the size itself is in
+    /// the shared atomic, so it is seen before any later push).
+    Resize,
 }
 
 /// The sending side of one disk. Cheap to clone.
@@ -123,6 +127,8 @@ enum Cmd {
 pub struct DiskChannel {
     cmd: mpsc::Sender<Cmd>,
     progress: watch::Receiver<Progress>,
+    /// The disk size the next Hello must announce.
+    size: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for Cmd {
@@ -133,6 +139,7 @@ impl std::fmt::Debug for Cmd {
             Cmd::Numbered(..) => "Numbered",
             Cmd::Hash(..) => "Hash",
             Cmd::StartGeneration(..) => "StartGeneration",
+            Cmd::Resize => "Resize",
         })
     }
 }
@@ -148,7 +155,9 @@ impl DiskChannel {
         let (cmd_tx, cmd_rx) = mpsc::channel(16);
         let (prog_tx, prog_rx) = watch::channel(Progress::default());
         let disk = sender.disk();
+        let size = Arc::new(AtomicU64::new(sender.disk_size()));
         let task = Task {
+            size: size.clone(),
             connector,
             sender,
             cmd_rx,
@@ -164,6 +173,7 @@ impl DiskChannel {
         DiskChannel {
             cmd: cmd_tx,
             progress: prog_rx,
+            size,
         }
     }
 
@@ -215,6 +225,21 @@ impl DiskChannel {
             .map_err(|_| ChannelError::Stopped)
     }
 
+    /// The disk grew (or shrank) to `size` bytes: the channel says Hello again
+    /// on a new stream with that size and resumes from the peer's durable
+    /// sequence, so nothing held is lost. Takes effect at once, without
+    /// waiting for the peer: a push made after this call (from any task)
+    /// reaches the peer only after a Hello with the new size, so a chunk past
+    /// the old end is never sent under the old size.
+    pub fn resize(&self, size: u64) -> Result<(), ChannelError> {
+        self.size.store(size, Ordering::SeqCst);
+        match self.cmd.try_send(Cmd::Resize) {
+            // A full queue wakes the task anyway; it checks the size first.
+            Ok(()) | Err(mpsc::error::TrySendError::Full(_)) => Ok(()),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(ChannelError::Stopped),
+        }
+    }
+
     /// The progress watch (durable sequence, errors, resync requests).
     pub fn progress(&self) -> watch::Receiver<Progress> {
         self.progress.clone()
@@ -231,6 +256,7 @@ impl DiskChannel {
 }
 
 struct Task {
+    size: Arc<AtomicU64>,
     connector: Arc<Connector>,
     sender: DiskSender,
     cmd_rx: mpsc::Receiver<Cmd>,
@@ -244,6 +270,8 @@ struct Task {
 enum LinkEnd {
     Cancelled,
     Lost(String),
+    /// The disk size changed: open a new stream at once, whose Hello says so.
+    Resized,
 }
 
 impl Task {
@@ -282,6 +310,13 @@ impl Task {
             }
             match end {
                 LinkEnd::Cancelled => return,
+                LinkEnd::Resized => {
+                    tracing::info!(
+                        size = self.sender.disk_size(),
+                        "disk resized: greeting the peer again"
+                    );
+                    continue;
+                }
                 LinkEnd::Lost(why) => {
                     tracing::warn!(error = %why, retry_in = ?backoff, "link to the peer lost");
                     self.progress.send_modify(|p| {
@@ -320,6 +355,8 @@ impl Task {
     /// Applies a command; a push that finds the window full is parked.
     fn command(&mut self, cmd: Cmd) -> Option<Frame> {
         match cmd {
+            // The size was taken from the atomic when the command arrived.
+            Cmd::Resize => {}
             Cmd::Batch(chunks, tx) => match self.sender.push_batch(chunks) {
                 Ok(seq) => {
                     reply(tx, Ok(seq));
@@ -370,6 +407,7 @@ impl Task {
     /// One connection's life: Hello, then frames out and acks in, until the
     /// link fails or the task is cancelled.
     async fn link(&mut self, mut writer: FrameWriter, mut reader: FrameReader) -> LinkEnd {
+        self.resized();
         self.sender.handle_connected();
         let lost = |e: FramedError| LinkEnd::Lost(e.to_string());
         loop {
@@ -412,6 +450,13 @@ impl Task {
                     Err(e) => return lost(e),
                 },
                 cmd = self.cmd_rx.recv(), if self.pending.is_none() => match cmd {
+                    Some(cmd) if self.resized() => {
+                        // Handled on the next stream, after the new Hello.
+                        if !matches!(cmd, Cmd::Resize) {
+                            self.pending = Some(cmd);
+                        }
+                        return LinkEnd::Resized;
+                    }
                     Some(cmd) => {
                         if let Some(f) = self.command(cmd)
                             && let Err(e) = writer.send(&f).await
@@ -428,6 +473,17 @@ impl Task {
                 }
             }
         }
+    }
+
+    /// Takes a size set by [`DiskChannel::resize`] into the sender; true when
+    /// it changed (the peer hears of it only in a new Hello).
+    fn resized(&mut self) -> bool {
+        let size = self.size.load(Ordering::SeqCst);
+        if size == self.sender.disk_size() {
+            return false;
+        }
+        self.sender.set_disk_size(size);
+        true
     }
 
     fn events(&mut self) -> Option<LinkEnd> {
