@@ -297,7 +297,10 @@ impl Task {
                             if started.elapsed() > BACKOFF_MAX {
                                 backoff = BACKOFF_MIN;
                             }
-                            end
+                            match end {
+                                LinkEnd::Lost(why) => LinkEnd::Lost(with_close_reason(why, &conn)),
+                                end => end,
+                            }
                         }
                         Err(e) => LinkEnd::Lost(format!("cannot open a stream: {e}")),
                     }
@@ -504,6 +507,20 @@ impl Task {
             }
         }
         None
+    }
+}
+
+/// A refusing peer closes the connection with its reason, which may overtake
+/// the error frame on the stream: the reason is what the user must read.
+fn with_close_reason(why: String, conn: &quinn::Connection) -> String {
+    match conn.close_reason() {
+        Some(quinn::ConnectionError::ApplicationClosed(c)) if !c.reason.is_empty() => {
+            format!(
+                "{why}: the peer closed the connection: {}",
+                String::from_utf8_lossy(&c.reason)
+            )
+        }
+        _ => why,
     }
 }
 

@@ -42,6 +42,8 @@ pub struct RecordingTarget {
     open: watch::Sender<bool>,
     /// Signalled after every apply.
     pub progressed: Notify,
+    /// The disk size of every Hello, in order.
+    pub hello_sizes: Mutex<Vec<(DiskId, u64)>>,
 }
 
 impl RecordingTarget {
@@ -50,6 +52,7 @@ impl RecordingTarget {
             applied: Mutex::new(HashMap::new()),
             open: watch::channel(true).0,
             progressed: Notify::new(),
+            hello_sizes: Mutex::new(Vec::new()),
         })
     }
 
@@ -90,6 +93,10 @@ impl RecordingTarget {
 
 impl FrameSink for RecordingTarget {
     async fn open(&self, _peer: &PeerIdentity, hello: &Hello) -> Result<DiskState, SinkError> {
+        self.hello_sizes
+            .lock()
+            .unwrap()
+            .push((hello.disk, hello.disk_size));
         let applied = self.applied.lock().unwrap();
         let last = applied
             .get(&hello.disk)
