@@ -359,9 +359,10 @@ fn grown_disk_keeps_replicating_at_its_new_size() {
         st["disks"][0]["last_resync"].is_null(),
         "a grown disk needs no checksum resync: {st}"
     );
-    eprintln!(
-        "grow: {} bytes read after the grow",
-        status_u64(&st, "bytes_read") - read_before
+    let grown_read = status_u64(&st, "bytes_read") - read_before;
+    assert!(
+        grown_read < new / 2,
+        "only the added range and the new writes are read after a grow, not the disk: {grown_read} bytes"
     );
 
     // Grown again while no agent runs: the restarted agent finds the new size.

@@ -280,11 +280,11 @@ fn tracker_turns_ring_buffer_overflow_into_resync() {
     );
 }
 
-/// A resized device (loop capacity change) cannot be trusted to its old dirty
-/// map: the tracker signals a resync of the whole new size.
+/// A grown device (loop capacity change): the tracker signals it, marks the
+/// added range dirty, and its kernel filter covers the new size.
 #[test]
-fn tracker_turns_a_resize_into_resync() {
-    if !require_root("tracker_turns_a_resize_into_resync") {
+fn tracker_signals_a_grow_and_marks_the_added_range() {
+    if !require_root("tracker_signals_a_grow_and_marks_the_added_range") {
         return;
     }
     let disk = LoopDev::new(8 * MIB, true);
@@ -308,7 +308,7 @@ fn tracker_turns_a_resize_into_resync() {
     assert_eq!(t.device(id).expect("device").size_bytes(), 12 * MIB);
     assert_eq!(
         t.dirty(id).expect("dirty").iter().collect::<Vec<_>>(),
-        vec![0..12 * MIB]
+        vec![8 * MIB..12 * MIB]
     );
     t.take_dirty(id, u64::MAX);
     // The kernel filter follows the new size: a write past the old end is seen.

@@ -183,7 +183,8 @@ impl TrackerCore {
         }
     }
 
-    /// Feeds the device's current geometry. A resize (or a partition moved)
+    /// Feeds the device's current geometry. A grow in place marks the added
+    /// range dirty. Any other change (a shrink, a partition moved)
     /// invalidates what was tracked for the old geometry: the device is marked
     /// wholly dirty at its new size and a resync is signalled. Returns whether
     /// it changed (the caller then updates the kernel filter).
@@ -201,17 +202,33 @@ impl TrackerCore {
         {
             return false;
         }
-        tracing::error!(
-            device = %st.info.path.display(),
-            old_sectors = st.info.sectors,
-            new_sectors = now.sectors,
-            "device geometry changed: the whole device is marked for resync"
-        );
+        let grown = (st.info.disk, st.info.start_sector) == (now.disk, now.start_sector)
+            && now.sectors > st.info.sectors;
+        let old_bytes = st.info.size_bytes();
         st.info.disk = now.disk;
         st.info.start_sector = now.start_sector;
         st.info.sectors = now.sectors;
-        st.needs_resync = true;
-        st.dirty.insert(0..st.info.size_bytes());
+        if grown {
+            // The old range was filtered all along; only the new one may hold
+            // writes the kernel filter did not cover yet.
+            tracing::warn!(
+                device = %st.info.path.display(),
+                old_bytes,
+                new_bytes = st.info.size_bytes(),
+                "device grew: the added range is marked dirty"
+            );
+            st.dirty.insert(old_bytes..st.info.size_bytes());
+        } else {
+            tracing::error!(
+                device = %st.info.path.display(),
+                old_bytes,
+                new_bytes = st.info.size_bytes(),
+                "device geometry changed: the whole device is marked for resync"
+            );
+            st.needs_resync = true;
+            st.dirty.clear();
+            st.dirty.insert(0..st.info.size_bytes());
+        }
         out.push(Notice::Resync {
             device: id,
             dropped: st.drops_seen,
@@ -428,7 +445,7 @@ mod tests {
     }
 
     #[test]
-    fn a_resize_marks_the_new_size_dirty_once() {
+    fn a_grow_marks_the_added_range_dirty_once() {
         let mut c = TrackerCore::new();
         let id = c.add(disk(2048));
         let mut out = Vec::new();
@@ -444,9 +461,17 @@ mod tests {
         );
         assert_eq!(
             c.dirty(id).unwrap().iter().collect::<Vec<_>>(),
-            vec![0..4096 * 512]
+            vec![2048 * 512..4096 * 512]
         );
+        assert!(!c.needs_resync(id));
         assert_eq!(c.filter_for(KernelDev::new(7, 3)), vec![0..4096]);
+        // Shrinking cannot be trusted to the old dirty map: all of it.
+        assert!(c.handle_geometry(id, &disk(1024), &mut out));
+        assert_eq!(
+            c.dirty(id).unwrap().iter().collect::<Vec<_>>(),
+            vec![0..1024 * 512]
+        );
+        assert!(c.needs_resync(id));
     }
 
     #[test]

@@ -533,7 +533,7 @@ mod tests {
     }
 
     #[test]
-    fn a_resized_device_is_resynced_and_refiltered() {
+    fn a_grown_device_is_signalled_and_refiltered() {
         let mut t = Tracker::with_source(MemorySource::default());
         let id = t.protect_device(disk()).unwrap();
         let mut bigger = disk();
@@ -548,7 +548,8 @@ mod tests {
         );
         assert_eq!(t.source().filters[&KernelDev::new(7, 3)], vec![0..4096]);
         assert_eq!(t.device(id).unwrap().sectors, 4096);
-        assert!(t.needs_resync(id));
+        // Grown in place: only the added range is dirty, no resync.
+        assert!(!t.needs_resync(id));
     }
 
     #[test]
