@@ -45,6 +45,8 @@ pub fn run_ci() -> Result<()> {
             .join("blockferry-agent");
         run(Command::new(agent).arg("probe"))?;
     }
+    step("fuzz (every decoder, briefly)");
+    crate::fuzz::run_fuzz(20)?;
     step("done: all checks passed");
     Ok(())
 }

@@ -7,6 +7,7 @@ mod bench_transport;
 mod build_and_load;
 mod ci;
 mod demo;
+mod fuzz;
 mod scratch;
 mod util;
 
@@ -30,8 +31,13 @@ enum Cmd {
         #[arg(long)]
         tracker_only: bool,
     },
-    /// Everything CI checks: format, lints, and all tests (root tests included).
+    /// Everything CI checks: format, lints, all tests (root tests included), fuzzing.
     Ci,
+    /// Build the cargo-fuzz targets (stable toolchain) and run each for a while.
+    Fuzz {
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+    },
     /// Benchmarks, each printing a ratio against a baseline measured in the same run.
     Bench {
         #[command(subcommand)]
@@ -57,6 +63,7 @@ fn main() -> Result<()> {
         Cmd::BuildAndLoad => build_and_load::run(),
         Cmd::Demo { tracker_only } => demo::run_demo(tracker_only),
         Cmd::Ci => ci::run_ci(),
+        Cmd::Fuzz { seconds } => fuzz::run_fuzz(seconds),
         Cmd::Bench { what } => match what {
             Bench::Tracker => bench_tracker::run(),
             Bench::Transport => bench_transport::run(),
