@@ -25,6 +25,8 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::ops::Range;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use blockferry_proto::frame::{Chunk, Consistency, Encoding, HashRangeReply, HashRangeRequest};
@@ -103,6 +105,10 @@ struct InRead {
 /// Every disk's bookkeeping, owned by the main loop.
 struct Disk {
     cfg: DiskConfig,
+    /// Whether the shipper may ask for recovery points: not while the replica
+    /// is incomplete (initial sync, resync), where a point could not be used and
+    /// would only cost the target undo data.
+    points: Arc<AtomicBool>,
     dev: DeviceId,
     size: u64,
     reader: ReadHandle,
@@ -232,6 +238,7 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), Servic
             Generation(ds.generation),
         );
         let channel = DiskChannel::spawn(connector.clone(), sender, cancel.child_token());
+        let points = Arc::new(AtomicBool::new(false));
         spawn_shipper(
             i,
             events,
@@ -239,11 +246,13 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), Servic
             shipped_tx.clone(),
             config.replication.max_batch as usize,
             config.replication.bandwidth_bytes_per_sec,
+            points.clone(),
         );
         state.set_disk(&dc.id, ds.clone());
         tracing::info!(disk = %dc.id, device = %dc.path.display(), size, phase = ?ds.phase, "protecting");
         disks.push(Disk {
             cfg: dc.clone(),
+            points,
             dev,
             size,
             reader,
@@ -478,6 +487,12 @@ impl Service {
                 Self::start_resync(d, tracker, &self.config);
             }
             Self::schedule_reads(d, tracker)?;
+            let complete = d.sync_next.is_none()
+                && d.sync_shipped.is_empty()
+                && d.resync.is_none()
+                && d.resync_wanted.is_none()
+                && matches!(d.state.phase, SyncPhase::Continuous);
+            d.points.store(complete, Ordering::Relaxed);
             let rpo = d.rpo.current(now);
             if rpo > self.config.replication.rpo_alert && !d.rpo_alerted {
                 d.rpo_alerted = true;
@@ -794,8 +809,10 @@ fn spawn_shipper(
     tx: mpsc::Sender<Shipped>,
     max_batch: usize,
     rate: Option<u64>,
+    points_allowed: Arc<AtomicBool>,
 ) {
     let mut shipper = Shipper {
+        points_allowed,
         disk,
         channel,
         tx,
@@ -829,6 +846,7 @@ const LINGER: Duration = Duration::from_millis(3);
 const POINT_EVERY: Duration = Duration::from_secs(1);
 
 struct Shipper {
+    points_allowed: Arc<AtomicBool>,
     disk: usize,
     channel: DiskChannel,
     tx: mpsc::Sender<Shipped>,
@@ -864,7 +882,10 @@ impl Shipper {
                 None => {
                     // Idle: report reads, maybe ask for a point, then wait.
                     self.flush().await?;
-                    if self.since_point && self.last_point.elapsed() >= POINT_EVERY {
+                    if self.since_point
+                        && self.last_point.elapsed() >= POINT_EVERY
+                        && self.points_allowed.load(Ordering::Relaxed)
+                    {
                         self.point().await?;
                     }
                     tokio::select! {
