@@ -19,12 +19,24 @@ const SANCOV: &str = "-Cpasses=sancov-module \
 pub fn run_fuzz(seconds: u64) -> Result<()> {
     let fuzz = workspace_root().join("fuzz");
     let target_dir = crate::util::target_dir().join("fuzz");
+    // With an explicit --target, RUSTFLAGS reach the fuzzed code but not build
+    // scripts and proc macros, which must not be instrumented.
+    let triple = format!("{}-unknown-linux-gnu", std::env::consts::ARCH);
     run(Command::new(env!("CARGO"))
         .current_dir(&fuzz)
-        .args(["build", "--release", "--locked", "--bins", "--target-dir"])
+        .args([
+            "build",
+            "--release",
+            "--locked",
+            "--bins",
+            "--target",
+            &triple,
+        ])
+        .arg("--target-dir")
         .arg(&target_dir)
         .env("RUSTFLAGS", SANCOV))
     .context("building the fuzz targets failed")?;
+    let bins = target_dir.join(&triple).join("release");
     let targets = std::fs::read_dir(fuzz.join("fuzz_targets"))
         .context("fuzz/fuzz_targets is missing")?
         .filter_map(|e| e.ok())
@@ -39,7 +51,7 @@ pub fn run_fuzz(seconds: u64) -> Result<()> {
         std::fs::create_dir_all(&corpus)?;
         std::fs::create_dir_all(artifacts.join(t))?;
         eprintln!("fuzzing {t} for {seconds} s");
-        run(Command::new(target_dir.join("release").join(t))
+        run(Command::new(bins.join(t))
             .arg(&corpus)
             .arg(format!("-max_total_time={seconds}"))
             .arg(format!("-artifact_prefix={}/", artifacts.join(t).display()))
