@@ -436,10 +436,8 @@ rpo_alert_seconds = 30
                         d["state"] == "replicating" && d["backlog_bytes"] == 0 && d["rpo_ms"] == 0
                     });
                 if done {
-                    // The agent's ack means durable at the relay; the replica
-                    // is whole only once the relay's spool reached the target.
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    self.wait_target_durable(left)?;
+                    // The agent's RPO runs until the replica has the write
+                    // durable: zero means the replica is whole.
                     return Ok(st);
                 }
                 last = st;
@@ -450,51 +448,6 @@ rpo_alert_seconds = 30
             // Polling an observable condition with a deadline, not a sleep
             // standing in for synchronisation.
             std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    /// Frames of `disk` the relay has spooled and the target has not yet
-    /// made durable (the relay's `blockferry_relay_disk_lag_frames`); `None`
-    /// while the relay has not seen the disk.
-    pub fn relay_lag_frames(&self, disk: &DiskId) -> Result<Option<u64>> {
-        use std::io::{Read, Write};
-        let addr = self.metrics_addr.context("the relay serves no metrics")?;
-        let mut sock = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
-            .with_context(|| format!("cannot reach the relay's metrics at {addr}"))?;
-        sock.set_read_timeout(Some(Duration::from_secs(5)))?;
-        sock.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")?;
-        let mut text = String::new();
-        sock.read_to_string(&mut text)?;
-        let key = format!("blockferry_relay_disk_lag_frames{{disk=\"{disk}\"}} ");
-        text.lines()
-            .find_map(|l| l.strip_prefix(key.as_str()))
-            .map(|v| {
-                v.trim()
-                    .parse::<u64>()
-                    .with_context(|| format!("bad lag `{v}` in the relay's metrics"))
-            })
-            .transpose()
-    }
-
-    /// Waits until the target has made durable every frame the relay holds
-    /// for each disk; fails after `timeout`.
-    pub fn wait_target_durable(&mut self, timeout: Duration) -> Result<()> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let mut lags = Vec::new();
-            for d in &self.disks {
-                lags.push(self.relay_lag_frames(&d.id)?);
-            }
-            if lags.iter().all(|l| *l == Some(0)) {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "the target did not catch up with the relay within {timeout:?}; frames behind: {lags:?}"
-                );
-            }
-            // Polling an observable condition with a deadline.
-            std::thread::sleep(Duration::from_millis(50));
         }
     }
 
