@@ -188,13 +188,7 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), Servic
             .device(dev)
             .map(|d| d.size_bytes())
             .ok_or_else(|| ServiceError::Disk(format!("{} vanished", dc.path.display())))?;
-        let rc = ReaderConfig {
-            chunk_size: config.replication.chunk_size,
-            queue_depth: config.replication.queue_depth,
-            zstd_level: Some(config.replication.zstd_level),
-            ..ReaderConfig::default()
-        };
-        let (reader, events) = reader::spawn(&dc.path, &rc)?;
+        let (reader, events) = reader::spawn(&dc.path, &reader_config(&config))?;
         let prev = state.disk(&dc.id).cloned();
         let mut ds = prev.clone().unwrap_or(DiskState {
             path: dc.path.clone(),
@@ -320,6 +314,17 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), Servic
     result
 }
 
+/// The reader settings of the configuration (hash-only readers of a resync
+/// override what they need).
+fn reader_config(config: &Config) -> ReaderConfig {
+    ReaderConfig {
+        chunk_size: config.replication.chunk_size,
+        queue_depth: config.replication.queue_depth,
+        zstd_level: Some(config.replication.zstd_level),
+        ..ReaderConfig::default()
+    }
+}
+
 /// The agent's name is the common name of its certificate: the relay checks it.
 fn agent_name(config: &Config) -> Result<String, ServiceError> {
     let certs = blockferry_transport::tls::load_certs(&config.relay.cert)
@@ -434,27 +439,20 @@ impl Service {
                 d.read_bytes -= r.range.end - r.range.start;
                 if ok {
                     d.rpo.handle_shipped(read, last_seq.0);
-                    if r.kind == ReadKind::Sync
-                        && let Some(entry) = d
-                            .sync_shipped
-                            .iter_mut()
-                            .find(|(end, s)| *end == r.range.end && s.is_none())
-                    {
-                        entry.1 = Some(last_seq);
-                    }
                 } else {
                     // Not read: it goes back dirty and is read again later.
                     tracker.mark_dirty(d.dev, r.range.clone());
                     d.rpo.handle_returned(read);
-                    if r.kind == ReadKind::Sync
-                        && let Some(entry) = d
-                            .sync_shipped
-                            .iter_mut()
-                            .find(|(end, s)| *end == r.range.end && s.is_none())
-                    {
-                        // Still counts as synced: the range is dirty and tracked now.
-                        entry.1 = Some(d.last_seq);
-                    }
+                }
+                // A failed sync read still counts as synced: its range is dirty
+                // and tracked now, and ships as a tracked write.
+                if r.kind == ReadKind::Sync
+                    && let Some(entry) = d
+                        .sync_shipped
+                        .iter_mut()
+                        .find(|(end, s)| *end == r.range.end && s.is_none())
+                {
+                    entry.1 = Some(last_seq);
                 }
             }
             Shipped::Stopped { disk, error } => {
@@ -553,11 +551,7 @@ impl Service {
         let path = d.cfg.path.clone();
         let size = d.size;
         let chunk = u64::from(config.replication.chunk_size);
-        let rc = ReaderConfig {
-            chunk_size: config.replication.chunk_size,
-            queue_depth: config.replication.queue_depth,
-            ..ReaderConfig::default()
-        };
+        let rc = reader_config(config);
         let mut exchange = ChannelExchange {
             channel: d.channel.clone(),
             pending: FuturesUnordered::new(),
