@@ -3,6 +3,8 @@
 //! that runs before a single byte is written: range, size limit, zstd decode
 //! with a bound, and blake3 of the plain data.
 
+use std::borrow::Cow;
+
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, TargetError};
@@ -108,16 +110,26 @@ pub struct Barrier {
     pub time_ms: u64,
 }
 
-/// A verified chunk in plain form, ready to be journalled.
+/// Plain data at a disk offset: undo read from the replica, or a recovered
+/// journal entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PlainChunk {
     pub offset: u64,
     pub data: Vec<u8>,
 }
 
+/// A verified chunk of a batch in plain form. Raw chunks borrow the batch's
+/// payload: the apply path copies each byte only into the journal and the
+/// replica.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verified<'a> {
+    pub offset: u64,
+    pub data: Cow<'a, [u8]>,
+}
+
 /// Checks every chunk of `batch` against a disk of `size` bytes and returns the
 /// plain data. Any failure rejects the whole batch: nothing has been written.
-pub fn verify_batch(batch: &ApplyBatch, disk: &str, size: u64) -> Result<Vec<PlainChunk>> {
+pub fn verify_batch<'a>(batch: &'a ApplyBatch, disk: &str, size: u64) -> Result<Vec<Verified<'a>>> {
     if batch.disk != disk {
         return Err(TargetError::WrongDisk {
             disk: disk.to_string(),
@@ -155,18 +167,18 @@ pub fn verify_batch(batch: &ApplyBatch, disk: &str, size: u64) -> Result<Vec<Pla
                         offset: c.offset,
                     });
                 }
-                c.payload.clone()
+                Cow::Borrowed(c.payload.as_slice())
             }
-            Encoding::Zero => vec![0u8; c.len as usize],
-            Encoding::Zstd => {
-                decode_zstd(&c.payload, c.len).map_err(|reason| TargetError::Decompress {
+            Encoding::Zero => Cow::Owned(vec![0u8; c.len as usize]),
+            Encoding::Zstd => Cow::Owned(decode_zstd(&c.payload, c.len).map_err(|reason| {
+                TargetError::Decompress {
                     disk: disk.to_string(),
                     seq: batch.seq,
                     offset: c.offset,
                     len: c.len,
                     reason,
-                })?
-            }
+                }
+            })?),
         };
         if blake3::hash(&data).as_bytes() != &c.hash {
             return Err(TargetError::HashMismatch {
@@ -176,7 +188,7 @@ pub fn verify_batch(batch: &ApplyBatch, disk: &str, size: u64) -> Result<Vec<Pla
             });
         }
         if !data.is_empty() {
-            out.push(PlainChunk {
+            out.push(Verified {
                 offset: c.offset,
                 data,
             });

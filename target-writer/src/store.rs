@@ -37,7 +37,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 
-use crate::batch::{ApplyBatch, Barrier, Consistency, PlainChunk, verify_batch};
+use crate::batch::{ApplyBatch, Barrier, Consistency, PlainChunk, Verified, verify_batch};
 use crate::crashsafe::{FaultPlan, read_exact_at};
 use crate::error::{Result, TargetError};
 use crate::extents::ExtentSet;
@@ -131,6 +131,12 @@ pub struct DiskStore {
     open_seg: Option<File>,
     /// Disk ranges whose undo the open point already holds (segment + journal).
     cover: ExtentSet,
+    /// The undo of the journal's records (batch sequence, old data), kept
+    /// here so that a checkpoint appends it to the segment without reading
+    /// the journal back.
+    journal_undo: Vec<(u64, PlainChunk)>,
+    /// Reused encoding buffer of journal records.
+    wal_buf: Vec<u8>,
     opts: StoreOptions,
     poisoned: bool,
     _lock: File,
@@ -331,6 +337,8 @@ impl DiskStore {
             wal_pos: 0,
             open_seg: None,
             cover: ExtentSet::new(),
+            journal_undo: Vec::new(),
+            wal_buf: Vec::new(),
             opts,
             poisoned: false,
             _lock: lock,
@@ -372,6 +380,8 @@ impl DiskStore {
             wal_pos: 0,
             open_seg: None,
             cover: ExtentSet::new(),
+            journal_undo: Vec::new(),
+            wal_buf: Vec::new(),
             opts,
             poisoned: false,
             _lock: lock,
@@ -418,6 +428,7 @@ impl DiskStore {
             }
             for c in &rec.undo {
                 self.cover.insert(c.offset, c.offset + c.data.len() as u64);
+                self.journal_undo.push((rec.seq, c.clone()));
             }
             self.state.generation = rec.generation;
             self.state.applied_seq = rec.seq;
@@ -550,8 +561,10 @@ impl DiskStore {
         let (mut generation, mut applied) = (self.state.generation, self.state.applied_seq);
         let mut outcomes = Vec::with_capacity(batches.len());
         let mut redo_all = Vec::new();
+        let mut undo_all = Vec::new();
         let mut pending = ExtentSet::new();
-        let mut bytes = Vec::new();
+        let mut bytes = std::mem::take(&mut self.wal_buf);
+        bytes.clear();
         for batch in batches {
             if batch.disk != disk {
                 return Err(TargetError::WrongDisk {
@@ -585,22 +598,28 @@ impl DiskStore {
             let redo = verify_batch(batch, &disk, self.state.size)?;
             // Reading undo data writes nothing, so a failure here leaves the store usable.
             let undo = self.capture_undo(&redo, &mut pending)?;
-            bytes.extend_from_slice(&wal::encode_parts(
+            wal::encode_into(
+                &mut bytes,
                 self.state.wal_epoch,
                 batch.generation,
                 batch.seq,
                 &batch.chunks,
                 &undo,
-            ));
+            );
             redo_all.push(redo);
+            undo_all.extend(undo.into_iter().map(|c| (batch.seq, c)));
             generation = batch.generation;
             applied = batch.seq;
             outcomes.push(ApplyOutcome::Applied);
         }
         if redo_all.is_empty() {
+            self.wal_buf = bytes;
             return Ok(outcomes);
         }
-        self.journal(&bytes, applied)?;
+        let journalled = self.journal(&bytes, applied);
+        self.wal_buf = bytes;
+        journalled?;
+        self.journal_undo.extend(undo_all);
         self.guarded(|s| {
             let f = s.opts.faults.clone();
             for c in redo_all.iter().flatten() {
@@ -625,7 +644,7 @@ impl DiskStore {
     /// in this group: `pending`), adding those ranges to `pending`.
     fn capture_undo(
         &self,
-        redo: &[PlainChunk],
+        redo: &[Verified<'_>],
         pending: &mut ExtentSet,
     ) -> Result<Vec<PlainChunk>> {
         let mut undo = Vec::new();
@@ -683,23 +702,11 @@ impl DiskStore {
             return Ok(());
         }
         let f = self.opts.faults.clone();
-        let mut buf = vec![0u8; self.wal_pos as usize];
-        read_exact_at(&self.wal, &self.wal_path, &mut buf, 0)?;
-        let (records, used) = wal::decode_all(&buf, self.state.wal_epoch);
-        if used as u64 != self.wal_pos {
-            return Err(TargetError::corrupt(
-                &self.wal_path,
-                Some(used as u64),
-                "journal record does not verify",
-            ));
-        }
         let mut new_seg_len = None;
         if let (Some(seg), Some(p)) = (&self.open_seg, self.state.points.last()) {
             let mut out = Vec::new();
-            for r in &records {
-                for c in &r.undo {
-                    segment::encode_record(&mut out, r.seq, c.offset, &c.data);
-                }
+            for (seq, c) in &self.journal_undo {
+                segment::encode_record(&mut out, *seq, c.offset, &c.data);
             }
             if !out.is_empty() {
                 let path = self.dir.join(&p.segment);
@@ -717,6 +724,7 @@ impl DiskStore {
         self.write_state(&st)?;
         self.state = st;
         self.wal_pos = 0;
+        self.journal_undo.clear();
         let cid = self.cid();
         self.replica.set_cid(&f, cid, true)?;
         debug!(disk = %self.state.disk, applied_seq = self.state.applied_seq, "checkpoint");

@@ -9,14 +9,24 @@
 //! disk state and writing restarts at offset 0. Records of an older epoch or
 //! with a bad checksum end the journal, which is how torn tails are found.
 //! Encoding and decoding are pure; decoding never panics.
+//!
+//! # Record layout (version 2)
+//! A 48-byte header, then the entry table (redo entries with the blake3 of
+//! their plain data, then undo entries), then the redo payloads, then the undo
+//! data, then a 32-byte blake3 of everything except the redo payloads. The
+//! redo payloads are not hashed again on the apply path: each carries the hash
+//! the batch was verified against, and decoding checks it, so a torn payload
+//! still ends the journal. Version 1 records (one hash over the whole record)
+//! are still read, so a journal left by an older build is replayed.
 
 use crate::batch::{Chunk, Encoding, PlainChunk};
 
 const MAGIC: &[u8; 4] = b"BFWR";
-const VERSION: u32 = 1;
+const VERSION_1: u32 = 1;
+const VERSION: u32 = 2;
 const HEADER: usize = 48;
 const ENTRY_HEADER: usize = 12;
-const REDO_HEADER: usize = 17;
+const REDO_HEADER: usize = 17 + 32;
 const TRAILER: usize = 32;
 
 /// A redo chunk as journalled: its plain length and its wire encoding.
@@ -30,7 +40,7 @@ pub struct WalChunk {
 
 impl WalChunk {
     /// The plain data. The chunk was verified before it was journalled and
-    /// the record checksum holds, so a failure here means a damaged journal.
+    /// decoding checked it again, so a failure here means a damaged journal.
     pub fn plain(&self) -> Option<Vec<u8>> {
         match self.encoding {
             Encoding::Raw => {
@@ -61,22 +71,24 @@ fn enc_byte(e: Encoding) -> u8 {
     }
 }
 
-/// Encodes one record from the batch's chunks as received (no copy of them
-/// into an intermediate record).
-pub fn encode_parts(
+fn stored(c: &Chunk) -> usize {
+    if c.encoding == Encoding::Zero {
+        0
+    } else {
+        c.payload.len()
+    }
+}
+
+/// Appends one record to `out` from the batch's chunks as received. `out` is
+/// reused between calls, so the apply path does not allocate per batch.
+pub fn encode_into(
+    out: &mut Vec<u8>,
     epoch: u64,
     generation: u64,
     seq: u64,
     redo: &[Chunk],
     undo: &[PlainChunk],
-) -> Vec<u8> {
-    let stored = |c: &Chunk| {
-        if c.encoding == Encoding::Zero {
-            0
-        } else {
-            c.payload.len()
-        }
-    };
+) {
     let total = HEADER
         + redo.iter().map(|c| REDO_HEADER + stored(c)).sum::<usize>()
         + undo
@@ -84,31 +96,50 @@ pub fn encode_parts(
             .map(|c| ENTRY_HEADER + c.data.len())
             .sum::<usize>()
         + TRAILER;
-    let mut b = Vec::with_capacity(total);
-    b.extend_from_slice(MAGIC);
-    b.extend_from_slice(&VERSION.to_le_bytes());
-    b.extend_from_slice(&(total as u64).to_le_bytes());
-    b.extend_from_slice(&epoch.to_le_bytes());
-    b.extend_from_slice(&generation.to_le_bytes());
-    b.extend_from_slice(&seq.to_le_bytes());
-    b.extend_from_slice(&(redo.len() as u32).to_le_bytes());
-    b.extend_from_slice(&(undo.len() as u32).to_le_bytes());
+    let start = out.len();
+    out.reserve(total);
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&VERSION.to_le_bytes());
+    out.extend_from_slice(&(total as u64).to_le_bytes());
+    out.extend_from_slice(&epoch.to_le_bytes());
+    out.extend_from_slice(&generation.to_le_bytes());
+    out.extend_from_slice(&seq.to_le_bytes());
+    out.extend_from_slice(&(redo.len() as u32).to_le_bytes());
+    out.extend_from_slice(&(undo.len() as u32).to_le_bytes());
     for c in redo {
-        b.extend_from_slice(&c.offset.to_le_bytes());
-        b.extend_from_slice(&c.len.to_le_bytes());
-        b.push(enc_byte(c.encoding));
-        let n = stored(c);
-        b.extend_from_slice(&(n as u32).to_le_bytes());
-        b.extend_from_slice(&c.payload[..n]);
+        out.extend_from_slice(&c.offset.to_le_bytes());
+        out.extend_from_slice(&c.len.to_le_bytes());
+        out.push(enc_byte(c.encoding));
+        out.extend_from_slice(&(stored(c) as u32).to_le_bytes());
+        out.extend_from_slice(&c.hash);
     }
     for c in undo {
-        b.extend_from_slice(&c.offset.to_le_bytes());
-        b.extend_from_slice(&(c.data.len() as u32).to_le_bytes());
-        b.extend_from_slice(&c.data);
+        out.extend_from_slice(&c.offset.to_le_bytes());
+        out.extend_from_slice(&(c.data.len() as u32).to_le_bytes());
     }
-    let h = blake3::hash(&b);
-    b.extend_from_slice(h.as_bytes());
-    b
+    let mut h = blake3::Hasher::new();
+    h.update(&out[start..]);
+    for c in redo {
+        out.extend_from_slice(&c.payload[..stored(c)]);
+    }
+    for c in undo {
+        out.extend_from_slice(&c.data);
+        h.update(&c.data);
+    }
+    out.extend_from_slice(h.finalize().as_bytes());
+}
+
+/// One record as a new buffer (see [`encode_into`]).
+pub fn encode_parts(
+    epoch: u64,
+    generation: u64,
+    seq: u64,
+    redo: &[Chunk],
+    undo: &[PlainChunk],
+) -> Vec<u8> {
+    let mut out = Vec::new();
+    encode_into(&mut out, epoch, generation, seq, redo, undo);
+    out
 }
 
 impl WalRecord {
@@ -119,7 +150,7 @@ impl WalRecord {
             .map(|c| Chunk {
                 offset: c.offset,
                 len: c.len,
-                hash: [0; 32],
+                hash: c.plain().map_or([0; 32], |d| *blake3::hash(&d).as_bytes()),
                 encoding: c.encoding,
                 payload: c.payload.clone(),
             })
@@ -157,6 +188,15 @@ impl<'a> Cursor<'a> {
     }
 }
 
+fn encoding(b: u8) -> Result<Encoding, WalEnd> {
+    match b {
+        0 => Ok(Encoding::Raw),
+        1 => Ok(Encoding::Zstd),
+        2 => Ok(Encoding::Zero),
+        _ => Err(WalEnd::Invalid("encoding")),
+    }
+}
+
 /// Decodes the record at the start of `buf` if it belongs to `epoch`.
 /// Returns the record and its encoded length.
 pub fn decode(buf: &[u8], epoch: u64) -> Result<(WalRecord, usize), WalEnd> {
@@ -167,7 +207,8 @@ pub fn decode(buf: &[u8], epoch: u64) -> Result<(WalRecord, usize), WalEnd> {
     if c.take(4) != Some(MAGIC.as_slice()) {
         return Err(WalEnd::Invalid("bad magic"));
     }
-    if c.u32() != Some(VERSION) {
+    let version = c.u32().ok_or(WalEnd::Short)?;
+    if version != VERSION && version != VERSION_1 {
         return Err(WalEnd::Invalid("unknown version"));
     }
     let total = c.u64().ok_or(WalEnd::Short)?;
@@ -179,49 +220,26 @@ pub fn decode(buf: &[u8], epoch: u64) -> Result<(WalRecord, usize), WalEnd> {
         return Err(WalEnd::Short);
     };
     let (signed, trailer) = body.split_at(total - TRAILER);
-    if blake3::hash(signed).as_bytes() != trailer {
-        return Err(WalEnd::Invalid("checksum"));
-    }
     let mut c = Cursor {
         buf: signed,
         pos: 16,
     };
     let rec_epoch = c.u64().ok_or(WalEnd::Short)?;
-    if rec_epoch != epoch {
-        return Err(WalEnd::Invalid("older epoch"));
-    }
     let generation = c.u64().ok_or(WalEnd::Short)?;
     let seq = c.u64().ok_or(WalEnd::Short)?;
     let n_redo = c.u32().ok_or(WalEnd::Short)? as usize;
     let n_undo = c.u32().ok_or(WalEnd::Short)? as usize;
-    // Each entry takes at least ENTRY_HEADER bytes: bound the allocations.
-    let cap = |n: usize| n.min(signed.len() / ENTRY_HEADER);
-    let mut redo = Vec::with_capacity(cap(n_redo));
-    for _ in 0..n_redo {
-        let offset = c.u64().ok_or(WalEnd::Invalid("entry"))?;
-        let len = c.u32().ok_or(WalEnd::Invalid("entry"))?;
-        let encoding = match c.take(1).ok_or(WalEnd::Invalid("entry"))?[0] {
-            0 => Encoding::Raw,
-            1 => Encoding::Zstd,
-            2 => Encoding::Zero,
-            _ => return Err(WalEnd::Invalid("encoding")),
-        };
-        let n = c.u32().ok_or(WalEnd::Invalid("entry"))? as usize;
-        let payload = c.take(n).ok_or(WalEnd::Invalid("entry"))?.to_vec();
-        redo.push(WalChunk {
-            offset,
-            len,
-            encoding,
-            payload,
-        });
+    if rec_epoch != epoch {
+        return Err(WalEnd::Invalid("older epoch"));
     }
-    let mut undo = Vec::with_capacity(cap(n_undo));
-    for _ in 0..n_undo {
-        let offset = c.u64().ok_or(WalEnd::Invalid("entry"))?;
-        let len = c.u32().ok_or(WalEnd::Invalid("entry"))? as usize;
-        let data = c.take(len).ok_or(WalEnd::Invalid("entry"))?.to_vec();
-        undo.push(PlainChunk { offset, data });
-    }
+    let (redo, undo) = if version == VERSION_1 {
+        if blake3::hash(signed).as_bytes() != trailer {
+            return Err(WalEnd::Invalid("checksum"));
+        }
+        decode_v1_entries(&mut c, n_redo, n_undo)?
+    } else {
+        decode_v2_entries(&mut c, n_redo, n_undo, trailer)?
+    };
     Ok((
         WalRecord {
             epoch: rec_epoch,
@@ -232,6 +250,113 @@ pub fn decode(buf: &[u8], epoch: u64) -> Result<(WalRecord, usize), WalEnd> {
         },
         total,
     ))
+}
+
+type Entries = (Vec<WalChunk>, Vec<PlainChunk>);
+
+fn decode_v1_entries(c: &mut Cursor<'_>, n_redo: usize, n_undo: usize) -> Result<Entries, WalEnd> {
+    // Each entry takes at least ENTRY_HEADER bytes: bound the allocations.
+    let cap = |n: usize| n.min(c.buf.len() / ENTRY_HEADER);
+    let mut redo = Vec::with_capacity(cap(n_redo));
+    let mut undo = Vec::with_capacity(cap(n_undo));
+    for _ in 0..n_redo {
+        let offset = c.u64().ok_or(WalEnd::Invalid("entry"))?;
+        let len = c.u32().ok_or(WalEnd::Invalid("entry"))?;
+        let encoding = encoding(c.take(1).ok_or(WalEnd::Invalid("entry"))?[0])?;
+        let n = c.u32().ok_or(WalEnd::Invalid("entry"))? as usize;
+        let payload = c.take(n).ok_or(WalEnd::Invalid("entry"))?.to_vec();
+        redo.push(WalChunk {
+            offset,
+            len,
+            encoding,
+            payload,
+        });
+    }
+    for _ in 0..n_undo {
+        let offset = c.u64().ok_or(WalEnd::Invalid("entry"))?;
+        let len = c.u32().ok_or(WalEnd::Invalid("entry"))? as usize;
+        let data = c.take(len).ok_or(WalEnd::Invalid("entry"))?.to_vec();
+        undo.push(PlainChunk { offset, data });
+    }
+    Ok((redo, undo))
+}
+
+fn decode_v2_entries(
+    c: &mut Cursor<'_>,
+    n_redo: usize,
+    n_undo: usize,
+    trailer: &[u8],
+) -> Result<Entries, WalEnd> {
+    let table = n_redo
+        .checked_mul(REDO_HEADER)
+        .and_then(|a| {
+            n_undo
+                .checked_mul(ENTRY_HEADER)
+                .and_then(|b| a.checked_add(b))
+        })
+        .ok_or(WalEnd::Invalid("entry count"))?;
+    let meta_end = c
+        .pos
+        .checked_add(table)
+        .ok_or(WalEnd::Invalid("entry count"))?;
+    let Some(meta) = c.buf.get(..meta_end) else {
+        return Err(WalEnd::Invalid("entry count"));
+    };
+    let mut h = blake3::Hasher::new();
+    h.update(meta);
+    let mut heads = Vec::with_capacity(n_redo);
+    for _ in 0..n_redo {
+        let offset = c.u64().ok_or(WalEnd::Invalid("entry"))?;
+        let len = c.u32().ok_or(WalEnd::Invalid("entry"))?;
+        let encoding = encoding(c.take(1).ok_or(WalEnd::Invalid("entry"))?[0])?;
+        let n = c.u32().ok_or(WalEnd::Invalid("entry"))? as usize;
+        let hash = c.take(32).ok_or(WalEnd::Invalid("entry"))?;
+        heads.push((offset, len, encoding, n, hash));
+    }
+    let mut undo_heads = Vec::with_capacity(n_undo);
+    for _ in 0..n_undo {
+        let offset = c.u64().ok_or(WalEnd::Invalid("entry"))?;
+        let len = c.u32().ok_or(WalEnd::Invalid("entry"))? as usize;
+        undo_heads.push((offset, len));
+    }
+    let mut payloads = Vec::with_capacity(n_redo);
+    for &(_, _, _, n, _) in &heads {
+        payloads.push(c.take(n).ok_or(WalEnd::Invalid("entry"))?);
+    }
+    let mut undo = Vec::with_capacity(n_undo);
+    for (offset, len) in undo_heads {
+        let data = c.take(len).ok_or(WalEnd::Invalid("entry"))?;
+        h.update(data);
+        undo.push(PlainChunk {
+            offset,
+            data: data.to_vec(),
+        });
+    }
+    if c.pos != c.buf.len() {
+        return Err(WalEnd::Invalid("length"));
+    }
+    if h.finalize().as_bytes() != trailer {
+        return Err(WalEnd::Invalid("checksum"));
+    }
+    // The entry table holds: now check each payload against its hash (a
+    // torn write leaves old bytes there).
+    let mut redo = Vec::with_capacity(n_redo);
+    for ((offset, len, encoding, _, hash), payload) in heads.into_iter().zip(payloads) {
+        let chunk = WalChunk {
+            offset,
+            len,
+            encoding,
+            payload: payload.to_vec(),
+        };
+        let plain = chunk
+            .plain()
+            .ok_or(WalEnd::Invalid("chunk does not decode"))?;
+        if blake3::hash(&plain).as_bytes() != hash {
+            return Err(WalEnd::Invalid("chunk checksum"));
+        }
+        redo.push(chunk);
+    }
+    Ok((redo, undo))
 }
 
 /// Decodes all consecutive valid records of `epoch` from the start of `buf`.
@@ -298,6 +423,50 @@ mod tests {
         buf.extend(rec(9, 5).encode());
         let (recs, _) = decode_all(&buf, 6);
         assert_eq!(recs, vec![rec(1, 6)]);
+    }
+
+    #[test]
+    fn a_payload_with_stale_bytes_ends_the_journal() {
+        // A torn write can leave the entry table new and a payload old: the
+        // table's checksum holds, the payload's own hash does not.
+        let r = rec(1, 5);
+        let mut b = r.encode();
+        let payload_at = HEADER + 2 * REDO_HEADER + ENTRY_HEADER;
+        assert_eq!(b[payload_at], 1, "first payload byte of chunk 1");
+        b[payload_at] = 0;
+        assert_eq!(decode(&b, 5), Err(WalEnd::Invalid("chunk checksum")));
+    }
+
+    #[test]
+    fn a_version_1_record_is_still_read() {
+        // The layout an older build wrote: entries inline, one hash over all.
+        let r = rec(2, 4);
+        let mut b = Vec::new();
+        b.extend_from_slice(MAGIC);
+        b.extend_from_slice(&VERSION_1.to_le_bytes());
+        b.extend_from_slice(&0u64.to_le_bytes());
+        for v in [r.epoch, r.generation, r.seq] {
+            b.extend_from_slice(&v.to_le_bytes());
+        }
+        b.extend_from_slice(&(r.redo.len() as u32).to_le_bytes());
+        b.extend_from_slice(&(r.undo.len() as u32).to_le_bytes());
+        for c in &r.redo {
+            b.extend_from_slice(&c.offset.to_le_bytes());
+            b.extend_from_slice(&c.len.to_le_bytes());
+            b.push(enc_byte(c.encoding));
+            b.extend_from_slice(&(c.payload.len() as u32).to_le_bytes());
+            b.extend_from_slice(&c.payload);
+        }
+        for c in &r.undo {
+            b.extend_from_slice(&c.offset.to_le_bytes());
+            b.extend_from_slice(&(c.data.len() as u32).to_le_bytes());
+            b.extend_from_slice(&c.data);
+        }
+        let total = (b.len() + TRAILER) as u64;
+        b[8..16].copy_from_slice(&total.to_le_bytes());
+        let h = blake3::hash(&b);
+        b.extend_from_slice(h.as_bytes());
+        assert_eq!(decode(&b, 4), Ok((r, b.len())));
     }
 
     proptest! {
