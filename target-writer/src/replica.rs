@@ -18,6 +18,9 @@ pub trait Replica: Send + std::fmt::Debug {
     fn write_at(&mut self, faults: &FaultPlan, buf: &[u8], offset: u64) -> Result<()>;
     /// Makes every write so far durable.
     fn sync(&mut self, faults: &FaultPlan) -> Result<()>;
+    /// Called after each applied group of batches: a chance to start
+    /// writeback, so the checkpoint's sync finds little left to write.
+    fn start_writeback(&mut self) {}
     /// Records a new content id in the descriptor. `durable` asks for the
     /// full temp-fsync-rename-fsync dance; otherwise a plain rename (the store
     /// rewrites the descriptor durably on recovery, so a lost update is redone).
@@ -156,14 +159,17 @@ impl Replica for FlatReplica {
 
     fn write_at(&mut self, faults: &FaultPlan, buf: &[u8], offset: u64) -> Result<()> {
         self.check_range(offset, buf.len())?;
-        faults.write_at(&self.flat, &self.flat_path, buf, offset)?;
+        faults.write_at(&self.flat, &self.flat_path, buf, offset)
+    }
+
+    fn start_writeback(&mut self) {
         // Overlap the replica's writeback with the next batches instead of
-        // stalling on all of it at the checkpoint. Only a hint: durability
-        // still comes from the checkpoint's sync.
-        if let Err(e) = crate::sys::start_writeback(&self.flat, offset, buf.len() as u64) {
-            tracing::debug!(path = %self.flat_path.display(), offset, error = %e, "cannot start writeback");
+        // stalling on all of it at the checkpoint; once per group, not per
+        // chunk (a 4 KiB chunk would cost a syscall and an I/O submission).
+        // Only a hint: durability still comes from the checkpoint's sync.
+        if let Err(e) = crate::sys::start_writeback(&self.flat, 0, 0) {
+            tracing::debug!(path = %self.flat_path.display(), error = %e, "cannot start writeback");
         }
-        Ok(())
     }
 
     fn sync(&mut self, faults: &FaultPlan) -> Result<()> {

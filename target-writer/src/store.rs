@@ -625,6 +625,7 @@ impl DiskStore {
             for c in redo_all.iter().flatten() {
                 s.replica.write_at(&f, &c.data, c.offset)?;
             }
+            s.replica.start_writeback();
             for (a, b) in pending.iter() {
                 s.cover.insert(a, b);
             }

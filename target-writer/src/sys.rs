@@ -19,7 +19,8 @@ pub fn fallocate(file: &File, len: u64) -> io::Result<()> {
     }
 }
 
-/// Starts writeback of `[offset, offset + len)` without waiting for it, so
+/// Starts writeback of `[offset, offset + len)` (len 0: to the end of the
+/// file) without waiting for it, so
 /// that the checkpoint's fdatasync finds little left to write.
 pub fn start_writeback(file: &File, offset: u64, len: u64) -> io::Result<()> {
     let off =
