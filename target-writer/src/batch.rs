@@ -110,12 +110,29 @@ pub struct Barrier {
     pub time_ms: u64,
 }
 
-/// Plain data at a disk offset: undo read from the replica, or a recovered
-/// journal entry.
+/// Old contents of a disk range saved for a recovery point: the bytes, or
+/// `None` when they were all zero (a replica's never-written regions, which
+/// an initial sync overwrites with a point open, cost no space or I/O).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PlainChunk {
+pub struct Undo {
     pub offset: u64,
-    pub data: Vec<u8>,
+    pub len: u32,
+    pub data: Option<Vec<u8>>,
+}
+
+impl Undo {
+    /// Saves `data` read at `offset`, dropping it when it is all zero.
+    pub fn saved(offset: u64, data: Vec<u8>) -> Undo {
+        Undo {
+            offset,
+            len: data.len() as u32,
+            data: (!crate::vmdk::export::is_zero(&data)).then_some(data),
+        }
+    }
+
+    pub fn end(&self) -> u64 {
+        self.offset + u64::from(self.len)
+    }
 }
 
 /// A verified chunk of a batch in plain form. Raw chunks borrow the batch's

@@ -11,8 +11,10 @@
 //! wins), writing a new file: sealed segments are never modified.
 //!
 //! Format: a 32-byte header (magic, point id, disk size), then records of
-//! `magic, len, seq, offset, data, blake3(header ‖ data)`. The disk state holds
-//! each segment's committed length; everything up to it must verify.
+//! `magic, len, seq, offset, data, blake3(header ‖ data)`; a zero record
+//! (magic `BFUZ`) says the range was all zero and has no data. The disk state
+//! holds each segment's committed length; everything up to it must verify.
+//! Version 1 files (`BFUNDO01`, no zero records) are still read.
 
 use std::fs::File;
 use std::io::{BufReader, Read};
@@ -21,9 +23,11 @@ use std::path::Path;
 use crate::crashsafe::FaultPlan;
 use crate::error::{Result, TargetError};
 
-const FILE_MAGIC: &[u8; 8] = b"BFUNDO01";
+const FILE_MAGIC: &[u8; 8] = b"BFUNDO02";
+const FILE_MAGIC_V1: &[u8; 8] = b"BFUNDO01";
 pub const HEADER_LEN: u64 = 32;
 const REC_MAGIC: &[u8; 4] = b"BFUR";
+const ZERO_MAGIC: &[u8; 4] = b"BFUZ";
 const REC_HEADER: usize = 24;
 const REC_TRAILER: usize = 32;
 
@@ -32,8 +36,8 @@ pub struct SegEntry {
     /// Disk offset of the saved bytes.
     pub offset: u64,
     pub len: u64,
-    /// Where the bytes sit in the segment file.
-    pub file_pos: u64,
+    /// Where the bytes sit in the segment file; `None`: the range was zero.
+    pub file_pos: Option<u64>,
     /// The batch whose write made the save necessary.
     pub seq: u64,
 }
@@ -63,6 +67,25 @@ pub fn encode_record(out: &mut Vec<u8>, seq: u64, offset: u64, data: &[u8]) {
     out.extend_from_slice(h.as_bytes());
 }
 
+/// A record saying `len` bytes at `offset` were zero.
+pub fn encode_zero_record(out: &mut Vec<u8>, seq: u64, offset: u64, len: u32) {
+    let start = out.len();
+    out.extend_from_slice(ZERO_MAGIC);
+    out.extend_from_slice(&len.to_le_bytes());
+    out.extend_from_slice(&seq.to_le_bytes());
+    out.extend_from_slice(&offset.to_le_bytes());
+    let h = blake3::hash(&out[start..]);
+    out.extend_from_slice(h.as_bytes());
+}
+
+/// Appends the record of one saved range.
+pub fn encode_undo(out: &mut Vec<u8>, seq: u64, undo: &crate::batch::Undo) {
+    match &undo.data {
+        Some(d) => encode_record(out, seq, undo.offset, d),
+        None => encode_zero_record(out, seq, undo.offset, undo.len),
+    }
+}
+
 pub fn record_len(data_len: usize) -> u64 {
     (REC_HEADER + data_len + REC_TRAILER) as u64
 }
@@ -88,7 +111,7 @@ pub fn scan(path: &Path, len: u64, disk_size: u64) -> Result<SegmentIndex> {
     let mut h = [0u8; HEADER_LEN as usize];
     r.read_exact(&mut h)
         .map_err(|e| TargetError::io(path, Some(0), e))?;
-    if &h[..8] != FILE_MAGIC {
+    if &h[..8] != FILE_MAGIC && &h[..8] != FILE_MAGIC_V1 {
         return Err(TargetError::corrupt(path, Some(0), "not an undo segment"));
     }
     let mut idx = SegmentIndex::default();
@@ -98,13 +121,16 @@ pub fn scan(path: &Path, len: u64, disk_size: u64) -> Result<SegmentIndex> {
         let mut rh = [0u8; REC_HEADER];
         r.read_exact(&mut rh)
             .map_err(|e| TargetError::io(path, Some(pos), e))?;
-        if &rh[..4] != REC_MAGIC {
-            return Err(TargetError::corrupt(path, Some(pos), "bad record magic"));
-        }
+        let zero = match &rh[..4] {
+            m if m == REC_MAGIC => false,
+            m if m == ZERO_MAGIC => true,
+            _ => return Err(TargetError::corrupt(path, Some(pos), "bad record magic")),
+        };
         let dlen = u32::from_le_bytes([rh[4], rh[5], rh[6], rh[7]]) as usize;
+        let stored = if zero { 0 } else { dlen };
         let seq = u64::from_le_bytes(rh[8..16].try_into().unwrap_or_default());
         let offset = u64::from_le_bytes(rh[16..24].try_into().unwrap_or_default());
-        let rlen = record_len(dlen);
+        let rlen = record_len(stored);
         if pos + rlen > len
             || offset
                 .checked_add(dlen as u64)
@@ -116,7 +142,7 @@ pub fn scan(path: &Path, len: u64, disk_size: u64) -> Result<SegmentIndex> {
                 "record out of bounds",
             ));
         }
-        data.resize(dlen, 0);
+        data.resize(stored, 0);
         r.read_exact(&mut data)
             .map_err(|e| TargetError::io(path, Some(pos), e))?;
         let mut t = [0u8; REC_TRAILER];
@@ -135,10 +161,63 @@ pub fn scan(path: &Path, len: u64, disk_size: u64) -> Result<SegmentIndex> {
         idx.entries.push(SegEntry {
             offset,
             len: dlen as u64,
-            file_pos: pos + REC_HEADER as u64,
+            file_pos: (!zero).then_some(pos + REC_HEADER as u64),
             seq,
         });
         pos += rlen;
     }
     Ok(idx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_records_take_no_data_and_scan_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.undo");
+        let mut b = header(1, 1 << 20);
+        encode_record(&mut b, 3, 4096, &[7u8; 512]);
+        encode_zero_record(&mut b, 4, 65536, 65536);
+        assert_eq!(b.len() as u64, HEADER_LEN + record_len(512) + record_len(0));
+        std::fs::write(&path, &b).unwrap();
+        let idx = scan(&path, b.len() as u64, 1 << 20).unwrap();
+        assert_eq!(
+            idx.entries,
+            vec![
+                SegEntry {
+                    offset: 4096,
+                    len: 512,
+                    file_pos: Some(HEADER_LEN + REC_HEADER as u64),
+                    seq: 3
+                },
+                SegEntry {
+                    offset: 65536,
+                    len: 65536,
+                    file_pos: None,
+                    seq: 4
+                },
+            ]
+        );
+        // A zero record claiming more than the disk is corruption, not a read.
+        let mut bad = header(1, 1 << 16);
+        encode_zero_record(&mut bad, 1, 0, 1 << 20);
+        std::fs::write(&path, &bad).unwrap();
+        assert!(scan(&path, bad.len() as u64, 1 << 16).is_err());
+    }
+
+    #[test]
+    fn a_version_1_segment_is_still_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.undo");
+        let mut b = header(1, 1 << 20);
+        b[..8].copy_from_slice(FILE_MAGIC_V1);
+        encode_record(&mut b, 3, 0, &[1u8; 100]);
+        std::fs::write(&path, &b).unwrap();
+        assert_eq!(
+            scan(&path, b.len() as u64, 1 << 20).unwrap().entries.len(),
+            1
+        );
+    }
 }

@@ -37,7 +37,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 
-use crate::batch::{ApplyBatch, Barrier, Consistency, PlainChunk, Verified, verify_batch};
+use crate::batch::{ApplyBatch, Barrier, Consistency, Undo, Verified, verify_batch};
 use crate::crashsafe::{FaultPlan, read_exact_at};
 use crate::error::{Result, TargetError};
 use crate::extents::ExtentSet;
@@ -134,7 +134,7 @@ pub struct DiskStore {
     /// The undo of the journal's records (batch sequence, old data), kept
     /// here so that a checkpoint appends it to the segment without reading
     /// the journal back.
-    journal_undo: Vec<(u64, PlainChunk)>,
+    journal_undo: Vec<(u64, Undo)>,
     /// Reused encoding buffer of journal records.
     wal_buf: Vec<u8>,
     opts: StoreOptions,
@@ -427,7 +427,7 @@ impl DiskStore {
                 self.replica.write_at(&f, &data, c.offset)?;
             }
             for c in &rec.undo {
-                self.cover.insert(c.offset, c.offset + c.data.len() as u64);
+                self.cover.insert(c.offset, c.end());
                 self.journal_undo.push((rec.seq, c.clone()));
             }
             self.state.generation = rec.generation;
@@ -643,11 +643,7 @@ impl DiskStore {
     /// The current contents of every range of `redo` that the open point has
     /// not saved yet (neither in its segment, nor in the journal, nor earlier
     /// in this group: `pending`), adding those ranges to `pending`.
-    fn capture_undo(
-        &self,
-        redo: &[Verified<'_>],
-        pending: &mut ExtentSet,
-    ) -> Result<Vec<PlainChunk>> {
+    fn capture_undo(&self, redo: &[Verified<'_>], pending: &mut ExtentSet) -> Result<Vec<Undo>> {
         let mut undo = Vec::new();
         if self.open_seg.is_none() {
             return Ok(undo);
@@ -658,7 +654,7 @@ impl DiskStore {
                 for (a, b) in pending.uncovered(a, b) {
                     let mut data = vec![0u8; (b - a) as usize];
                     self.replica.read_at(&mut data, a)?;
-                    undo.push(PlainChunk { offset: a, data });
+                    undo.push(Undo::saved(a, data));
                 }
             }
             pending.insert(c.offset, end);
@@ -707,7 +703,7 @@ impl DiskStore {
         if let (Some(seg), Some(p)) = (&self.open_seg, self.state.points.last()) {
             let mut out = Vec::new();
             for (seq, c) in &self.journal_undo {
-                segment::encode_record(&mut out, *seq, c.offset, &c.data);
+                segment::encode_undo(&mut out, *seq, c);
             }
             if !out.is_empty() {
                 let path = self.dir.join(&p.segment);
@@ -960,9 +956,14 @@ impl DiskStore {
                     cover.uncovered(e.offset, e.offset + e.len)
                 };
                 for (a, b) in parts {
-                    let mut data = vec![0u8; (b - a) as usize];
-                    read_exact_at(&file, &seg_path, &mut data, e.file_pos + (a - e.offset))?;
-                    segment::encode_record(&mut buf, e.seq, a, &data);
+                    match e.file_pos {
+                        Some(at) => {
+                            let mut data = vec![0u8; (b - a) as usize];
+                            read_exact_at(&file, &seg_path, &mut data, at + (a - e.offset))?;
+                            segment::encode_record(&mut buf, e.seq, a, &data);
+                        }
+                        None => segment::encode_zero_record(&mut buf, e.seq, a, (b - a) as u32),
+                    }
                     if buf.len() >= 4 << 20 {
                         f.write_at(&out, &path, &buf, pos)?;
                         pos += buf.len() as u64;
@@ -1003,9 +1004,12 @@ impl DiskStore {
                     pieces.push(Piece {
                         start: a,
                         end: b,
-                        src: Src::Segment {
-                            file: k,
-                            pos: e.file_pos + (a - e.offset),
+                        src: match e.file_pos {
+                            Some(at) => Src::Segment {
+                                file: k,
+                                pos: at + (a - e.offset),
+                            },
+                            None => Src::Zero,
                         },
                     });
                 }
@@ -1060,6 +1064,7 @@ impl DiskStore {
 #[derive(Debug, Clone, Copy)]
 enum Src {
     Replica,
+    Zero,
     Segment { file: usize, pos: u64 },
 }
 
@@ -1124,6 +1129,7 @@ impl PointImage<'_> {
             let dst = &mut buf[done..done + n];
             match p.src {
                 Src::Replica => self.store.replica.read_at(dst, at)?,
+                Src::Zero => dst.fill(0),
                 Src::Segment { file, pos } => {
                     let (f, path) = &self.files[file];
                     read_exact_at(f, path, dst, pos + (at - p.start))?;

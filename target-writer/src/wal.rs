@@ -19,13 +19,14 @@
 //! still ends the journal. Version 1 records (one hash over the whole record)
 //! are still read, so a journal left by an older build is replayed.
 
-use crate::batch::{Chunk, Encoding, PlainChunk};
+use crate::batch::{Chunk, Encoding, Undo};
 
 const MAGIC: &[u8; 4] = b"BFWR";
 const VERSION_1: u32 = 1;
 const VERSION: u32 = 2;
 const HEADER: usize = 48;
 const ENTRY_HEADER: usize = 12;
+const UNDO_HEADER: usize = 13;
 const REDO_HEADER: usize = 17 + 32;
 const TRAILER: usize = 32;
 
@@ -60,7 +61,7 @@ pub struct WalRecord {
     pub generation: u64,
     pub seq: u64,
     pub redo: Vec<WalChunk>,
-    pub undo: Vec<PlainChunk>,
+    pub undo: Vec<Undo>,
 }
 
 fn enc_byte(e: Encoding) -> u8 {
@@ -87,13 +88,13 @@ pub fn encode_into(
     generation: u64,
     seq: u64,
     redo: &[Chunk],
-    undo: &[PlainChunk],
+    undo: &[Undo],
 ) {
     let total = HEADER
         + redo.iter().map(|c| REDO_HEADER + stored(c)).sum::<usize>()
         + undo
             .iter()
-            .map(|c| ENTRY_HEADER + c.data.len())
+            .map(|c| UNDO_HEADER + c.data.as_ref().map_or(0, Vec::len))
             .sum::<usize>()
         + TRAILER;
     let start = out.len();
@@ -115,16 +116,17 @@ pub fn encode_into(
     }
     for c in undo {
         out.extend_from_slice(&c.offset.to_le_bytes());
-        out.extend_from_slice(&(c.data.len() as u32).to_le_bytes());
+        out.extend_from_slice(&c.len.to_le_bytes());
+        out.push(u8::from(c.data.is_none()));
     }
     let mut h = blake3::Hasher::new();
     h.update(&out[start..]);
     for c in redo {
         out.extend_from_slice(&c.payload[..stored(c)]);
     }
-    for c in undo {
-        out.extend_from_slice(&c.data);
-        h.update(&c.data);
+    for d in undo.iter().filter_map(|c| c.data.as_ref()) {
+        out.extend_from_slice(d);
+        h.update(d);
     }
     out.extend_from_slice(h.finalize().as_bytes());
 }
@@ -135,7 +137,7 @@ pub fn encode_parts(
     generation: u64,
     seq: u64,
     redo: &[Chunk],
-    undo: &[PlainChunk],
+    undo: &[Undo],
 ) -> Vec<u8> {
     let mut out = Vec::new();
     encode_into(&mut out, epoch, generation, seq, redo, undo);
@@ -252,7 +254,7 @@ pub fn decode(buf: &[u8], epoch: u64) -> Result<(WalRecord, usize), WalEnd> {
     ))
 }
 
-type Entries = (Vec<WalChunk>, Vec<PlainChunk>);
+type Entries = (Vec<WalChunk>, Vec<Undo>);
 
 fn decode_v1_entries(c: &mut Cursor<'_>, n_redo: usize, n_undo: usize) -> Result<Entries, WalEnd> {
     // Each entry takes at least ENTRY_HEADER bytes: bound the allocations.
@@ -274,9 +276,16 @@ fn decode_v1_entries(c: &mut Cursor<'_>, n_redo: usize, n_undo: usize) -> Result
     }
     for _ in 0..n_undo {
         let offset = c.u64().ok_or(WalEnd::Invalid("entry"))?;
-        let len = c.u32().ok_or(WalEnd::Invalid("entry"))? as usize;
-        let data = c.take(len).ok_or(WalEnd::Invalid("entry"))?.to_vec();
-        undo.push(PlainChunk { offset, data });
+        let len = c.u32().ok_or(WalEnd::Invalid("entry"))?;
+        let data = c
+            .take(len as usize)
+            .ok_or(WalEnd::Invalid("entry"))?
+            .to_vec();
+        undo.push(Undo {
+            offset,
+            len,
+            data: Some(data),
+        });
     }
     Ok((redo, undo))
 }
@@ -291,7 +300,7 @@ fn decode_v2_entries(
         .checked_mul(REDO_HEADER)
         .and_then(|a| {
             n_undo
-                .checked_mul(ENTRY_HEADER)
+                .checked_mul(UNDO_HEADER)
                 .and_then(|b| a.checked_add(b))
         })
         .ok_or(WalEnd::Invalid("entry count"))?;
@@ -316,21 +325,28 @@ fn decode_v2_entries(
     let mut undo_heads = Vec::with_capacity(n_undo);
     for _ in 0..n_undo {
         let offset = c.u64().ok_or(WalEnd::Invalid("entry"))?;
-        let len = c.u32().ok_or(WalEnd::Invalid("entry"))? as usize;
-        undo_heads.push((offset, len));
+        let len = c.u32().ok_or(WalEnd::Invalid("entry"))?;
+        let zero = match c.take(1).ok_or(WalEnd::Invalid("entry"))?[0] {
+            0 => false,
+            1 => true,
+            _ => return Err(WalEnd::Invalid("undo kind")),
+        };
+        undo_heads.push((offset, len, zero));
     }
     let mut payloads = Vec::with_capacity(n_redo);
     for &(_, _, _, n, _) in &heads {
         payloads.push(c.take(n).ok_or(WalEnd::Invalid("entry"))?);
     }
     let mut undo = Vec::with_capacity(n_undo);
-    for (offset, len) in undo_heads {
-        let data = c.take(len).ok_or(WalEnd::Invalid("entry"))?;
-        h.update(data);
-        undo.push(PlainChunk {
-            offset,
-            data: data.to_vec(),
-        });
+    for (offset, len, zero) in undo_heads {
+        let data = if zero {
+            None
+        } else {
+            let d = c.take(len as usize).ok_or(WalEnd::Invalid("entry"))?;
+            h.update(d);
+            Some(d.to_vec())
+        };
+        undo.push(Undo { offset, len, data });
     }
     if c.pos != c.buf.len() {
         return Err(WalEnd::Invalid("length"));
@@ -399,10 +415,18 @@ mod tests {
                     payload: Vec::new(),
                 },
             ],
-            undo: vec![PlainChunk {
-                offset: 0,
-                data: vec![7; 10],
-            }],
+            undo: vec![
+                Undo {
+                    offset: 0,
+                    len: 10,
+                    data: Some(vec![7; 10]),
+                },
+                Undo {
+                    offset: 8192,
+                    len: 4096,
+                    data: None,
+                },
+            ],
         }
     }
 
@@ -431,7 +455,7 @@ mod tests {
         // table's checksum holds, the payload's own hash does not.
         let r = rec(1, 5);
         let mut b = r.encode();
-        let payload_at = HEADER + 2 * REDO_HEADER + ENTRY_HEADER;
+        let payload_at = HEADER + 2 * REDO_HEADER + 2 * UNDO_HEADER;
         assert_eq!(b[payload_at], 1, "first payload byte of chunk 1");
         b[payload_at] = 0;
         assert_eq!(decode(&b, 5), Err(WalEnd::Invalid("chunk checksum")));
@@ -440,7 +464,9 @@ mod tests {
     #[test]
     fn a_version_1_record_is_still_read() {
         // The layout an older build wrote: entries inline, one hash over all.
-        let r = rec(2, 4);
+        // Version 1 had no zero undo entries.
+        let mut r = rec(2, 4);
+        r.undo.retain(|c| c.data.is_some());
         let mut b = Vec::new();
         b.extend_from_slice(MAGIC);
         b.extend_from_slice(&VERSION_1.to_le_bytes());
@@ -458,9 +484,10 @@ mod tests {
             b.extend_from_slice(&c.payload);
         }
         for c in &r.undo {
+            let data = c.data.as_deref().unwrap_or_default();
             b.extend_from_slice(&c.offset.to_le_bytes());
-            b.extend_from_slice(&(c.data.len() as u32).to_le_bytes());
-            b.extend_from_slice(&c.data);
+            b.extend_from_slice(&c.len.to_le_bytes());
+            b.extend_from_slice(data);
         }
         let total = (b.len() + TRAILER) as u64;
         b[8..16].copy_from_slice(&total.to_le_bytes());

@@ -65,7 +65,7 @@ pub struct ExportSummary {
     pub zero_grains: u64,
 }
 
-fn is_zero(b: &[u8]) -> bool {
+pub(crate) fn is_zero(b: &[u8]) -> bool {
     // OR-folding fixed blocks vectorizes; the early exit skips data quickly.
     b.chunks(4096)
         .all(|c| c.iter().fold(0u8, |a, &x| a | x) == 0)
