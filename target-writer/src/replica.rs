@@ -1,7 +1,8 @@
-//! The replica disk of one protected disk: what ESXi would run. Today a
+//! The replica disk of one protected disk: what ESXi would run. Either a
 //! `createType="vmfs"` descriptor plus a preallocated raw `-flat.vmdk`
-//! extent; the store talks to it only through [`Replica`], so the
-//! monolithicSparse (thin) replica plugs in behind the same trait.
+//! extent ([`FlatReplica`]), or one thin monolithicSparse file
+//! ([`SparseReplica`]) that only holds the grains ever written. The store
+//! talks to either only through [`Replica`].
 
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
@@ -9,6 +10,7 @@ use std::path::{Path, PathBuf};
 use crate::crashsafe::{FaultPlan, read_exact_at};
 use crate::error::{Result, TargetError};
 use crate::sys;
+use crate::vmdk::{CreateOptions, DiskKind, DiskRead, OpenMode, VmdkImage, WriteOp};
 
 /// What the store needs from a replica image. Writes need not be durable
 /// until `sync`: the redo journal covers them until then.
@@ -21,6 +23,9 @@ pub trait Replica: Send + std::fmt::Debug {
     /// Called after each applied group of batches: a chance to start
     /// writeback, so the checkpoint's sync finds little left to write.
     fn start_writeback(&mut self) {}
+    /// Grows the replica to `size` bytes (durable on return); the caller
+    /// commits the new size and then rewrites the descriptor with `set_cid`.
+    fn grow(&mut self, faults: &FaultPlan, size: u64) -> Result<()>;
     /// Records a new content id in the descriptor. `durable` asks for the
     /// full temp-fsync-rename-fsync dance; otherwise a plain rename (the store
     /// rewrites the descriptor durably on recovery, so a lost update is redone).
@@ -134,17 +139,6 @@ impl FlatReplica {
     pub fn flat_path(&self) -> &Path {
         &self.flat_path
     }
-
-    /// Extends the flat extent to `size` bytes, preallocated like at creation
-    /// so in-place writes never run out of space, and syncs it. The caller
-    /// rewrites the descriptor once the new size is committed.
-    pub fn grow(&mut self, faults: &FaultPlan, size: u64) -> Result<()> {
-        sys::fallocate(&self.flat, size)
-            .map_err(|e| TargetError::io(&self.flat_path, Some(self.size), e))?;
-        faults.sync_data(&self.flat, &self.flat_path)?;
-        self.size = size;
-        Ok(())
-    }
 }
 
 impl Replica for FlatReplica {
@@ -176,6 +170,16 @@ impl Replica for FlatReplica {
         faults.sync_data(&self.flat, &self.flat_path)
     }
 
+    /// Extends the flat extent, preallocated like at creation so in-place
+    /// writes never run out of space.
+    fn grow(&mut self, faults: &FaultPlan, size: u64) -> Result<()> {
+        sys::fallocate(&self.flat, size)
+            .map_err(|e| TargetError::io(&self.flat_path, Some(self.size), e))?;
+        faults.sync_data(&self.flat, &self.flat_path)?;
+        self.size = size;
+        Ok(())
+    }
+
     fn set_cid(&mut self, faults: &FaultPlan, cid: u32, durable: bool) -> Result<()> {
         let text = vmfs_descriptor(&self.flat_name, self.size, cid, &self.uuid_seed);
         if !durable {
@@ -204,13 +208,157 @@ impl Replica for FlatReplica {
     }
 }
 
+/// The identity of a replica's disk, the same whenever its descriptor is
+/// rewritten.
+fn replica_uuid(uuid_seed: &str) -> [u8; 16] {
+    let mut uuid = [0u8; 16];
+    uuid.copy_from_slice(&blake3::hash(uuid_seed.as_bytes()).as_bytes()[..16]);
+    uuid
+}
+
+/// A thin replica: one monolithicSparse file with 64 KiB grains, holding
+/// only what was written. Writes go through the VMDK module's deferred mode
+/// (the store's redo journal covers them); `sync` writes the new grains,
+/// syncs them, and only then points the grain tables at them. A crash
+/// before that leaves unreferenced grains at the end of the file (space
+/// only; the journal's replay writes the data again).
+#[derive(Debug)]
+pub struct SparseReplica {
+    image: VmdkImage,
+    path: PathBuf,
+    size: u64,
+}
+
+fn vmdk_err(e: crate::vmdk::VmdkError) -> TargetError {
+    if let crate::vmdk::VmdkError::Io {
+        source,
+        path,
+        offset,
+        ..
+    } = &e
+        && matches!(
+            source.raw_os_error(),
+            Some(libc::ENOSPC) | Some(libc::EDQUOT)
+        )
+    {
+        return TargetError::io(
+            path,
+            Some(*offset),
+            std::io::Error::from_raw_os_error(libc::ENOSPC),
+        );
+    }
+    TargetError::from(e)
+}
+
+impl SparseReplica {
+    pub fn create(dir: &Path, name: &str, size: u64, cid: u32, uuid_seed: &str) -> Result<Self> {
+        let path = dir.join(name);
+        let mut opts = CreateOptions::new(size, DiskKind::MonolithicSparse);
+        opts.cid = Some(cid);
+        opts.uuid = Some(replica_uuid(uuid_seed));
+        let image = VmdkImage::create(&path, &opts).map_err(vmdk_err)?;
+        Ok(SparseReplica { image, path, size })
+    }
+
+    pub fn open(dir: &Path, name: &str, size: u64) -> Result<Self> {
+        let path = dir.join(name);
+        let mut image = VmdkImage::open(&path, OpenMode::ReadWrite).map_err(vmdk_err)?;
+        let kind = &image.descriptor().create_type;
+        if *kind != crate::vmdk::descriptor::CreateType::MonolithicSparse
+            || image.parent().is_some()
+        {
+            return Err(TargetError::corrupt(
+                &path,
+                None,
+                format!(
+                    "a thin replica must be a monolithicSparse disk without a parent, this is {kind}"
+                ),
+            ));
+        }
+        let actual = DiskRead::size(&image);
+        if actual > size {
+            // A grow that crashed before the disk state committed the new
+            // size: nothing was written past the old end yet.
+            tracing::warn!(path = %path.display(), actual, size, "cutting back an interrupted grow");
+            image.resize_in_place(size).map_err(vmdk_err)?;
+        } else if actual != size {
+            return Err(TargetError::corrupt(
+                &path,
+                None,
+                format!("thin replica is {actual} bytes, the disk is {size} bytes"),
+            ));
+        }
+        image.repair_redundant_tables().map_err(vmdk_err)?;
+        Ok(SparseReplica { image, path, size })
+    }
+
+    fn check_range(&self, offset: u64, len: usize) -> Result<()> {
+        match offset.checked_add(len as u64) {
+            Some(end) if end <= self.size => Ok(()),
+            _ => Err(TargetError::OutOfRange {
+                disk: self.path.display().to_string(),
+                offset,
+                len: len as u64,
+                size: self.size,
+            }),
+        }
+    }
+}
+
+impl Replica for SparseReplica {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.check_range(offset, buf.len())?;
+        DiskRead::read_at(&self.image, buf, offset).map_err(vmdk_err)
+    }
+
+    fn write_at(&mut self, _faults: &FaultPlan, buf: &[u8], offset: u64) -> Result<()> {
+        self.check_range(offset, buf.len())?;
+        // Zeros allocate nothing where nothing was written (thin stays thin).
+        let op = if crate::vmdk::export::is_zero(buf) {
+            WriteOp::Zero {
+                offset,
+                len: buf.len() as u64,
+            }
+        } else {
+            WriteOp::Data { offset, data: buf }
+        };
+        self.image.apply_deferred(&[op]).map_err(vmdk_err)
+    }
+
+    fn sync(&mut self, faults: &FaultPlan) -> Result<()> {
+        // The barrier before the tables, through the fault-injection seam
+        // so tests can fail it; commit's own first sync then finds nothing.
+        if let Some(f) = self.image.sparse_file() {
+            faults.sync_data(f, &self.path)?;
+        }
+        self.image.commit().map_err(vmdk_err)
+    }
+
+    fn grow(&mut self, _faults: &FaultPlan, size: u64) -> Result<()> {
+        self.image.resize_in_place(size).map_err(vmdk_err)?;
+        self.size = size;
+        Ok(())
+    }
+
+    fn set_cid(&mut self, _faults: &FaultPlan, cid: u32, durable: bool) -> Result<()> {
+        self.image.set_cid_deferred(cid, durable).map_err(vmdk_err)
+    }
+
+    fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
 /// The descriptor of a replica: `createType="vmfs"` with one VMFS extent,
 /// rendered by the VMDK module. The uuid is derived from `uuid_seed` so that
 /// rewriting the descriptor (new CID) keeps the disk's identity.
 pub fn vmfs_descriptor(flat_name: &str, size: u64, cid: u32, uuid_seed: &str) -> String {
     use crate::vmdk::descriptor::{Access, CreateType, Descriptor, Extent, ExtentKind};
-    let mut uuid = [0u8; 16];
-    uuid.copy_from_slice(&blake3::hash(uuid_seed.as_bytes()).as_bytes()[..16]);
+    let uuid = replica_uuid(uuid_seed);
     let extent = Extent {
         access: Access::Rw,
         sectors: size / 512,

@@ -41,7 +41,7 @@ use crate::batch::{ApplyBatch, Barrier, Consistency, Undo, Verified, verify_batc
 use crate::crashsafe::{FaultPlan, read_exact_at};
 use crate::error::{Result, TargetError};
 use crate::extents::ExtentSet;
-use crate::replica::{FlatReplica, Replica};
+use crate::replica::{FlatReplica, Replica, SparseReplica};
 use crate::retention::{PointStamp, RetentionPolicy, retain};
 use crate::segment;
 use crate::wal;
@@ -59,6 +59,10 @@ pub struct StoreOptions {
     pub checkpoint_bytes: u64,
     /// The fault-injection seam (tests); production uses the default.
     pub faults: Arc<FaultPlan>,
+    /// New replicas are thin (one monolithicSparse file holding only the
+    /// grains written) instead of a preallocated vmfs flat extent. Only
+    /// read at creation; an existing replica keeps its kind.
+    pub thin: bool,
 }
 
 impl Default for StoreOptions {
@@ -66,6 +70,7 @@ impl Default for StoreOptions {
         StoreOptions {
             checkpoint_bytes: 64 << 20,
             faults: Arc::new(FaultPlan::default()),
+            thin: false,
         }
     }
 }
@@ -105,6 +110,9 @@ struct DiskState {
     wal_epoch: u64,
     created_ms: u64,
     replica: String,
+    /// The replica is a thin monolithicSparse file (else vmfs + flat extent).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    thin: bool,
     next_point_id: u64,
     next_file_no: u64,
     points: Vec<PointMeta>,
@@ -124,7 +132,7 @@ pub enum ApplyOutcome {
 pub struct DiskStore {
     dir: PathBuf,
     state: DiskState,
-    replica: FlatReplica,
+    replica: Box<dyn Replica>,
     wal: File,
     wal_path: PathBuf,
     wal_pos: u64,
@@ -296,8 +304,12 @@ impl DiskStore {
         }
         let f = &opts.faults;
         let cid = content_id(disk, now_ms, 0, 0);
-        let replica =
-            FlatReplica::create(f, &dir, REPLICA, size, cid, &format!("{disk}/{now_ms}"))?;
+        let seed = format!("{disk}/{now_ms}");
+        let replica: Box<dyn Replica> = if opts.thin {
+            Box::new(SparseReplica::create(&dir, REPLICA, size, cid, &seed)?)
+        } else {
+            Box::new(FlatReplica::create(f, &dir, REPLICA, size, cid, &seed)?)
+        };
         let wal_path = dir.join(WAL);
         let wal = OpenOptions::new()
             .read(true)
@@ -317,6 +329,7 @@ impl DiskStore {
             wal_epoch: 1,
             created_ms: now_ms,
             replica: REPLICA.to_string(),
+            thin: opts.thin,
             next_point_id: 1,
             next_file_no: 1,
             points: Vec::new(),
@@ -356,12 +369,16 @@ impl DiskStore {
         }
         let lock = lock_dir(&dir)?;
         let state = read_state(&dir)?;
-        let replica = FlatReplica::open(
-            &dir,
-            &state.replica,
-            state.size,
-            &format!("{disk}/{}", state.created_ms),
-        )?;
+        let replica: Box<dyn Replica> = if state.thin {
+            Box::new(SparseReplica::open(&dir, &state.replica, state.size)?)
+        } else {
+            Box::new(FlatReplica::open(
+                &dir,
+                &state.replica,
+                state.size,
+                &format!("{disk}/{}", state.created_ms),
+            )?)
+        };
         let wal_path = dir.join(WAL);
         let wal = OpenOptions::new()
             .read(true)
@@ -531,6 +548,14 @@ impl DiskStore {
         }
     }
 
+    /// Poisons the store after a failed replica write or sync, whatever the
+    /// cause, and hands the error back.
+    fn replica_failed(&mut self, e: TargetError) -> TargetError {
+        warn!(disk = %self.state.disk, error = %e, "replica write failed; reopen to replay the journal");
+        self.poisoned = true;
+        e
+    }
+
     /// Runs `f`; any error other than "no space" leaves the store poisoned.
     fn guarded<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
         let r = f(self);
@@ -623,7 +648,11 @@ impl DiskStore {
         self.guarded(|s| {
             let f = s.opts.faults.clone();
             for c in redo_all.iter().flatten() {
-                s.replica.write_at(&f, &c.data, c.offset)?;
+                // Even "no space" (a thin replica's new grain): the page
+                // cache may hold part of the batch; only a replay is sure.
+                s.replica
+                    .write_at(&f, &c.data, c.offset)
+                    .map_err(|e| s.replica_failed(e))?;
             }
             s.replica.start_writeback();
             for (a, b) in pending.iter() {
@@ -712,7 +741,8 @@ impl DiskStore {
             }
             new_seg_len = Some(p.segment_len + out.len() as u64);
         }
-        self.replica.sync(&f)?;
+        // A failed sync may have dropped dirty pages: only a replay is sure.
+        self.replica.sync(&f).map_err(|e| self.replica_failed(e))?;
         let mut st = self.state.clone();
         st.wal_epoch += 1;
         if let (Some(len), Some(p)) = (new_seg_len, st.points.last_mut()) {

@@ -206,6 +206,8 @@ pub(crate) struct SparseExtent {
     gts: Vec<OnceLock<Box<[u32]>>>,
     /// Next free sector for a grain or table (end of file, grain-aligned).
     next_free: u64,
+    /// Tables changed in memory by deferred writes, written by `commit`.
+    dirty: std::collections::BTreeSet<usize>,
 }
 
 impl SparseExtent {
@@ -287,6 +289,7 @@ impl SparseExtent {
             rgd,
             gts,
             next_free,
+            dirty: Default::default(),
         })
     }
 
@@ -912,7 +915,139 @@ impl VmdkImage {
         self.write_descriptor()
     }
 
+    /// Sets the CID in the descriptor; `durable` syncs it, otherwise it is
+    /// written in place and the next [`VmdkImage::commit`] syncs it.
+    pub(crate) fn set_cid_deferred(&mut self, cid: u32, durable: bool) -> Result<(), VmdkError> {
+        self.descriptor.set_cid(cid);
+        self.write_descriptor_inner(durable)
+    }
+
+    /// After a crash between the two copies of a table update, makes every
+    /// redundant grain table equal to its primary: the primary is what
+    /// readers use, and the journal's replay redoes what either copy lost.
+    /// Returns how many tables were rewritten.
+    pub(crate) fn repair_redundant_tables(&mut self) -> Result<usize, VmdkError> {
+        let mut fixed = 0;
+        for e in &mut self.extents {
+            let ExtentData::Sparse(s) = &mut e.data else {
+                continue;
+            };
+            let Some(rgd) = s.rgd.clone() else { continue };
+            let n = s.header.num_gtes_per_gt as usize;
+            let mut buf = vec![0u8; n * 4];
+            for (i, (&p, &r)) in s.gd.iter().zip(rgd.iter()).enumerate() {
+                if p == 0 || r == 0 {
+                    continue;
+                }
+                let primary = s.read_gt(u64::from(p))?;
+                if s.read_gt(u64::from(r))? != primary {
+                    sparse::encode_entries(&primary, &mut buf);
+                    let off = u64::from(r) * SECTOR;
+                    s.file.write_all_at(&buf, off).map_err(VmdkError::io(
+                        "write redundant grain table of",
+                        &s.path,
+                        off,
+                    ))?;
+                    tracing::warn!(path = %s.path.display(), table = i, "redundant grain table differed from the primary; rewritten");
+                    fixed += 1;
+                }
+            }
+            if fixed > 0 {
+                s.file
+                    .sync_data()
+                    .map_err(VmdkError::io("fdatasync", &s.path, 0))?;
+            }
+        }
+        Ok(fixed)
+    }
+
+    /// Changes the virtual size of a parentless monolithicSparse disk in
+    /// place: the header's capacity and the descriptor's extent line. The
+    /// grain directories must have room for the new size (they are laid out
+    /// whole sectors at a time, so a disk can grow up to the next multiple of
+    /// 128 × 32 MiB); new tables are allocated when first written. Shrinking
+    /// is only for undoing an interrupted grow (nothing written past the end).
+    pub(crate) fn resize_in_place(&mut self, size: u64) -> Result<(), VmdkError> {
+        self.writable()?;
+        let path = self.path.clone();
+        let [
+            OpenExtent {
+                data: ExtentData::Sparse(s),
+                len,
+                ..
+            },
+        ] = self.extents.as_mut_slice()
+        else {
+            return Err(VmdkError::Unsupported {
+                path,
+                what: "resizing a disk that is not one sparse extent".into(),
+            });
+        };
+        if self.parent.is_some() || !size.is_multiple_of(SECTOR) || size == 0 {
+            return Err(VmdkError::Invalid {
+                path,
+                what: format!("cannot resize to {size} bytes (a delta, or not whole sectors)"),
+            });
+        }
+        let mut h = s.header;
+        h.capacity = size / SECTOR;
+        let entries = h.num_gd_entries() as usize;
+        // Room: up to the first table after each directory.
+        let room = |dir_sector: u64, dir: &[u32]| {
+            dir.iter()
+                .copied()
+                .filter(|&t| u64::from(t) > dir_sector)
+                .min()
+                .map_or(0, |t| ((u64::from(t) - dir_sector) * SECTOR / 4) as usize)
+        };
+        let mut fits = entries <= room(h.gd_offset, &s.gd);
+        if let Some(rgd) = &s.rgd {
+            fits &= entries <= room(h.rgd_offset, rgd);
+        }
+        if !fits {
+            return Err(VmdkError::Unsupported {
+                path,
+                what: format!(
+                    "growing this thin disk to {size} bytes: its grain directory has no room (export the point and recreate a larger replica, or use a flat replica)"
+                ),
+            });
+        }
+        s.gd.resize(entries, 0);
+        if let Some(rgd) = &mut s.rgd {
+            rgd.resize(entries, 0);
+        }
+        s.gts.resize_with(entries, OnceLock::new);
+        s.file.write_all_at(&h.encode(), 0).map_err(VmdkError::io(
+            "write header of",
+            &s.path,
+            0,
+        ))?;
+        s.file
+            .sync_data()
+            .map_err(VmdkError::io("fdatasync", &s.path, 0))?;
+        s.header = h;
+        *len = size;
+        self.size = size;
+        self.descriptor.extents[0].sectors = size / SECTOR;
+        let adapter = self
+            .descriptor
+            .adapter_type()
+            .unwrap_or(AdapterType::LsiLogic);
+        let geo = super::descriptor::Geometry::for_capacity(size / SECTOR, &adapter);
+        self.descriptor
+            .ddb_set("ddb.geometry.cylinders", geo.cylinders.to_string());
+        self.descriptor
+            .ddb_set("ddb.geometry.heads", geo.heads.to_string());
+        self.descriptor
+            .ddb_set("ddb.geometry.sectors", geo.sectors.to_string());
+        self.write_descriptor_inner(true)
+    }
+
     fn write_descriptor(&mut self) -> Result<(), VmdkError> {
+        self.write_descriptor_inner(true)
+    }
+
+    fn write_descriptor_inner(&mut self, durable: bool) -> Result<(), VmdkError> {
         self.writable()?;
         let text = self.descriptor.render();
         if !self.embedded {
@@ -948,6 +1083,9 @@ impl VmdkImage {
             &self.path,
             off,
         ))?;
+        if !durable {
+            return Ok(());
+        }
         s.file
             .sync_data()
             .map_err(VmdkError::io("fdatasync", &self.path, 0))
@@ -977,6 +1115,52 @@ impl VmdkImage {
     /// durable on return. The whole batch is range-checked before anything is
     /// written. See the module docs for the order of writes in sparse extents.
     pub fn apply(&mut self, ops: &[WriteOp<'_>]) -> Result<(), VmdkError> {
+        self.apply_inner(ops, false)
+    }
+
+    /// Like [`VmdkImage::apply`] for a disk whose writes a redo journal
+    /// covers until [`VmdkImage::commit`]: new grains are written, but their
+    /// table entries change only in memory (reads see them), and nothing is
+    /// synced. Zeros written where a parentless disk has no grain allocate
+    /// nothing, and zeros over an allocated grain are written in place, so
+    /// a replica that is overwritten forever leaks no grains.
+    pub(crate) fn apply_deferred(&mut self, ops: &[WriteOp<'_>]) -> Result<(), VmdkError> {
+        self.apply_inner(ops, true)
+    }
+
+    /// The file of a single-extent sparse disk (for the caller's own syncs).
+    pub(crate) fn sparse_file(&self) -> Option<&File> {
+        match self.extents.as_slice() {
+            [
+                OpenExtent {
+                    data: ExtentData::Sparse(s),
+                    ..
+                },
+            ] => Some(&s.file),
+            _ => None,
+        }
+    }
+
+    /// Makes every deferred write durable: the new grains are synced first
+    /// (the barrier: no table may point at a grain that is not on disk),
+    /// then the changed tables are written, redundant copy first, and synced.
+    pub(crate) fn commit(&mut self) -> Result<(), VmdkError> {
+        for e in &mut self.extents {
+            if let ExtentData::Sparse(s) = &mut e.data
+                && !s.dirty.is_empty()
+            {
+                s.file
+                    .sync_data()
+                    .map_err(VmdkError::io("fdatasync", &s.path, 0))?;
+                let dirty: Vec<usize> = s.dirty.iter().copied().collect();
+                s.write_gts(&dirty)?;
+                s.dirty.clear();
+            }
+        }
+        self.sync()
+    }
+
+    fn apply_inner(&mut self, ops: &[WriteOp<'_>], deferred: bool) -> Result<(), VmdkError> {
         self.writable()?;
         for op in ops {
             let (offset, len) = match *op {
@@ -1057,7 +1241,18 @@ impl VmdkImage {
                             let vpos = ext.start + p;
                             let piece = piece_of(vpos, m);
                             let whole = g_off == 0 && m == gb;
-                            if whole && bytes.is_none() && s.header.has_zero_grain() {
+                            let nothing_to_do = deferred
+                                && bytes.is_none()
+                                && self.parent.is_none()
+                                && !plans.contains_key(&(xi, grain))
+                                && matches!(s.lookup(p)?, Grain::Unallocated | Grain::Zero);
+                            if nothing_to_do {
+                                // Already reads as zeros.
+                            } else if whole
+                                && bytes.is_none()
+                                && s.header.has_zero_grain()
+                                && !deferred
+                            {
                                 plans.insert((xi, grain), GrainPlan::Zero);
                             } else {
                                 let mut plan = match plans.remove(&(xi, grain)) {
@@ -1110,7 +1305,10 @@ impl VmdkImage {
                 pos += n;
             }
         }
-        self.execute_plans(plans, &mut dirty_files)?;
+        self.execute_plans(plans, &mut dirty_files, deferred)?;
+        if deferred {
+            return Ok(());
+        }
         for xi in dirty_files {
             let (file, path) = match &self.extents[xi].data {
                 ExtentData::Flat { file, path, .. } => (file, path),
@@ -1141,6 +1339,7 @@ impl VmdkImage {
         &mut self,
         plans: BTreeMap<(usize, u64), GrainPlan<'_>>,
         dirty_files: &mut Vec<usize>,
+        deferred: bool,
     ) -> Result<(), VmdkError> {
         // Group by extent; BTreeMap order gives grains ascending per extent.
         let mut by_extent: BTreeMap<usize, Vec<(u64, GrainPlan<'_>)>> = BTreeMap::new();
@@ -1201,6 +1400,13 @@ impl VmdkImage {
             }
             debug_assert_eq!(gb % SECTOR, 0);
             if new_entries.is_empty() {
+                continue;
+            }
+            if deferred {
+                for (g, v) in new_entries {
+                    let t = s.set_gte(g, v)?;
+                    s.dirty.insert(t);
+                }
                 continue;
             }
             // 2. Barrier: grain data is durable before any table points at it.
