@@ -59,6 +59,10 @@ enum Cmd {
         /// Size in bytes, a multiple of 512.
         #[arg(long)]
         size: u64,
+        /// A thin replica: one monolithicSparse file holding only what was
+        /// written (default: vmfs descriptor + preallocated flat extent).
+        #[arg(long)]
+        thin: bool,
     },
     /// Check the structure of a VMDK (what qemu-img check does not); exits non-zero on a problem.
     Check { file: PathBuf },
@@ -333,8 +337,17 @@ fn main() -> Result<()> {
             }
             s.close()?;
         }
-        Cmd::Create { store, disk, size } => {
-            let s = DiskStore::create(&store, &disk, size, now_ms(), StoreOptions::default())?;
+        Cmd::Create {
+            store,
+            disk,
+            size,
+            thin,
+        } => {
+            let opts = StoreOptions {
+                thin,
+                ..StoreOptions::default()
+            };
+            let s = DiskStore::create(&store, &disk, size, now_ms(), opts)?;
             println!("{}", s.replica_path().display());
             s.close()?;
         }

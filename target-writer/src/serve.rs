@@ -88,6 +88,9 @@ struct RawConfig {
     retention: Option<RetentionPolicy>,
     resync_chunk_kib: Option<u32>,
     checkpoint_mib: Option<u64>,
+    /// New replicas are thin monolithicSparse files.
+    #[serde(default)]
+    thin_replicas: bool,
 }
 
 /// The validated configuration of `serve` (paths resolved against the
@@ -106,6 +109,8 @@ pub struct ServeConfig {
     pub retention: RetentionPolicy,
     pub resync_chunk_size: u64,
     pub checkpoint_bytes: u64,
+    /// Create new replicas thin (monolithicSparse) instead of vmfs + flat.
+    pub thin_replicas: bool,
 }
 
 impl ServeConfig {
@@ -158,6 +163,7 @@ impl ServeConfig {
             retention,
             resync_chunk_size: u64::from(chunk_kib) << 10,
             checkpoint_bytes: raw.checkpoint_mib.unwrap_or(64) << 20,
+            thin_replicas: raw.thin_replicas,
         })
     }
 }
@@ -249,6 +255,7 @@ impl TargetSink {
     fn store_opts(&self) -> StoreOptions {
         StoreOptions {
             checkpoint_bytes: self.cfg.checkpoint_bytes,
+            thin: self.cfg.thin_replicas,
             ..StoreOptions::default()
         }
     }

@@ -24,9 +24,19 @@ fn opts() -> StoreOptions {
 
 #[test]
 fn grown_replica_keeps_its_data_and_earlier_points_keep_their_size() {
+    grown_replica(false);
+}
+
+#[test]
+fn grown_thin_replica_keeps_its_data_and_earlier_points_keep_their_size() {
+    grown_replica(true);
+}
+
+fn grown_replica(thin: bool) {
     if !have_qemu_img() {
         return;
     }
+    let opts = || StoreOptions { thin, ..opts() };
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().join("store");
     let mut rng = StdRng::seed_from_u64(0x96);
