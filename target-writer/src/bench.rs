@@ -91,7 +91,8 @@ fn batches(pattern: Pattern, disk_size: u64, total: u64, seed: u64) -> Vec<Vec<(
 
 /// Applies `total` bytes in `pattern` through a fresh store (with an open
 /// recovery point when `with_point`, so undo is captured; chunks zstd-encoded
-/// as the agent sends them when `zstd_level` is set) and through plain
+/// as the agent sends them when `zstd_level` is set; a thin replica when
+/// `thin`) and through plain
 /// pwrite+fdatasync to a preallocated file, timing only the apply calls.
 pub fn apply_vs_raw(
     dir: &Path,
@@ -100,6 +101,7 @@ pub fn apply_vs_raw(
     pattern: Pattern,
     with_point: bool,
     zstd_level: Option<i32>,
+    thin: bool,
     seed: u64,
 ) -> Result<ApplyFigure> {
     let work = batches(pattern, disk_size, total, seed);
@@ -133,7 +135,11 @@ pub fn apply_vs_raw(
 
     let root = dir.join("store");
     let disk = format!("bench-{seed}");
-    let mut s = DiskStore::create(&root, &disk, disk_size, 1, StoreOptions::default())?;
+    let opts = StoreOptions {
+        thin,
+        ..StoreOptions::default()
+    };
+    let mut s = DiskStore::create(&root, &disk, disk_size, 1, opts)?;
     if with_point {
         s.create_point(Consistency::CrashConsistent, 1)?;
     }

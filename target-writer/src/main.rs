@@ -167,7 +167,7 @@ fn bench(dir: &std::path::Path, export_size: u64, rounds: usize) -> Result<()> {
         chunk: 4096,
         per_batch: 64,
     };
-    // (name, pattern, bytes, recovery point open, zstd level of the chunks)
+    // (name, pattern, bytes, recovery point open, zstd level of the chunks, thin replica)
     let cases = [
         (
             "sequential 1 MiB batches, raw chunks",
@@ -175,6 +175,7 @@ fn bench(dir: &std::path::Path, export_size: u64, rounds: usize) -> Result<()> {
             512u64 << 20,
             false,
             None,
+            false,
         ),
         (
             "sequential 1 MiB batches, zstd chunks",
@@ -182,6 +183,7 @@ fn bench(dir: &std::path::Path, export_size: u64, rounds: usize) -> Result<()> {
             512 << 20,
             false,
             Some(1),
+            false,
         ),
         (
             "sequential 1 MiB batches, zstd chunks, point open",
@@ -189,6 +191,7 @@ fn bench(dir: &std::path::Path, export_size: u64, rounds: usize) -> Result<()> {
             512 << 20,
             true,
             Some(1),
+            false,
         ),
         (
             "random 4 KiB x 64 per batch, raw chunks",
@@ -196,6 +199,7 @@ fn bench(dir: &std::path::Path, export_size: u64, rounds: usize) -> Result<()> {
             64 << 20,
             false,
             None,
+            false,
         ),
         (
             "random 4 KiB x 64 per batch, zstd chunks",
@@ -203,6 +207,7 @@ fn bench(dir: &std::path::Path, export_size: u64, rounds: usize) -> Result<()> {
             64 << 20,
             false,
             Some(1),
+            false,
         ),
         (
             "random 4 KiB x 64 per batch, zstd chunks, point open",
@@ -210,15 +215,41 @@ fn bench(dir: &std::path::Path, export_size: u64, rounds: usize) -> Result<()> {
             64 << 20,
             true,
             Some(1),
+            false,
+        ),
+        (
+            "sequential 1 MiB batches, raw chunks, thin replica",
+            seq,
+            512 << 20,
+            false,
+            None,
+            true,
+        ),
+        (
+            "random 4 KiB x 64 per batch, raw chunks, thin replica",
+            rnd,
+            64 << 20,
+            false,
+            None,
+            true,
         ),
     ];
     let mut summary = Vec::new();
-    for (name, pattern, total, with_point, level) in cases {
+    for (name, pattern, total, with_point, level, thin) in cases {
         let mut ratios = Vec::new();
         let mut ours = Vec::new();
         let mut raws = Vec::new();
         for r in 0..rounds {
-            let f = apply_vs_raw(dir, disk, total, pattern, with_point, level, 1 + r as u64)?;
+            let f = apply_vs_raw(
+                dir,
+                disk,
+                total,
+                pattern,
+                with_point,
+                level,
+                thin,
+                1 + r as u64,
+            )?;
             ours.push(mbps(f.bytes, f.store));
             raws.push(mbps(f.bytes, f.raw));
             ratios.push(f.raw.as_secs_f64() / f.store.as_secs_f64().max(1e-9));
