@@ -24,6 +24,20 @@ pub enum Pattern {
     Random { chunk: u64, per_batch: usize },
 }
 
+/// What one apply measurement writes, and into what.
+#[derive(Debug, Clone, Copy)]
+pub struct ApplyCase {
+    pub pattern: Pattern,
+    /// Bytes of data in all.
+    pub total: u64,
+    /// A recovery point is open, so undo is captured.
+    pub with_point: bool,
+    /// Chunks zstd-encoded (as the agent sends them) at this level.
+    pub zstd_level: Option<i32>,
+    /// A thin (monolithicSparse) replica instead of vmfs + flat.
+    pub thin: bool,
+}
+
 /// One apply measurement: store vs the raw baseline, same data.
 #[derive(Debug, Clone, Copy)]
 pub struct ApplyFigure {
@@ -97,13 +111,16 @@ fn batches(pattern: Pattern, disk_size: u64, total: u64, seed: u64) -> Vec<Vec<(
 pub fn apply_vs_raw(
     dir: &Path,
     disk_size: u64,
-    total: u64,
-    pattern: Pattern,
-    with_point: bool,
-    zstd_level: Option<i32>,
-    thin: bool,
+    case: &ApplyCase,
     seed: u64,
 ) -> Result<ApplyFigure> {
+    let ApplyCase {
+        pattern,
+        total,
+        with_point,
+        zstd_level,
+        thin,
+    } = *case;
     let work = batches(pattern, disk_size, total, seed);
     let bytes: u64 = work.iter().flatten().map(|(_, d)| d.len() as u64).sum();
 

@@ -159,7 +159,7 @@ fn mbps(bytes: u64, d: std::time::Duration) -> f64 {
 
 /// Prints each figure with its baseline and their ratio, then a JSON summary.
 fn bench(dir: &std::path::Path, export_size: u64, rounds: usize) -> Result<()> {
-    use blockferry_target::bench::{Pattern, apply_vs_raw, export_vs_qemu};
+    use blockferry_target::bench::{ApplyCase, Pattern, apply_vs_raw, export_vs_qemu};
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let disk = 1u64 << 30;
     let seq = Pattern::Sequential { batch: 1 << 20 };
@@ -240,16 +240,14 @@ fn bench(dir: &std::path::Path, export_size: u64, rounds: usize) -> Result<()> {
         let mut ours = Vec::new();
         let mut raws = Vec::new();
         for r in 0..rounds {
-            let f = apply_vs_raw(
-                dir,
-                disk,
-                total,
+            let case = ApplyCase {
                 pattern,
+                total,
                 with_point,
-                level,
+                zstd_level: level,
                 thin,
-                1 + r as u64,
-            )?;
+            };
+            let f = apply_vs_raw(dir, disk, &case, 1 + r as u64)?;
             ours.push(mbps(f.bytes, f.store));
             raws.push(mbps(f.bytes, f.raw));
             ratios.push(f.raw.as_secs_f64() / f.store.as_secs_f64().max(1e-9));
