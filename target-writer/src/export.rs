@@ -16,7 +16,8 @@ use crate::vmdk::{DiskKind, OpenMode, VmdkImage};
 /// Unit of reading and of the zero test: large enough for sequential I/O.
 const STEP: usize = 1 << 20;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum ExportFormat {
     Raw,
     VmdkFlat,
