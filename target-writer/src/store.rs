@@ -202,6 +202,12 @@ fn read_state(dir: &Path) -> Result<DiskState> {
     Ok(st)
 }
 
+/// Locks a shared store. A panic while holding the lock left the store as it
+/// was between calls (every store call is all-or-nothing), so keep going.
+pub fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// Reads the recovery points of a disk without locking it (the state file is
 /// replaced atomically), so `points` works while the store is being served.
 pub fn list_points(root: &Path, disk: &str) -> Result<Vec<PointMeta>> {
