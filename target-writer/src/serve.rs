@@ -566,45 +566,86 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     msg
 }
 
+/// How long a control client has to send its request line.
+const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// One control connection: one request line, progress lines, one answer.
 async fn control_conn(stream: UnixStream, sink: Arc<TargetSink>, cancel: CancellationToken) {
     let (rd, mut wr) = stream.into_split();
     let mut rd = BufReader::new(rd.take(control::MAX_REQUEST as u64 + 1));
     let mut line = Vec::new();
+    // A client that connects and says nothing does not hold a task forever.
+    let read = tokio::time::timeout(REQUEST_TIMEOUT, rd.read_until(b'\n', &mut line));
     let read = tokio::select! {
         _ = cancel.cancelled() => return,
-        r = rd.read_until(b'\n', &mut line) => r,
+        r = read => r,
     };
-    if let Err(e) = read {
-        debug!(error = %e, "control connection read failed");
-        return;
+    match read {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => {
+            debug!(error = %e, "control connection read failed");
+            return;
+        }
+        Err(_) => {
+            debug!("control client sent no request");
+            return;
+        }
     }
     let line = line.strip_suffix(b"\n").unwrap_or(&line);
     let req = match control::decode_request(line) {
         Ok(req) => req,
         Err(e) => {
             warn!(error = %e, "bad control request refused");
-            if let Err(e) = wr
-                .write_all(&control::encode(&Reply::Error(e.to_string())))
-                .await
-            {
-                debug!(error = %e, "control client gone before the answer");
-            }
+            let reply = Reply::Error(e.to_string());
+            answer_and_close(rd.into_inner().into_inner(), wr, &reply, &cancel).await;
             return;
         }
     };
     let span = tracing::info_span!("export", disk = %req.disk, point = req.point);
-    run_export(req, wr, sink, cancel).instrument(span).await;
+    let reply = run_export(req, &mut wr, sink, &cancel)
+        .instrument(span)
+        .await;
+    answer_and_close(rd.into_inner().into_inner(), wr, &reply, &cancel).await;
 }
 
-/// Runs one export on the blocking pool, forwarding its progress, and
-/// answers with the files written or the error.
+/// Sends the last line and closes. A Unix stream closed with unread input
+/// resets its peer, which then may never read the answer (to a request line
+/// that was too long, say): half-close, and discard what the client still
+/// sends (bounded) until it closes.
+async fn answer_and_close(
+    rd: tokio::net::unix::OwnedReadHalf,
+    mut wr: tokio::net::unix::OwnedWriteHalf,
+    reply: &Reply,
+    cancel: &CancellationToken,
+) {
+    let sent = async {
+        wr.write_all(&control::encode(reply)).await?;
+        wr.shutdown().await
+    };
+    if let Err(e) = sent.await {
+        debug!(error = %e, "control client gone before the answer");
+        return;
+    }
+    let mut rest = rd.take(control::MAX_REQUEST as u64 * 16);
+    let mut discard = tokio::io::sink();
+    tokio::select! {
+        _ = cancel.cancelled() => {}
+        r = tokio::io::copy(&mut rest, &mut discard) => {
+            if let Err(e) = r {
+                debug!(error = %e, "control connection read failed");
+            }
+        }
+    }
+}
+
+/// Runs one export on the blocking pool, forwarding its progress; returns
+/// the answer: the files written or the error.
 async fn run_export(
     req: ExportRequest,
-    mut wr: tokio::net::unix::OwnedWriteHalf,
+    wr: &mut tokio::net::unix::OwnedWriteHalf,
     sink: Arc<TargetSink>,
-    cancel: CancellationToken,
-) {
+    cancel: &CancellationToken,
+) -> Reply {
     info!(format = ?req.format, out = %req.out.display(), "export requested on the control socket");
     let stop = Arc::new(AtomicBool::new(false));
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Reply>(16);
@@ -641,7 +682,7 @@ async fn run_export(
             }
         }
     }
-    let reply = match job.await {
+    match job.await {
         Ok(Ok(files)) => {
             info!(files = files.len(), "export done");
             Reply::Done { files }
@@ -655,9 +696,6 @@ async fn run_export(
             warn!(error = %e, "export task failed");
             Reply::Error(format!("export task failed: {e}"))
         }
-    };
-    if let Err(e) = wr.write_all(&control::encode(&reply)).await {
-        debug!(error = %e, "control client gone before the answer");
     }
 }
 
