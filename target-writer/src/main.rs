@@ -47,6 +47,7 @@ enum Cmd {
         /// raw, vmdk-flat or vmdk-sparse
         #[arg(long)]
         format: ExportFormat,
+        /// The image to write; an existing file is replaced.
         #[arg(long)]
         out: PathBuf,
         /// An earlier export of the same disk to chain to (sparse delta).
