@@ -113,6 +113,8 @@ pub enum TargetError {
         "the store of disk {disk} stopped after a failed write or sync; reopen it so the journal is replayed"
     )]
     Poisoned { disk: String },
+    #[error("export stopped: the service is shutting down or its client went away")]
+    Cancelled,
     #[error(transparent)]
     Vmdk(#[from] crate::vmdk::VmdkError),
     #[error("{what} is not supported yet: {hint}")]

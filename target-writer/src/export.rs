@@ -1,22 +1,28 @@
 //! Writing a recovery point out as a disk image others can run: raw, a
 //! vmfs VMDK (descriptor + `-flat.vmdk`), a monolithicSparse VMDK, or a
 //! sparse delta chained to an earlier export by `parentCID`. Reads
-//! go through [`PointImage`], so every format sees the same bytes.
+//! go through one [`PointView`] — of a store opened for the export
+//! ([`export_point`]) or of one that keeps being written
+//! ([`export_point_live`]) — so every format sees the same bytes.
 
 use std::fs::OpenOptions;
-use std::path::{Path, PathBuf};
-
 use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use tracing::warn;
 
 use crate::error::{Result, TargetError};
-use crate::store::{DiskStore, PointImage};
+use crate::store::{DiskStore, PointView, lock};
 use crate::vmdk::export::{ExportOptions, Progress, export_delta, export_flat, export_sparse};
-use crate::vmdk::{DiskKind, OpenMode, VmdkImage};
+use crate::vmdk::{DiskKind, DiskRead, OpenMode, VmdkError, VmdkImage};
 
 /// Unit of reading and of the zero test: large enough for sequential I/O.
 const STEP: usize = 1 << 20;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum ExportFormat {
     Raw,
     VmdkFlat,
@@ -37,18 +43,19 @@ impl std::str::FromStr for ExportFormat {
     }
 }
 
-/// Exports point `point` of `store` to `out`; `progress(done, total)` is
-/// called after each step. With `parent` (an earlier sparse or flat export of
-/// a point of the same disk, found by its CID), writes a sparse delta holding
-/// only the grains that may differ. Returns the files written.
-pub fn export_point(
+/// What an export takes from the store before reading: the CID the export
+/// carries and, for a delta, the ranges that may differ from its parent.
+struct Plan {
+    cid: u32,
+    changed: Option<Vec<Range<u64>>>,
+}
+
+fn plan(
     store: &mut DiskStore,
     point: u64,
     format: ExportFormat,
-    out: &Path,
     parent: Option<&Path>,
-    progress: &mut dyn FnMut(u64, u64),
-) -> Result<Vec<PathBuf>> {
+) -> Result<Plan> {
     let changed = match parent {
         None => None,
         Some(parent_path) => {
@@ -86,37 +93,180 @@ pub fn export_point(
             disk: store.disk().to_string(),
             point,
         })?;
+    Ok(Plan {
+        cid: store.point_cid(&meta),
+        changed,
+    })
+}
+
+/// Exports point `point` of `store` to `out`; `progress(done, total)` is
+/// called after each step. With `parent` (an earlier sparse or flat export of
+/// a point of the same disk, found by its CID), writes a sparse delta holding
+/// only the grains that may differ. An existing output is replaced; a failed
+/// export removes the output files it created. Returns the files written.
+pub fn export_point(
+    store: &mut DiskStore,
+    point: u64,
+    format: ExportFormat,
+    out: &Path,
+    parent: Option<&Path>,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<Vec<PathBuf>> {
+    let plan = plan(store, point, format, parent)?;
+    let img = store.point_image(point)?;
+    write_cleaning_up(&img, &plan, format, out, parent, progress)
+}
+
+/// Exports point `point` of a store that keeps being written: the same as
+/// [`export_point`], but the store's lock is taken only per read step (a few
+/// MiB), so batches, new points and checkpoints go on between the steps.
+///
+/// Correct because the view of the point is monotone (see
+/// [`crate::store::PointView`]): before each step the journalled undo is
+/// checkpointed into the open segment and the view indexes what the segments
+/// gained since the previous step, so every byte read is the point's. Points
+/// are pinned meanwhile, so retention (which rewrites segments) waits for the
+/// next point after the export. `cancel` stops the export at the next step
+/// (the service shutting down, the client gone); its output is removed.
+pub fn export_point_live(
+    store: &Mutex<DiskStore>,
+    point: u64,
+    format: ExportFormat,
+    out: &Path,
+    parent: Option<&Path>,
+    cancel: &AtomicBool,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<Vec<PathBuf>> {
+    let (plan, view, size) = {
+        let mut s = lock(store);
+        let plan = plan(&mut s, point, format, parent)?;
+        let view = PointView::new(&s, point)?;
+        let size = view.size(&s);
+        s.pin_points();
+        (plan, view, size)
+    };
+    let img = LiveImage {
+        store,
+        view: Mutex::new(view),
+        size,
+        cancel,
+    };
+    let r = write_cleaning_up(&img, &plan, format, out, parent, progress);
+    lock(store).unpin_points();
+    r
+}
+
+/// A point of a shared store, read one locked step at a time.
+struct LiveImage<'a> {
+    store: &'a Mutex<DiskStore>,
+    view: Mutex<PointView>,
+    size: u64,
+    cancel: &'a AtomicBool,
+}
+
+impl LiveImage<'_> {
+    fn step(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        if self.cancel.load(Ordering::Relaxed) {
+            return Err(TargetError::Cancelled);
+        }
+        let mut s = lock(self.store);
+        // The open point's undo of batches applied since the last step is in
+        // the journal only; the view reads segments.
+        s.checkpoint()?;
+        let mut v = lock(&self.view);
+        v.refresh(&s)?;
+        v.read_at(&s, buf, offset)
+    }
+}
+
+impl DiskRead for LiveImage<'_> {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::result::Result<(), VmdkError> {
+        self.step(buf, offset).map_err(|e| VmdkError::Source {
+            offset,
+            source: Box::new(e),
+        })
+    }
+}
+
+/// The files an export to `out` writes.
+fn outputs(format: ExportFormat, out: &Path) -> Vec<PathBuf> {
+    let mut v = vec![out.to_path_buf()];
+    if format == ExportFormat::VmdkFlat
+        && let Some(name) = out.file_name().and_then(|n| n.to_str())
+    {
+        let stem = name.strip_suffix(".vmdk").unwrap_or(name);
+        v.push(out.with_file_name(format!("{stem}-flat.vmdk")));
+    }
+    v
+}
+
+fn write_cleaning_up(
+    src: &dyn DiskRead,
+    plan: &Plan,
+    format: ExportFormat,
+    out: &Path,
+    parent: Option<&Path>,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<Vec<PathBuf>> {
+    // Only files this export creates are removed on failure: an existing
+    // `out` may be the parent the checks refused to overwrite.
+    let created: Vec<PathBuf> = outputs(format, out)
+        .into_iter()
+        .filter(|p| !p.exists())
+        .collect();
+    let r = write_image(src, plan, format, out, parent, progress);
+    if r.is_err() {
+        for p in &created {
+            match std::fs::remove_file(p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    warn!(path = %p.display(), error = %e, "cannot remove a failed export's output")
+                }
+            }
+        }
+    }
+    r
+}
+
+fn write_image(
+    src: &dyn DiskRead,
+    plan: &Plan,
+    format: ExportFormat,
+    out: &Path,
+    parent: Option<&Path>,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<Vec<PathBuf>> {
     let opts = ExportOptions {
-        cid: Some(store.point_cid(&meta)),
+        cid: Some(plan.cid),
         ..ExportOptions::default()
     };
-    let img = store.point_image(point)?;
     let mut vprogress = |p: Progress| progress(p.done, p.total);
-    let files = match (format, changed) {
+    let files = match (format, &plan.changed) {
         (ExportFormat::Raw, _) => {
-            write_raw(&img, out, progress)?;
+            write_raw(src, out, progress)?;
             vec![out.to_path_buf()]
         }
         (ExportFormat::VmdkFlat, _) => {
-            export_flat(&img, None, out, DiskKind::Vmfs, &opts, &mut vprogress)?.files
+            export_flat(src, None, out, DiskKind::Vmfs, &opts, &mut vprogress)?.files
         }
         (ExportFormat::VmdkSparse, None) => {
-            export_sparse(&img, None, out, &opts, &mut vprogress)?.files
+            export_sparse(src, None, out, &opts, &mut vprogress)?.files
         }
         (ExportFormat::VmdkSparse, Some(changed)) => {
             let parent = parent.unwrap_or(out);
-            export_delta(&img, &changed, parent, out, &opts, &mut vprogress)?.files
+            export_delta(src, changed, parent, out, &opts, &mut vprogress)?.files
         }
     };
     Ok(files)
 }
 
 /// Writes the point as a raw image; all-zero steps become holes.
-pub fn write_raw(
-    img: &PointImage<'_>,
-    out: &Path,
-    progress: &mut dyn FnMut(u64, u64),
-) -> Result<()> {
+pub fn write_raw(img: &dyn DiskRead, out: &Path, progress: &mut dyn FnMut(u64, u64)) -> Result<()> {
     use std::os::unix::fs::FileExt;
     let size = img.size();
     let f = OpenOptions::new()

@@ -8,6 +8,7 @@
 
 pub mod batch;
 pub mod bench;
+pub mod control;
 pub mod crashsafe;
 pub mod error;
 pub mod export;

@@ -2,10 +2,12 @@
 //! sets up logging and calls into the library; no logic lives here.
 
 use std::io::{IsTerminal, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
+use blockferry_target::TargetError;
+use blockferry_target::control::{ControlError, ExportRequest, request_export, socket_path};
 use blockferry_target::export::{ExportFormat, export_point};
 use blockferry_target::feed::{FeedItem, decode_all};
 use blockferry_target::store::{DiskStore, StoreOptions, list_points};
@@ -33,7 +35,8 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Write a recovery point out as a disk image.
+    /// Write a recovery point out as a disk image (through the running
+    /// service when `serve` holds the store; replication goes on meanwhile).
     Export {
         #[arg(long)]
         store: PathBuf,
@@ -44,6 +47,7 @@ enum Cmd {
         /// raw, vmdk-flat or vmdk-sparse
         #[arg(long)]
         format: ExportFormat,
+        /// The image to write; an existing file is replaced.
         #[arg(long)]
         out: PathBuf,
         /// An earlier export of the same disk to chain to (sparse delta).
@@ -327,9 +331,8 @@ fn main() -> Result<()> {
             out,
             parent,
         } => {
-            let mut s = DiskStore::open(&store, &disk, StoreOptions::default())?;
             let bar = std::io::stderr().is_terminal().then(|| {
-                let b = indicatif::ProgressBar::new(s.size());
+                let b = indicatif::ProgressBar::new(0);
                 b.set_style(
                     indicatif::ProgressStyle::with_template(
                         "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
@@ -340,7 +343,10 @@ fn main() -> Result<()> {
             });
             let mut last_tenth = 0;
             let mut progress = |done: u64, total: u64| match &bar {
-                Some(b) => b.set_position(done),
+                Some(b) => {
+                    b.set_length(total);
+                    b.set_position(done);
+                }
                 None => {
                     let tenth = done * 10 / total.max(1);
                     if tenth > last_tenth {
@@ -349,22 +355,55 @@ fn main() -> Result<()> {
                     }
                 }
             };
-            let files = export_point(
-                &mut s,
-                point,
-                format,
-                &out,
-                parent.as_deref(),
-                &mut progress,
-            )
-            .with_context(|| format!("export of point {point} of disk {disk} failed"))?;
+            let failed = || format!("export of point {point} of disk {disk} failed");
+            let files = match DiskStore::open(&store, &disk, StoreOptions::default()) {
+                Ok(mut s) => {
+                    let files = export_point(
+                        &mut s,
+                        point,
+                        format,
+                        &out,
+                        parent.as_deref(),
+                        &mut progress,
+                    )
+                    .with_context(failed)?;
+                    s.close()?;
+                    files
+                }
+                Err(TargetError::Locked { .. }) => {
+                    // The service holds the store: ask it, through its socket.
+                    let socket = socket_path(&store);
+                    let abs = |p: &Path| {
+                        std::path::absolute(p)
+                            .with_context(|| format!("cannot resolve {}", p.display()))
+                    };
+                    let req = ExportRequest {
+                        disk: disk.clone(),
+                        point,
+                        format,
+                        out: abs(&out)?,
+                        parent: parent.as_deref().map(abs).transpose()?,
+                    };
+                    tracing::info!(socket = %socket.display(), "the store is served; asking the service to export");
+                    match request_export(&socket, &req, &mut progress) {
+                        Ok(files) => files,
+                        Err(e @ ControlError::Connect { .. }) => {
+                            return Err(anyhow::Error::new(e).context(format!(
+                                "the store {} is locked by another process",
+                                store.display()
+                            )));
+                        }
+                        Err(e) => return Err(anyhow::Error::new(e).context(failed())),
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            };
             if let Some(b) = bar {
                 b.finish();
             }
             for f in files {
                 println!("{}", f.display());
             }
-            s.close()?;
         }
         Cmd::Create {
             store,
@@ -428,7 +467,7 @@ fn main() -> Result<()> {
                 decode_all(&bytes).with_context(|| format!("bad feed {}", input.display()))?;
             let mut s = match DiskStore::open(&store, &disk, opts.clone()) {
                 Ok(s) => s,
-                Err(blockferry_target::TargetError::NoDisk { .. }) if create_size.is_some() => {
+                Err(TargetError::NoDisk { .. }) if create_size.is_some() => {
                     DiskStore::create(&store, &disk, create_size.unwrap_or(0), now_ms(), opts)?
                 }
                 Err(e) => return Err(e.into()),

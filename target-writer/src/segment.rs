@@ -17,7 +17,7 @@
 //! Version 1 files (`BFUNDO01`, no zero records) are still read.
 
 use std::fs::File;
-use std::io::{BufReader, Read};
+use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::Path;
 
 use crate::crashsafe::FaultPlan;
@@ -106,6 +106,14 @@ pub fn create(faults: &FaultPlan, path: &Path, point_id: u64, disk_size: u64) ->
 /// Reads and verifies the first `len` bytes of a segment, returning the index
 /// of its records. Anything wrong inside the committed length is corruption.
 pub fn scan(path: &Path, len: u64, disk_size: u64) -> Result<SegmentIndex> {
+    scan_range(path, HEADER_LEN, len, disk_size)
+}
+
+/// Like [`scan`], but indexes only the records from `from` (a record
+/// boundary: the header length or a committed length seen earlier) up to
+/// `len`. A segment only ever grows by whole records, so a reader that keeps
+/// up with a growing segment scans each record once.
+pub fn scan_range(path: &Path, from: u64, len: u64, disk_size: u64) -> Result<SegmentIndex> {
     let f = File::open(path).map_err(|e| TargetError::io(path, None, e))?;
     let mut r = BufReader::with_capacity(1 << 20, f);
     let mut h = [0u8; HEADER_LEN as usize];
@@ -115,7 +123,11 @@ pub fn scan(path: &Path, len: u64, disk_size: u64) -> Result<SegmentIndex> {
         return Err(TargetError::corrupt(path, Some(0), "not an undo segment"));
     }
     let mut idx = SegmentIndex::default();
-    let mut pos = HEADER_LEN;
+    let mut pos = from.max(HEADER_LEN);
+    if pos > HEADER_LEN {
+        r.seek(SeekFrom::Start(pos))
+            .map_err(|e| TargetError::io(path, Some(pos), e))?;
+    }
     let mut data = Vec::new();
     while pos < len {
         let mut rh = [0u8; REC_HEADER];
@@ -218,6 +230,45 @@ mod tests {
         assert_eq!(
             scan(&path, b.len() as u64, 1 << 20).unwrap().entries.len(),
             1
+        );
+    }
+
+    #[test]
+    fn scanning_in_parts_finds_the_records_of_one_scan() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.undo");
+        let faults = FaultPlan::default();
+        let f = create(&faults, &path, 1, 1 << 20).unwrap();
+        let mut bytes = Vec::new();
+        let mut ends = Vec::new();
+        for k in 0..5u64 {
+            encode_record(
+                &mut bytes,
+                k,
+                k * 4096,
+                &vec![k as u8; 512 * (k as usize + 1)],
+            );
+            ends.push(HEADER_LEN + bytes.len() as u64);
+        }
+        faults.write_at(&f, &path, &bytes, HEADER_LEN).unwrap();
+        let len = HEADER_LEN + bytes.len() as u64;
+        let whole = scan(&path, len, 1 << 20).unwrap().entries;
+        assert_eq!(whole.len(), 5);
+        let mut parts = scan_range(&path, HEADER_LEN, ends[1], 1 << 20)
+            .unwrap()
+            .entries;
+        parts.extend(
+            scan_range(&path, ends[1], ends[3], 1 << 20)
+                .unwrap()
+                .entries,
+        );
+        parts.extend(scan_range(&path, ends[3], len, 1 << 20).unwrap().entries);
+        assert_eq!(parts, whole);
+        assert!(
+            scan_range(&path, len, len, 1 << 20)
+                .unwrap()
+                .entries
+                .is_empty()
         );
     }
 }

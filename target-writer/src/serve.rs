@@ -10,6 +10,12 @@
 //! point, and answers to checksum-resync requests from a hash tree of the
 //! replica built on demand and cached until the next write.
 //!
+//! And the local control socket `<store>/control.sock` ([`crate::control`]):
+//! the service holds every store it serves locked, so the command line asks
+//! it to export a point. The export reads the point in steps, taking the
+//! disk's lock per step ([`crate::export::export_point_live`]), so batches
+//! keep being applied meanwhile; retention waits until it is done.
+//!
 //! Config (`target.toml`; relative paths are taken from its directory):
 //!
 //! ```toml
@@ -32,8 +38,9 @@
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use blockferry_proto::hashtree::{DEFAULT_FANOUT, HashTree, Responder, TreeShape};
 use blockferry_proto::{
@@ -46,13 +53,17 @@ use blockferry_transport::{
     TlsIdentity,
 };
 use serde::Deserialize;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{Instrument, debug, info, warn};
 
 use crate::batch::{ApplyBatch, Barrier, Chunk, Consistency, Encoding};
+use crate::control::{self, ExportRequest, ProgressThrottle, Reply};
 use crate::error::TargetError;
+use crate::export::export_point_live;
 use crate::retention::{RetentionPolicy, scheduled_point_due};
-use crate::store::{DiskStore, StoreOptions};
+use crate::store::{DiskStore, StoreOptions, lock};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -68,6 +79,16 @@ pub enum ServeError {
     Tls(String),
     #[error("cannot listen: {0}")]
     Endpoint(String),
+    #[error("cannot listen on the control socket {path}")]
+    Control {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "another service answers on {path}: a store is served by one process, stop the other one first"
+    )]
+    ControlBusy { path: PathBuf },
 }
 
 #[derive(Debug, Deserialize)]
@@ -199,12 +220,6 @@ fn sink_error(e: &TargetError) -> SinkError {
     SinkError::new(code, e.to_string())
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // A panic while holding the lock left the data as it was between calls
-    // (every store call is all-or-nothing), so keep going.
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 /// Converts a proto batch to the store's plain type.
 pub fn batch_from_proto(disk: &str, b: &blockferry_proto::ExtentBatch) -> ApplyBatch {
     ApplyBatch {
@@ -332,6 +347,33 @@ impl TargetSink {
             }
         }
         Ok(())
+    }
+
+    /// Exports a point for a control-socket client: from the disk's store as
+    /// the service holds it (opened now if no relay has written to it yet),
+    /// reading in steps so applies go on.
+    fn export_blocking(
+        &self,
+        req: &ExportRequest,
+        stop: &AtomicBool,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<Vec<PathBuf>, TargetError> {
+        let Ok(disk) = req.disk.parse::<DiskId>() else {
+            return Err(TargetError::NoDisk {
+                disk: req.disk.clone(),
+                path: self.cfg.store.clone(),
+            });
+        };
+        let store = self.store(disk, None)?;
+        export_point_live(
+            &store,
+            req.point,
+            req.format,
+            &req.out,
+            req.parent.as_deref(),
+            stop,
+            progress,
+        )
     }
 
     fn hash_blocking(&self, req: &HashRangeRequest) -> Result<HashRangeReply, SinkError> {
@@ -465,7 +507,203 @@ impl FrameSink for TargetService {
 #[derive(Debug)]
 pub struct TargetHandle {
     pub listen_addr: SocketAddr,
+    /// The control socket (removed once `serve` has ended).
+    pub control_socket: PathBuf,
     pub serve: tokio::task::JoinHandle<()>,
+}
+
+/// Binds the control socket: a socket file nobody answers on (a service
+/// that died) is replaced; one that answers is another service of this store.
+fn bind_control(path: &Path) -> Result<UnixListener, ServeError> {
+    use std::os::unix::fs::PermissionsExt;
+    let err = |source| ServeError::Control {
+        path: path.to_path_buf(),
+        source,
+    };
+    if path.symlink_metadata().is_ok() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(ServeError::ControlBusy {
+                path: path.to_path_buf(),
+            });
+        }
+        std::fs::remove_file(path).map_err(err)?;
+    }
+    let listener = UnixListener::bind(path).map_err(err)?;
+    // Whoever can connect can write files as this service: its user only.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+    Ok(listener)
+}
+
+/// Accepts control connections until `cancel`, then waits for the running
+/// exports (which stop at their next step and remove their output).
+async fn control_loop(listener: UnixListener, sink: Arc<TargetSink>, cancel: CancellationToken) {
+    let mut conns = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok((stream, _)) => {
+                    conns.spawn(control_conn(stream, sink.clone(), cancel.clone()));
+                }
+                Err(e) => {
+                    // Out of descriptors, say: back off instead of spinning.
+                    warn!(error = %e, "control socket accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+            },
+            Some(r) = conns.join_next(), if !conns.is_empty() => {
+                if let Err(e) = r {
+                    warn!(error = %e, "control connection task failed");
+                }
+            }
+        }
+    }
+    while conns.join_next().await.is_some() {}
+}
+
+/// The message of an error with its sources, for a client without our log.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        cur = s.source();
+    }
+    msg
+}
+
+/// How long a control client has to send its request line.
+const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// One control connection: one request line, progress lines, one answer.
+async fn control_conn(stream: UnixStream, sink: Arc<TargetSink>, cancel: CancellationToken) {
+    let (rd, mut wr) = stream.into_split();
+    let mut rd = BufReader::new(rd.take(control::MAX_REQUEST as u64 + 1));
+    let mut line = Vec::new();
+    // A client that connects and says nothing does not hold a task forever.
+    let read = tokio::time::timeout(REQUEST_TIMEOUT, rd.read_until(b'\n', &mut line));
+    let read = tokio::select! {
+        _ = cancel.cancelled() => return,
+        r = read => r,
+    };
+    match read {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => {
+            debug!(error = %e, "control connection read failed");
+            return;
+        }
+        Err(_) => {
+            debug!("control client sent no request");
+            return;
+        }
+    }
+    let line = line.strip_suffix(b"\n").unwrap_or(&line);
+    let req = match control::decode_request(line) {
+        Ok(req) => req,
+        Err(e) => {
+            warn!(error = %e, "bad control request refused");
+            let reply = Reply::Error(e.to_string());
+            answer_and_close(rd.into_inner().into_inner(), wr, &reply, &cancel).await;
+            return;
+        }
+    };
+    let span = tracing::info_span!("export", disk = %req.disk, point = req.point);
+    let reply = run_export(req, &mut wr, sink, &cancel)
+        .instrument(span)
+        .await;
+    answer_and_close(rd.into_inner().into_inner(), wr, &reply, &cancel).await;
+}
+
+/// Sends the last line and closes. A Unix stream closed with unread input
+/// resets its peer, which then may never read the answer (to a request line
+/// that was too long, say): half-close, and discard what the client still
+/// sends (bounded) until it closes.
+async fn answer_and_close(
+    rd: tokio::net::unix::OwnedReadHalf,
+    mut wr: tokio::net::unix::OwnedWriteHalf,
+    reply: &Reply,
+    cancel: &CancellationToken,
+) {
+    let sent = async {
+        wr.write_all(&control::encode(reply)).await?;
+        wr.shutdown().await
+    };
+    if let Err(e) = sent.await {
+        debug!(error = %e, "control client gone before the answer");
+        return;
+    }
+    let mut rest = rd.take(control::MAX_REQUEST as u64 * 16);
+    let mut discard = tokio::io::sink();
+    tokio::select! {
+        _ = cancel.cancelled() => {}
+        r = tokio::io::copy(&mut rest, &mut discard) => {
+            if let Err(e) = r {
+                debug!(error = %e, "control connection read failed");
+            }
+        }
+    }
+}
+
+/// Runs one export on the blocking pool, forwarding its progress; returns
+/// the answer: the files written or the error.
+async fn run_export(
+    req: ExportRequest,
+    wr: &mut tokio::net::unix::OwnedWriteHalf,
+    sink: Arc<TargetSink>,
+    cancel: &CancellationToken,
+) -> Reply {
+    info!(format = ?req.format, out = %req.out.display(), "export requested on the control socket");
+    let stop = Arc::new(AtomicBool::new(false));
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Reply>(16);
+    let job = {
+        let (sink, stop, req) = (sink.clone(), stop.clone(), req.clone());
+        tokio::task::spawn_blocking(move || {
+            let mut throttle = ProgressThrottle::new();
+            let mut progress = |done, total| {
+                // Called between read steps, with no store lock held.
+                if throttle.due(done, total, Instant::now())
+                    && tx.blocking_send(Reply::Progress { done, total }).is_err()
+                {
+                    stop.store(true, Ordering::Relaxed);
+                }
+            };
+            sink.export_blocking(&req, &stop, &mut progress)
+        })
+    };
+    let mut cancelled = false;
+    loop {
+        tokio::select! {
+            msg = rx.recv() => match msg {
+                Some(m) => {
+                    if wr.write_all(&control::encode(&m)).await.is_err() {
+                        // The client went away: the export stops at its next step.
+                        stop.store(true, Ordering::Relaxed);
+                    }
+                }
+                None => break,
+            },
+            _ = cancel.cancelled(), if !cancelled => {
+                cancelled = true;
+                stop.store(true, Ordering::Relaxed);
+            }
+        }
+    }
+    match job.await {
+        Ok(Ok(files)) => {
+            info!(files = files.len(), "export done");
+            Reply::Done { files }
+        }
+        Ok(Err(e)) => {
+            let msg = error_chain(&e);
+            warn!(error = %msg, "export failed");
+            Reply::Error(msg)
+        }
+        Err(e) => {
+            warn!(error = %e, "export task failed");
+            Reply::Error(format!("export task failed: {e}"))
+        }
+    }
 }
 
 /// Starts serving `cfg` until `cancel` fires.
@@ -509,17 +747,42 @@ pub async fn start(
         .local_addr()
         .map_err(|e| ServeError::Endpoint(e.to_string()))?;
     info!(quic = %listen_addr, store = %cfg.store.display(), "target listening");
+    let control_socket = control::socket_path(&cfg.store);
+    let listener = bind_control(&control_socket)?;
+    info!(control = %control_socket.display(), "control socket listening");
     let sink = Arc::new(TargetService(Arc::new(TargetSink::new(cfg))));
     let opts = ServeOptions {
         // The store verifies every chunk before writing; once is enough.
         verify_chunks: false,
         ..ServeOptions::default()
     };
+    let control_cancel = cancel.child_token();
+    let control = tokio::spawn(control_loop(
+        listener,
+        sink.0.clone(),
+        control_cancel.clone(),
+    ));
+    let socket = control_socket.clone();
     let serve = tokio::spawn(async move {
         blockferry_transport::sink::serve(server.clone(), sink, opts, cancel).await;
         server.close(0u32.into(), b"target stopping");
+        control_cancel.cancel();
+        if let Err(e) = control.await {
+            warn!(error = %e, "control task failed");
+        }
+        match std::fs::remove_file(&socket) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                warn!(path = %socket.display(), error = %e, "cannot remove the control socket")
+            }
+        }
     });
-    Ok(TargetHandle { listen_addr, serve })
+    Ok(TargetHandle {
+        listen_addr,
+        control_socket,
+        serve,
+    })
 }
 
 #[cfg(test)]

@@ -29,7 +29,7 @@
 //! Any other failed write or sync poisons the store: the page cache can no
 //! longer be trusted, and reopening replays the journal.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -147,6 +147,8 @@ pub struct DiskStore {
     wal_buf: Vec<u8>,
     opts: StoreOptions,
     poisoned: bool,
+    /// Exports reading points in steps; while non-zero no point is removed.
+    pins: usize,
     _lock: File,
 }
 
@@ -212,6 +214,12 @@ fn read_state(dir: &Path) -> Result<DiskState> {
         ));
     }
     Ok(st)
+}
+
+/// Locks a shared store. A panic while holding the lock left the store as it
+/// was between calls (every store call is all-or-nothing), so keep going.
+pub fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Reads the recovery points of a disk without locking it (the state file is
@@ -354,6 +362,7 @@ impl DiskStore {
             wal_buf: Vec::new(),
             opts,
             poisoned: false,
+            pins: 0,
             _lock: lock,
         })
     }
@@ -401,6 +410,7 @@ impl DiskStore {
             wal_buf: Vec::new(),
             opts,
             poisoned: false,
+            pins: 0,
             _lock: lock,
         };
         s.recover()?;
@@ -900,6 +910,12 @@ impl DiskStore {
     /// Drops the points the policy does not keep; returns their ids.
     pub fn apply_retention(&mut self, policy: &RetentionPolicy, now_ms: u64) -> Result<Vec<u64>> {
         self.check_usable()?;
+        if self.pins > 0 {
+            // Removing a point rewrites segments an export is reading; the
+            // next point after the export catches up.
+            debug!(disk = %self.state.disk, "retention deferred while a point is exported");
+            return Ok(Vec::new());
+        }
         let stamps: Vec<PointStamp> = self
             .state
             .points
@@ -926,6 +942,12 @@ impl DiskStore {
     /// the one being written).
     pub fn remove_point(&mut self, id: u64) -> Result<()> {
         self.check_usable()?;
+        if self.pins > 0 {
+            return Err(TargetError::Unsupported {
+                what: "removing a recovery point while a point of the disk is exported".into(),
+                hint: "try again once the export has finished".into(),
+            });
+        }
         let Some(i) = self.state.points.iter().position(|p| p.id == id) else {
             return Err(TargetError::NoSuchPoint {
                 disk: self.state.disk.clone(),
@@ -1014,54 +1036,20 @@ impl DiskStore {
     /// The disk as it was at point `id`, readable at any offset.
     pub fn point_image(&mut self, id: u64) -> Result<PointImage<'_>> {
         self.checkpoint()?;
-        let Some(i) = self.state.points.iter().position(|p| p.id == id) else {
-            return Err(TargetError::NoSuchPoint {
-                disk: self.state.disk.clone(),
-                point: id,
-            });
-        };
-        let mut cover = ExtentSet::new();
-        let mut pieces = Vec::new();
-        let mut files = Vec::new();
-        for meta in &self.state.points[i..] {
-            let path = self.dir.join(&meta.segment);
-            let idx = segment::scan(&path, meta.segment_len, self.state.size)?;
-            let file = File::open(&path).map_err(|e| TargetError::io(&path, None, e))?;
-            let k = files.len();
-            files.push((file, path));
-            for e in idx.entries {
-                for (a, b) in cover.uncovered(e.offset, e.offset + e.len) {
-                    pieces.push(Piece {
-                        start: a,
-                        end: b,
-                        src: match e.file_pos {
-                            Some(at) => Src::Segment {
-                                file: k,
-                                pos: at + (a - e.offset),
-                            },
-                            None => Src::Zero,
-                        },
-                    });
-                }
-                cover.insert(e.offset, e.offset + e.len);
-            }
-        }
-        let changed = cover.clone();
-        for (a, b) in cover.uncovered(0, self.state.size) {
-            pieces.push(Piece {
-                start: a,
-                end: b,
-                src: Src::Replica,
-            });
-        }
-        pieces.sort_by_key(|p| p.start);
-        Ok(PointImage {
-            store: self,
-            point: self.state.points[i].clone(),
-            pieces,
-            files,
-            changed,
-        })
+        let mut view = PointView::new(self, id)?;
+        view.refresh(self)?;
+        Ok(PointImage { store: self, view })
+    }
+
+    /// Keeps every recovery point (and its segment files) as they are until
+    /// the matching [`DiskStore::unpin_points`]: a [`PointView`] read in steps
+    /// between other calls relies on it. Retention is deferred meanwhile.
+    pub fn pin_points(&mut self) {
+        self.pins += 1;
+    }
+
+    pub fn unpin_points(&mut self) {
+        self.pins = self.pins.saturating_sub(1);
     }
 
     /// Byte ranges that may differ between points `older` and `newer`: the
@@ -1091,84 +1079,213 @@ impl DiskStore {
     }
 }
 
-#[derive(Debug, Clone, Copy)]
-enum Src {
-    Replica,
-    Zero,
-    Segment { file: usize, pos: u64 },
-}
-
+/// Saved bytes of the point: disk range `[start, end)` is at `pos` in
+/// segment `file`, or was all zero (`pos` is `None`).
 #[derive(Debug, Clone, Copy)]
 struct Piece {
-    start: u64,
     end: u64,
-    src: Src,
+    file: usize,
+    pos: Option<u64>,
 }
 
-/// A read-only view of the disk at one recovery point.
 #[derive(Debug)]
-pub struct PointImage<'a> {
-    store: &'a DiskStore,
-    point: PointMeta,
-    pieces: Vec<Piece>,
-    files: Vec<(File, PathBuf)>,
-    changed: ExtentSet,
+struct SegFile {
+    name: String,
+    path: PathBuf,
+    file: File,
+    /// Committed length indexed so far.
+    scanned: u64,
 }
 
-impl PointImage<'_> {
-    /// The disk size at the point (smaller than the replica's when the disk
-    /// grew after it).
-    pub fn size(&self) -> u64 {
-        self.point.size.unwrap_or(self.store.state.size)
+/// Where each byte of the disk at one recovery point `P` is: the undo saved
+/// by the oldest point `>= P` whose segment holds it, else the replica.
+///
+/// The view is monotone, which is what lets an export read it in steps while
+/// batches are applied in between: only the newest segment grows (sealed
+/// segments never change), new points add newer segments, and a byte saved
+/// by a segment is never saved by an older one later. So [`PointView::refresh`]
+/// only indexes what was appended since the last refresh, and a byte read from
+/// the replica is one no segment held yet — one not written since `P`.
+/// Two conditions are the caller's: the journalled undo of the open point is
+/// in its segment (a checkpoint) before each refresh, and no point is removed
+/// while the view is used ([`DiskStore::pin_points`]).
+#[derive(Debug)]
+pub struct PointView {
+    point: PointMeta,
+    files: Vec<SegFile>,
+    /// Disjoint saved ranges by start; gaps read from the replica.
+    pieces: BTreeMap<u64, Piece>,
+    cover: ExtentSet,
+}
+
+impl PointView {
+    /// An empty view of point `id` of `store`; [`PointView::refresh`] fills it.
+    pub fn new(store: &DiskStore, id: u64) -> Result<Self> {
+        let point = store
+            .state
+            .points
+            .iter()
+            .find(|p| p.id == id)
+            .cloned()
+            .ok_or_else(|| TargetError::NoSuchPoint {
+                disk: store.state.disk.clone(),
+                point: id,
+            })?;
+        Ok(PointView {
+            point,
+            files: Vec::new(),
+            pieces: BTreeMap::new(),
+            cover: ExtentSet::new(),
+        })
     }
 
     pub fn point(&self) -> &PointMeta {
         &self.point
     }
 
+    /// The disk size at the point.
+    pub fn size(&self, store: &DiskStore) -> u64 {
+        self.point.size.unwrap_or(store.state.size)
+    }
+
+    /// Indexes the undo committed since the last refresh (all of it the
+    /// first time).
+    pub fn refresh(&mut self, store: &DiskStore) -> Result<()> {
+        let Some(i) = store
+            .state
+            .points
+            .iter()
+            .position(|p| p.id == self.point.id)
+        else {
+            return Err(TargetError::NoSuchPoint {
+                disk: store.state.disk.clone(),
+                point: self.point.id,
+            });
+        };
+        for (k, meta) in store.state.points[i..].iter().enumerate() {
+            if k == self.files.len() {
+                let path = store.dir.join(&meta.segment);
+                let file = File::open(&path).map_err(|e| TargetError::io(&path, None, e))?;
+                self.files.push(SegFile {
+                    name: meta.segment.clone(),
+                    path,
+                    file,
+                    scanned: segment::HEADER_LEN,
+                });
+            }
+            let sf = &mut self.files[k];
+            if sf.name != meta.segment || meta.segment_len < sf.scanned {
+                // Only a removed point rewrites segments, and pins keep them.
+                return Err(TargetError::corrupt(
+                    &sf.path,
+                    None,
+                    format!(
+                        "undo of point {} was rewritten while point {} was read",
+                        meta.id, self.point.id
+                    ),
+                ));
+            }
+            if meta.segment_len == sf.scanned {
+                continue;
+            }
+            let idx =
+                segment::scan_range(&sf.path, sf.scanned, meta.segment_len, store.state.size)?;
+            sf.scanned = meta.segment_len;
+            for e in idx.entries {
+                for (a, b) in self.cover.uncovered(e.offset, e.offset + e.len) {
+                    self.pieces.insert(
+                        a,
+                        Piece {
+                            end: b,
+                            file: k,
+                            pos: e.file_pos.map(|at| at + (a - e.offset)),
+                        },
+                    );
+                }
+                self.cover.insert(e.offset, e.offset + e.len);
+            }
+        }
+        Ok(())
+    }
+
+    /// Ranges where the point differs from the current replica (may be a
+    /// superset), as of the last refresh.
+    pub fn differs_from_replica(&self) -> &ExtentSet {
+        &self.cover
+    }
+
+    /// Reads the point at `offset`, as of the last refresh.
+    pub fn read_at(&self, store: &DiskStore, buf: &mut [u8], offset: u64) -> Result<()> {
+        let size = self.size(store);
+        let end = match offset.checked_add(buf.len() as u64) {
+            Some(e) if e <= size => e,
+            _ => {
+                return Err(TargetError::OutOfRange {
+                    disk: store.state.disk.clone(),
+                    offset,
+                    len: buf.len() as u64,
+                    size,
+                });
+            }
+        };
+        // The piece that starts before `offset` may reach into the range.
+        let first = self
+            .pieces
+            .range(..offset)
+            .next_back()
+            .filter(|(_, p)| p.end > offset)
+            .map(|(s, p)| (*s, *p));
+        let rest = self.pieces.range(offset..end).map(|(s, p)| (*s, *p));
+        let mut at = offset;
+        for (start, p) in first.into_iter().chain(rest) {
+            if start > at {
+                let dst = &mut buf[(at - offset) as usize..(start - offset) as usize];
+                store.replica.read_at(dst, at)?;
+                at = start;
+            }
+            let to = p.end.min(end);
+            let dst = &mut buf[(at - offset) as usize..(to - offset) as usize];
+            let sf = &self.files[p.file];
+            match p.pos {
+                Some(pos) => read_exact_at(&sf.file, &sf.path, dst, pos + (at - start))?,
+                None => dst.fill(0),
+            }
+            at = to;
+        }
+        if at < end {
+            store
+                .replica
+                .read_at(&mut buf[(at - offset) as usize..], at)?;
+        }
+        Ok(())
+    }
+}
+
+/// A read-only view of the disk at one recovery point.
+#[derive(Debug)]
+pub struct PointImage<'a> {
+    store: &'a DiskStore,
+    view: PointView,
+}
+
+impl PointImage<'_> {
+    /// The disk size at the point (smaller than the replica's when the disk
+    /// grew after it).
+    pub fn size(&self) -> u64 {
+        self.view.size(self.store)
+    }
+
+    pub fn point(&self) -> &PointMeta {
+        self.view.point()
+    }
+
     /// Ranges where the point differs from the current replica (may be a superset).
     pub fn differs_from_replica(&self) -> &ExtentSet {
-        &self.changed
+        self.view.differs_from_replica()
     }
 
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        let size = self.size();
-        if offset
-            .checked_add(buf.len() as u64)
-            .is_none_or(|e| e > size)
-        {
-            return Err(TargetError::OutOfRange {
-                disk: self.store.state.disk.clone(),
-                offset,
-                len: buf.len() as u64,
-                size,
-            });
-        }
-        let mut done = 0usize;
-        let mut i = self.pieces.partition_point(|p| p.end <= offset);
-        while done < buf.len() {
-            let Some(p) = self.pieces.get(i) else {
-                return Err(TargetError::corrupt(
-                    &self.store.dir,
-                    Some(offset + done as u64),
-                    "point map has a hole",
-                ));
-            };
-            let at = offset + done as u64;
-            let n = ((p.end - at) as usize).min(buf.len() - done);
-            let dst = &mut buf[done..done + n];
-            match p.src {
-                Src::Replica => self.store.replica.read_at(dst, at)?,
-                Src::Zero => dst.fill(0),
-                Src::Segment { file, pos } => {
-                    let (f, path) = &self.files[file];
-                    read_exact_at(f, path, dst, pos + (at - p.start))?;
-                }
-            }
-            done += n;
-            i += 1;
-        }
-        Ok(())
+        self.view.read_at(self.store, buf, offset)
     }
 }
 

@@ -1,0 +1,295 @@
+//! The local control protocol of `serve`: a Unix socket `control.sock` in the
+//! store root through which the command line asks the running service for
+//! what needs the stores it holds locked (today: exporting a recovery point).
+//!
+//! Newline-delimited JSON, one request per connection:
+//!
+//! ```text
+//! → {"export":{"disk":"…","point":3,"format":"vmdk-sparse","out":"/abs/p3.vmdk","parent":null}}
+//! ← {"progress":{"done":4194304,"total":1073741824}}      (rate-limited)
+//! ← {"done":{"files":["/abs/p3.vmdk"]}}  or  {"error":"…"}
+//! ```
+//!
+//! Paths are absolute: the service runs in another directory than the
+//! client. This module holds the message types, the decoders (which never
+//! panic: a bad line is a typed error, answered with `{"error":…}`), the
+//! progress rate limit, and the small blocking client the command line uses.
+//! The server side lives in [`crate::serve`].
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::export::ExportFormat;
+
+/// File name of the control socket in the store root.
+pub const SOCKET: &str = "control.sock";
+
+/// Longest request line accepted; a request is a few hundred bytes.
+pub const MAX_REQUEST: usize = 64 << 10;
+
+/// Progress is sent at most this often, unless a whole percent went by.
+pub const PROGRESS_INTERVAL: Duration = Duration::from_millis(250);
+
+/// The path of the control socket of the store at `root`.
+pub fn socket_path(root: &Path) -> PathBuf {
+    root.join(SOCKET)
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub enum Request {
+    Export(ExportRequest),
+}
+
+/// Export point `point` of `disk` as `format` to `out` (absolute), as a
+/// delta on the earlier export `parent` (absolute) if given.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportRequest {
+    pub disk: String,
+    pub point: u64,
+    pub format: ExportFormat,
+    pub out: PathBuf,
+    #[serde(default)]
+    pub parent: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub enum Reply {
+    Progress { done: u64, total: u64 },
+    Done { files: Vec<PathBuf> },
+    Error(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("request longer than {max} bytes")]
+    TooLong { max: usize },
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    #[error("{what} {path:?} is not absolute: the service runs in another directory")]
+    NotAbsolute { what: &'static str, path: PathBuf },
+    #[error("bad reply from the service: {0}")]
+    BadReply(String),
+    #[error(
+        "no control socket answers at {path}: start `blockferry-target serve` for this store, or stop whatever else holds it"
+    )]
+    Connect {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("talking to the service at {path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the service at {path} closed the connection without an answer; see its log")]
+    Closed { path: PathBuf },
+    #[error("the service failed: {0}")]
+    Service(String),
+}
+
+/// One message as a line.
+pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
+    // Serializing these plain structs cannot fail; an empty object would be
+    // answered as a bad message rather than lost silently.
+    let mut v = serde_json::to_vec(msg).unwrap_or_else(|_| b"{}".to_vec());
+    v.push(b'\n');
+    v
+}
+
+/// Decodes and validates one request line (with or without its newline).
+pub fn decode_request(line: &[u8]) -> Result<ExportRequest, ControlError> {
+    if line.len() > MAX_REQUEST {
+        return Err(ControlError::TooLong { max: MAX_REQUEST });
+    }
+    let Request::Export(req) =
+        serde_json::from_slice(line).map_err(|e| ControlError::BadRequest(e.to_string()))?;
+    if !req.out.is_absolute() {
+        return Err(ControlError::NotAbsolute {
+            what: "out",
+            path: req.out,
+        });
+    }
+    if let Some(p) = &req.parent
+        && !p.is_absolute()
+    {
+        return Err(ControlError::NotAbsolute {
+            what: "parent",
+            path: p.clone(),
+        });
+    }
+    Ok(req)
+}
+
+pub fn decode_reply(line: &[u8]) -> Result<Reply, ControlError> {
+    serde_json::from_slice(line).map_err(|e| ControlError::BadReply(e.to_string()))
+}
+
+/// Decides which progress updates go out: the last one, one per whole
+/// percent, and otherwise at most one per [`PROGRESS_INTERVAL`].
+#[derive(Debug, Clone)]
+pub struct ProgressThrottle {
+    last_at: Option<Instant>,
+    last_pct: u64,
+}
+
+impl Default for ProgressThrottle {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ProgressThrottle {
+    pub fn new() -> Self {
+        ProgressThrottle {
+            last_at: None,
+            last_pct: 0,
+        }
+    }
+
+    pub fn due(&mut self, done: u64, total: u64, now: Instant) -> bool {
+        let pct = (u128::from(done) * 100 / u128::from(total.max(1))) as u64;
+        let due = done >= total
+            || pct > self.last_pct
+            || self
+                .last_at
+                .is_none_or(|t| now.duration_since(t) >= PROGRESS_INTERVAL);
+        if due {
+            self.last_at = Some(now);
+            self.last_pct = pct;
+        }
+        due
+    }
+}
+
+/// Asks the service listening at `socket` to export; calls `progress` for
+/// each progress reply and returns the files written.
+pub fn request_export(
+    socket: &Path,
+    req: &ExportRequest,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<Vec<PathBuf>, ControlError> {
+    let io = |source| ControlError::Io {
+        path: socket.to_path_buf(),
+        source,
+    };
+    let mut stream = UnixStream::connect(socket).map_err(|source| ControlError::Connect {
+        path: socket.to_path_buf(),
+        source,
+    })?;
+    stream
+        .write_all(&encode(&Request::Export(req.clone())))
+        .map_err(io)?;
+    let mut r = BufReader::new(stream);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        if r.read_until(b'\n', &mut line).map_err(io)? == 0 {
+            return Err(ControlError::Closed {
+                path: socket.to_path_buf(),
+            });
+        }
+        match decode_reply(&line)? {
+            Reply::Progress { done, total } => progress(done, total),
+            Reply::Done { files } => return Ok(files),
+            Reply::Error(msg) => return Err(ControlError::Service(msg)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_request_round_trips_and_matches_the_documented_form() {
+        let line = br#"{"export":{"disk":"d","point":3,"format":"vmdk-sparse","out":"/x/p3.vmdk","parent":null}}"#;
+        let req = decode_request(line).unwrap();
+        assert_eq!(
+            req,
+            ExportRequest {
+                disk: "d".into(),
+                point: 3,
+                format: ExportFormat::VmdkSparse,
+                out: "/x/p3.vmdk".into(),
+                parent: None,
+            }
+        );
+        let again = encode(&Request::Export(req.clone()));
+        assert_eq!(decode_request(&again).unwrap(), req);
+        assert_eq!(
+            encode(&Reply::Progress { done: 1, total: 2 }),
+            b"{\"progress\":{\"done\":1,\"total\":2}}\n"
+        );
+        assert_eq!(encode(&Reply::Error("no".into())), b"{\"error\":\"no\"}\n");
+        assert_eq!(
+            encode(&Reply::Done {
+                files: vec!["/a".into()]
+            }),
+            b"{\"done\":{\"files\":[\"/a\"]}}\n"
+        );
+    }
+
+    #[test]
+    fn bad_requests_are_typed_errors() {
+        let bad: &[&[u8]] = &[
+            b"",
+            b"\xff\xfe",
+            b"{",
+            b"null",
+            b"[]",
+            b"{}",
+            br#"{"export":{}}"#,
+            br#"{"import":{"disk":"d","point":1,"format":"raw","out":"/o"}}"#,
+            br#"{"export":{"disk":"d","point":1,"format":"raw","out":"/o","extra":1}}"#,
+            br#"{"export":{"disk":"d","point":1,"format":"raw","out":"/o"},"x":1}"#,
+            br#"{"export":{"disk":"d","point":-1,"format":"raw","out":"/o"}}"#,
+            br#"{"export":{"disk":"d","point":1,"format":"qcow2","out":"/o"}}"#,
+            br#"{"export":{"disk":"d","point":1,"format":"raw","out":"rel/o"}}"#,
+            br#"{"export":{"disk":"d","point":1,"format":"raw","out":"/o","parent":"p.vmdk"}}"#,
+        ];
+        for line in bad {
+            assert!(
+                decode_request(line).is_err(),
+                "accepted {:?}",
+                String::from_utf8_lossy(line)
+            );
+        }
+        let long = vec![b' '; MAX_REQUEST + 1];
+        assert!(matches!(
+            decode_request(&long),
+            Err(ControlError::TooLong { .. })
+        ));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn the_decoders_never_panic(line in proptest::collection::vec(proptest::num::u8::ANY, 0..300)) {
+            let _ = decode_request(&line);
+            let _ = decode_reply(&line);
+        }
+    }
+
+    #[test]
+    fn progress_goes_out_per_percent_per_interval_and_at_the_end() {
+        let mut t = ProgressThrottle::new();
+        let t0 = Instant::now();
+        assert!(t.due(0, 1000, t0), "the first update goes out");
+        assert!(!t.due(5, 1000, t0), "less than a percent, no time passed");
+        assert!(t.due(10, 1000, t0), "a whole percent");
+        assert!(!t.due(11, 1000, t0));
+        assert!(
+            t.due(12, 1000, t0 + PROGRESS_INTERVAL),
+            "the interval passed"
+        );
+        assert!(t.due(1000, 1000, t0 + PROGRESS_INTERVAL), "the end");
+    }
+}
