@@ -20,6 +20,12 @@ pub trait Replica: Send + std::fmt::Debug {
     fn write_at(&mut self, faults: &FaultPlan, buf: &[u8], offset: u64) -> Result<()>;
     /// Makes every write so far durable.
     fn sync(&mut self, faults: &FaultPlan) -> Result<()>;
+    /// True when `[offset, offset + len)` is known to read as zeros without
+    /// reading it (never written). `false` is always a safe answer.
+    fn known_zero(&self, offset: u64, len: u64) -> bool {
+        let _ = (offset, len);
+        false
+    }
     /// Called after each applied group of batches: a chance to start
     /// writeback, so the checkpoint's sync finds little left to write.
     fn start_writeback(&mut self) {}
@@ -154,6 +160,15 @@ impl Replica for FlatReplica {
     fn write_at(&mut self, faults: &FaultPlan, buf: &[u8], offset: u64) -> Result<()> {
         self.check_range(offset, buf.len())?;
         faults.write_at(&self.flat, &self.flat_path, buf, offset)
+    }
+
+    fn known_zero(&self, offset: u64, len: u64) -> bool {
+        // A hole up to the end of the range: preallocated and never written.
+        match sys::seek_data(&self.flat, offset) {
+            Ok(None) => true,
+            Ok(Some(data)) => data >= offset.saturating_add(len),
+            Err(_) => false,
+        }
     }
 
     fn start_writeback(&mut self) {
@@ -329,6 +344,10 @@ impl Replica for SparseReplica {
         self.image.apply_deferred(&[op]).map_err(vmdk_err)
     }
 
+    fn known_zero(&self, offset: u64, len: u64) -> bool {
+        self.image.reads_unallocated(offset, len)
+    }
+
     fn sync(&mut self, faults: &FaultPlan) -> Result<()> {
         // The barrier before the tables, through the fault-injection seam
         // so tests can fail it; commit's own first sync then finds nothing.
@@ -369,4 +388,27 @@ pub fn vmfs_descriptor(flat_name: &str, size: u64, cid: u32, uuid_seed: &str) ->
     let mut d = Descriptor::new(CreateType::Vmfs, vec![extent], cid);
     d.set_disk_database(&crate::vmdk::AdapterType::LsiLogic, 13, uuid, false);
     d.render()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_never_written_ranges_are_known_zero() {
+        let dir = tempfile::tempdir().unwrap();
+        let faults = FaultPlan::default();
+        let mut flat = FlatReplica::create(&faults, dir.path(), "f.vmdk", 4 << 20, 1, "s").unwrap();
+        let mut thin = SparseReplica::create(dir.path(), "t.vmdk", 4 << 20, 1, "s").unwrap();
+        let replicas: [&mut dyn Replica; 2] = [&mut flat, &mut thin];
+        for r in replicas {
+            assert!(r.known_zero(0, 4 << 20));
+            r.write_at(&faults, &[1u8; 4096], 1 << 20).unwrap();
+            assert!(!r.known_zero(0, 4 << 20), "{r:?}");
+            assert!(!r.known_zero((1 << 20) + 1024, 512), "inside the write");
+            assert!(r.known_zero(2 << 20, 1 << 20), "{r:?}");
+            r.sync(&faults).unwrap();
+            assert!(!r.known_zero(1 << 20, 4096), "after sync: {r:?}");
+        }
+    }
 }

@@ -691,6 +691,16 @@ impl DiskStore {
             let end = c.offset + c.data.len() as u64;
             for (a, b) in self.cover.uncovered(c.offset, end) {
                 for (a, b) in pending.uncovered(a, b) {
+                    if self.replica.known_zero(a, b - a) {
+                        // Never written: no read (which would also fill
+                        // the page cache with zeros), and no undo data.
+                        undo.push(Undo {
+                            offset: a,
+                            len: (b - a) as u32,
+                            data: None,
+                        });
+                        continue;
+                    }
                     let mut data = vec![0u8; (b - a) as usize];
                     self.replica.read_at(&mut data, a)?;
                     undo.push(Undo::saved(a, data));

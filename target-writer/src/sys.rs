@@ -1,6 +1,6 @@
 //! The one place the target writer calls libc directly: preallocation of the
 //! flat extent, so in-place writes of applied batches can never hit ENOSPC,
-//! and early writeback of those writes.
+//! early writeback of those writes, and finding never-written ranges.
 
 use std::fs::File;
 use std::io;
@@ -34,5 +34,26 @@ pub fn start_writeback(file: &File, offset: u64, len: u64) -> io::Result<()> {
         Ok(())
     } else {
         Err(io::Error::last_os_error())
+    }
+}
+
+/// The first offset at or after `offset` that holds data (`SEEK_DATA`), or
+/// `None` when there is none. Preallocated, never-written ranges are holes
+/// for this purpose (unless the page cache holds data for them). Changes the
+/// file position, which the target never uses (all I/O is positional).
+pub fn seek_data(file: &File, offset: u64) -> io::Result<Option<u64>> {
+    let off =
+        libc::off64_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
+    // SAFETY: the fd is owned by `file` and open for the call; lseek takes no
+    // pointers.
+    let rc = unsafe { libc::lseek64(file.as_raw_fd(), off, libc::SEEK_DATA) };
+    if rc >= 0 {
+        return Ok(Some(rc as u64));
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::ENXIO) {
+        Ok(None)
+    } else {
+        Err(e)
     }
 }

@@ -1128,6 +1128,29 @@ impl VmdkImage {
         self.apply_inner(ops, true)
     }
 
+    /// True when every grain of `[offset, offset + len)` of a parentless
+    /// disk is unallocated or zeroed, so the range reads as zeros.
+    pub(crate) fn reads_unallocated(&self, offset: u64, len: u64) -> bool {
+        if self.parent.is_some() {
+            return false;
+        }
+        let end = offset.saturating_add(len).min(self.size);
+        let mut pos = offset;
+        while pos < end {
+            let e = &self.extents[self.extent_index(pos)];
+            let ExtentData::Sparse(s) = &e.data else {
+                return false;
+            };
+            let in_ext = pos - e.start;
+            if !matches!(s.lookup(in_ext), Ok(Grain::Unallocated | Grain::Zero)) {
+                return false;
+            }
+            let gb = s.header.grain_bytes();
+            pos = e.start + (in_ext / gb + 1) * gb;
+        }
+        true
+    }
+
     /// The file of a single-extent sparse disk (for the caller's own syncs).
     pub(crate) fn sparse_file(&self) -> Option<&File> {
         match self.extents.as_slice() {
