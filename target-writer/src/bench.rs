@@ -36,6 +36,10 @@ pub struct ApplyCase {
     pub zstd_level: Option<i32>,
     /// A thin (monolithicSparse) replica instead of vmfs + flat.
     pub thin: bool,
+    /// The whole disk holds other data first (written before the clock
+    /// starts, in both runs), so an open point's undo reads and saves real
+    /// data instead of never-written zeros.
+    pub overwrite: bool,
 }
 
 /// One apply measurement: store vs the raw baseline, same data.
@@ -120,8 +124,20 @@ pub fn apply_vs_raw(
         with_point,
         zstd_level,
         thin,
+        overwrite,
     } = *case;
     let work = batches(pattern, disk_size, total, seed);
+    // The whole disk, in 8 MiB batches.
+    let before = if overwrite {
+        batches(
+            Pattern::Sequential { batch: 8 << 20 },
+            disk_size,
+            disk_size,
+            seed ^ 0x5eed_0f01,
+        )
+    } else {
+        Vec::new()
+    };
     let bytes: u64 = work.iter().flatten().map(|(_, d)| d.len() as u64).sum();
 
     // Baseline first: a preallocated raw file, one fdatasync per batch.
@@ -134,6 +150,10 @@ pub fn apply_vs_raw(
         .open(&raw_path)
         .map_err(|e| TargetError::io(&raw_path, None, e))?;
     crate::sys::fallocate(&raw, disk_size).map_err(|e| TargetError::io(&raw_path, None, e))?;
+    for (off, data) in before.iter().flatten() {
+        raw.write_all_at(data, *off)
+            .map_err(|e| TargetError::io(&raw_path, Some(*off), e))?;
+    }
     raw.sync_all()
         .map_err(|e| TargetError::io(&raw_path, None, e))?;
     let mut raw_time = Duration::ZERO;
@@ -157,6 +177,20 @@ pub fn apply_vs_raw(
         ..StoreOptions::default()
     };
     let mut s = DiskStore::create(&root, &disk, disk_size, 1, opts)?;
+    let first_seq = before.len() as u64 + 1;
+    for (i, w) in before.iter().enumerate() {
+        let chunks = w
+            .iter()
+            .map(|(off, d)| Chunk::raw(*off, d.clone()))
+            .collect();
+        s.apply(&ApplyBatch {
+            disk: disk.clone(),
+            generation: 1,
+            seq: i as u64 + 1,
+            chunks,
+        })?;
+    }
+    s.checkpoint()?;
     if with_point {
         s.create_point(Consistency::CrashConsistent, 1)?;
     }
@@ -174,7 +208,7 @@ pub fn apply_vs_raw(
         let b = ApplyBatch {
             disk: disk.clone(),
             generation: 1,
-            seq: i as u64 + 1,
+            seq: first_seq + i as u64,
             chunks,
         };
         let t = Instant::now();

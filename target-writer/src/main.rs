@@ -171,7 +171,8 @@ fn bench(dir: &std::path::Path, export_size: u64, rounds: usize) -> Result<()> {
         chunk: 4096,
         per_batch: 64,
     };
-    // (name, pattern, bytes, recovery point open, zstd level of the chunks, thin replica)
+    // (name, pattern, bytes, recovery point open, zstd level of the chunks,
+    // thin replica, overwriting data written before)
     let cases = [
         (
             "sequential 1 MiB batches, raw chunks",
@@ -179,6 +180,7 @@ fn bench(dir: &std::path::Path, export_size: u64, rounds: usize) -> Result<()> {
             512u64 << 20,
             false,
             None,
+            false,
             false,
         ),
         (
@@ -188,6 +190,7 @@ fn bench(dir: &std::path::Path, export_size: u64, rounds: usize) -> Result<()> {
             false,
             Some(1),
             false,
+            false,
         ),
         (
             "sequential 1 MiB batches, zstd chunks, point open",
@@ -195,6 +198,7 @@ fn bench(dir: &std::path::Path, export_size: u64, rounds: usize) -> Result<()> {
             512 << 20,
             true,
             Some(1),
+            false,
             false,
         ),
         (
@@ -204,6 +208,7 @@ fn bench(dir: &std::path::Path, export_size: u64, rounds: usize) -> Result<()> {
             false,
             None,
             false,
+            false,
         ),
         (
             "random 4 KiB x 64 per batch, zstd chunks",
@@ -211,6 +216,7 @@ fn bench(dir: &std::path::Path, export_size: u64, rounds: usize) -> Result<()> {
             64 << 20,
             false,
             Some(1),
+            false,
             false,
         ),
         (
@@ -220,6 +226,7 @@ fn bench(dir: &std::path::Path, export_size: u64, rounds: usize) -> Result<()> {
             true,
             Some(1),
             false,
+            false,
         ),
         (
             "sequential 1 MiB batches, raw chunks, thin replica",
@@ -228,6 +235,7 @@ fn bench(dir: &std::path::Path, export_size: u64, rounds: usize) -> Result<()> {
             false,
             None,
             true,
+            false,
         ),
         (
             "random 4 KiB x 64 per batch, raw chunks, thin replica",
@@ -236,10 +244,29 @@ fn bench(dir: &std::path::Path, export_size: u64, rounds: usize) -> Result<()> {
             false,
             None,
             true,
+            false,
+        ),
+        (
+            "sequential 1 MiB batches, zstd chunks, point open, overwriting data",
+            seq,
+            512 << 20,
+            true,
+            Some(1),
+            false,
+            true,
+        ),
+        (
+            "random 4 KiB x 64 per batch, zstd chunks, point open, overwriting data",
+            rnd,
+            64 << 20,
+            true,
+            Some(1),
+            false,
+            true,
         ),
     ];
     let mut summary = Vec::new();
-    for (name, pattern, total, with_point, level, thin) in cases {
+    for (name, pattern, total, with_point, level, thin, overwrite) in cases {
         let mut ratios = Vec::new();
         let mut ours = Vec::new();
         let mut raws = Vec::new();
@@ -250,6 +277,7 @@ fn bench(dir: &std::path::Path, export_size: u64, rounds: usize) -> Result<()> {
                 with_point,
                 zstd_level: level,
                 thin,
+                overwrite,
             };
             let f = apply_vs_raw(dir, disk, &case, 1 + r as u64)?;
             ours.push(mbps(f.bytes, f.store));
