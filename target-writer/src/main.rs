@@ -102,6 +102,9 @@ enum Cmd {
         create_size: Option<u64>,
         #[arg(long, default_value_t = 64 << 20)]
         checkpoint_bytes: u64,
+        /// Create the disk with a thin replica.
+        #[arg(long)]
+        thin: bool,
     },
 }
 
@@ -484,9 +487,11 @@ fn main() -> Result<()> {
             input,
             create_size,
             checkpoint_bytes,
+            thin,
         } => {
             let opts = StoreOptions {
                 checkpoint_bytes,
+                thin,
                 ..StoreOptions::default()
             };
             let bytes = std::fs::read(&input)
