@@ -143,3 +143,80 @@ fn a_full_file_system_stops_applies_cleanly_and_they_resume_when_space_frees() {
     img.read_at(&mut got, 0).unwrap();
     assert_eq!(first_diff(&got, &model_at(&batches, SIZE, 1)), None);
 }
+
+/// A thin replica allocates as it goes, so "no space" can also come after the
+/// batch was journalled, while writing the replica. The store then stops
+/// (as the service does, it is dropped and reopened, which replays the
+/// journal); nothing acknowledged is lost, and once space frees the replay
+/// and the remaining batches go through.
+#[test]
+fn a_full_file_system_under_a_thin_replica_loses_nothing_and_resumes() {
+    if !is_root() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "this test needs root in CI"
+        );
+        eprintln!("skipping: needs root to mount a tmpfs");
+        return;
+    }
+    let fs = Tmpfs::mount(16 << 20);
+    let root = fs.dir.join("store");
+    let opts = || StoreOptions {
+        checkpoint_bytes: 1 << 20,
+        thin: true,
+        ..StoreOptions::default()
+    };
+    let mut s = DiskStore::create(&root, DISK, SIZE, now_ms(), opts()).unwrap();
+    let mut rng = StdRng::seed_from_u64(34);
+    let batches: Vec<_> = (1..=400).map(|q| random_batch(&mut rng, q, SIZE)).collect();
+    s.apply(&batches[0]).unwrap();
+    let point = s
+        .create_point(Consistency::CrashConsistent, now_ms())
+        .unwrap();
+    let filler = fs.dir.join("filler");
+    fill_up(&filler);
+
+    let mut acked = 1;
+    let err = loop {
+        assert!(acked < batches.len(), "never ran out of space");
+        match s.apply(&batches[acked]) {
+            Ok(_) => acked += 1,
+            Err(e) => break e,
+        }
+    };
+    assert!(matches!(err, TargetError::NoSpace { .. }), "{err}");
+    assert!(err.to_string().contains("no space"), "{err}");
+    eprintln!("stopped after batch {acked}: {err}");
+    drop(s);
+    // Still full: reopening either works or says "no space" again.
+    match DiskStore::open(&root, DISK, opts()) {
+        Ok(s) => drop(s),
+        Err(e) => assert!(matches!(e, TargetError::NoSpace { .. }), "{e}"),
+    }
+
+    std::fs::remove_file(&filler).unwrap();
+    let mut s = DiskStore::open(&root, DISK, opts()).unwrap();
+    let applied = s.applied_seq();
+    assert!(
+        applied as usize >= acked,
+        "acked batches lost: applied {applied}, acked {acked}"
+    );
+    let mut got = vec![0u8; SIZE as usize];
+    s.read_at(&mut got, 0).unwrap();
+    assert_eq!(first_diff(&got, &model_at(&batches, SIZE, applied)), None);
+    for b in &batches[applied as usize..] {
+        s.apply(b).unwrap();
+    }
+    let img = s.point_image(point.id).unwrap();
+    img.read_at(&mut got, 0).unwrap();
+    assert_eq!(first_diff(&got, &model_at(&batches, SIZE, 1)), None);
+    let desc = s.replica_path().to_path_buf();
+    s.close().unwrap();
+    let report = blockferry_target::vmdk::check::check(&desc).unwrap();
+    assert!(report.is_clean(), "{report:?}");
+    if have_qemu_img() {
+        let model = fs.dir.join("model.raw");
+        std::fs::write(&model, model_at(&batches, SIZE, batches.len() as u64)).unwrap();
+        assert!(qemu_same(&model, &desc));
+    }
+}
