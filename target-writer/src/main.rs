@@ -87,6 +87,9 @@ enum Cmd {
         /// Rounds per figure (the median ratio is reported).
         #[arg(long, default_value_t = 3)]
         rounds: usize,
+        /// Only the figures whose name contains this text (for profiling).
+        #[arg(long)]
+        only: Option<String>,
     },
     /// Apply a feed file of batches and barriers, printing each durable step (tests).
     #[command(hide = true)]
@@ -165,7 +168,8 @@ fn mbps(bytes: u64, d: std::time::Duration) -> f64 {
 }
 
 /// Prints each figure with its baseline and their ratio, then a JSON summary.
-fn bench(dir: &std::path::Path, export_size: u64, rounds: usize) -> Result<()> {
+fn bench(dir: &std::path::Path, export_size: u64, rounds: usize, only: Option<&str>) -> Result<()> {
+    let wanted = |name: &str| only.is_none_or(|o| name.contains(o));
     use blockferry_target::bench::{ApplyCase, Pattern, apply_vs_raw, export_vs_qemu};
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let disk = 1u64 << 30;
@@ -270,6 +274,9 @@ fn bench(dir: &std::path::Path, export_size: u64, rounds: usize) -> Result<()> {
     ];
     let mut summary = Vec::new();
     for (name, pattern, total, with_point, level, thin, overwrite) in cases {
+        if !wanted(name) {
+            continue;
+        }
         let mut ratios = Vec::new();
         let mut ours = Vec::new();
         let mut raws = Vec::new();
@@ -292,6 +299,10 @@ fn bench(dir: &std::path::Path, export_size: u64, rounds: usize) -> Result<()> {
             "apply {name}: store {o:.0} MB/s, pwrite+fdatasync {r:.0} MB/s, ratio {q:.2} (target >= 0.8)"
         );
         summary.push(serde_json::json!({"figure": format!("apply {name}"), "store_mb_s": o, "raw_mb_s": r, "ratio": q}));
+    }
+    if !wanted("export vmdk-sparse") {
+        println!("{}", serde_json::to_string(&summary)?);
+        return Ok(());
     }
     let figs = export_vs_qemu(dir, export_size, rounds)?;
     let ratio = median(
@@ -480,7 +491,8 @@ fn main() -> Result<()> {
             dir,
             export_mib,
             rounds,
-        } => bench(&dir, export_mib << 20, rounds.max(1))?,
+            only,
+        } => bench(&dir, export_mib << 20, rounds.max(1), only.as_deref())?,
         Cmd::ApplyFile {
             store,
             disk,
