@@ -7,7 +7,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use blockferry_target::{Consistency, DiskStore, StoreOptions, TargetError};
+use blockferry_target::{ApplyBatch, Consistency, DiskStore, PointMeta, StoreOptions, TargetError};
 use common::*;
 use rand::{SeedableRng, rngs::StdRng};
 
@@ -70,24 +70,41 @@ fn fill_up(path: &Path) -> u64 {
     n
 }
 
-#[test]
-fn a_full_file_system_stops_applies_cleanly_and_they_resume_when_space_frees() {
+fn opts(thin: bool) -> StoreOptions {
+    StoreOptions {
+        checkpoint_bytes: 1 << 20,
+        thin,
+        ..StoreOptions::default()
+    }
+}
+
+/// A store on a small tmpfs with one point after batch 1, applied until the
+/// file system is full (the undo kept for the point grows).
+struct Full {
+    fs: Tmpfs,
+    root: PathBuf,
+    s: DiskStore,
+    batches: Vec<ApplyBatch>,
+    point: PointMeta,
+    filler: PathBuf,
+    /// Batches acknowledged before the failure.
+    acked: usize,
+}
+
+/// `None` (a skip) without root outside CI.
+fn apply_until_full(thin: bool, seed: u64) -> Option<Full> {
     if !is_root() {
         assert!(
             std::env::var_os("CI").is_none(),
             "this test needs root in CI"
         );
         eprintln!("skipping: needs root to mount a tmpfs");
-        return;
+        return None;
     }
     let fs = Tmpfs::mount(16 << 20);
     let root = fs.dir.join("store");
-    let opts = || StoreOptions {
-        checkpoint_bytes: 1 << 20,
-        ..StoreOptions::default()
-    };
-    let mut s = DiskStore::create(&root, DISK, SIZE, now_ms(), opts()).unwrap();
-    let mut rng = StdRng::seed_from_u64(33);
+    let mut s = DiskStore::create(&root, DISK, SIZE, now_ms(), opts(thin)).unwrap();
+    let mut rng = StdRng::seed_from_u64(seed);
     let batches: Vec<_> = (1..=400).map(|q| random_batch(&mut rng, q, SIZE)).collect();
     s.apply(&batches[0]).unwrap();
     let point = s
@@ -95,17 +112,43 @@ fn a_full_file_system_stops_applies_cleanly_and_they_resume_when_space_frees() {
         .unwrap();
     let filler = fs.dir.join("filler");
     fill_up(&filler);
-
-    // Apply until the file system is full: the undo kept for the point grows.
-    let mut i = 1;
+    let mut acked = 1;
     let err = loop {
-        assert!(i < batches.len(), "never ran out of space");
-        match s.apply(&batches[i]) {
-            Ok(_) => i += 1,
+        assert!(acked < batches.len(), "never ran out of space");
+        match s.apply(&batches[acked]) {
+            Ok(_) => acked += 1,
             Err(e) => break e,
         }
     };
     assert!(matches!(err, TargetError::NoSpace { .. }), "{err}");
+    assert!(err.to_string().contains("no space"), "{err}");
+    eprintln!("stopped after batch {acked}: {err}");
+    Some(Full {
+        fs,
+        root,
+        s,
+        batches,
+        point,
+        filler,
+        acked,
+    })
+}
+
+#[test]
+fn a_full_file_system_stops_applies_cleanly_and_they_resume_when_space_frees() {
+    let Some(Full {
+        fs: _fs,
+        root,
+        mut s,
+        batches,
+        point,
+        filler,
+        acked: i,
+        ..
+    }) = apply_until_full(false, 33)
+    else {
+        return;
+    };
     // Whatever the store reports as durable is exactly in the replica.
     let applied = s.applied_seq();
     assert!(
@@ -129,7 +172,7 @@ fn a_full_file_system_stops_applies_cleanly_and_they_resume_when_space_frees() {
         s.apply(b).unwrap();
     }
     s.close().unwrap();
-    let mut s = DiskStore::open(&root, DISK, opts()).unwrap();
+    let mut s = DiskStore::open(&root, DISK, opts(false)).unwrap();
     assert_eq!(s.applied_seq(), batches.len() as u64);
     assert_eq!(
         first_diff(
@@ -151,51 +194,27 @@ fn a_full_file_system_stops_applies_cleanly_and_they_resume_when_space_frees() {
 /// and the remaining batches go through.
 #[test]
 fn a_full_file_system_under_a_thin_replica_loses_nothing_and_resumes() {
-    if !is_root() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "this test needs root in CI"
-        );
-        eprintln!("skipping: needs root to mount a tmpfs");
+    let Some(Full {
+        fs,
+        root,
+        s,
+        batches,
+        point,
+        filler,
+        acked,
+    }) = apply_until_full(true, 34)
+    else {
         return;
-    }
-    let fs = Tmpfs::mount(16 << 20);
-    let root = fs.dir.join("store");
-    let opts = || StoreOptions {
-        checkpoint_bytes: 1 << 20,
-        thin: true,
-        ..StoreOptions::default()
     };
-    let mut s = DiskStore::create(&root, DISK, SIZE, now_ms(), opts()).unwrap();
-    let mut rng = StdRng::seed_from_u64(34);
-    let batches: Vec<_> = (1..=400).map(|q| random_batch(&mut rng, q, SIZE)).collect();
-    s.apply(&batches[0]).unwrap();
-    let point = s
-        .create_point(Consistency::CrashConsistent, now_ms())
-        .unwrap();
-    let filler = fs.dir.join("filler");
-    fill_up(&filler);
-
-    let mut acked = 1;
-    let err = loop {
-        assert!(acked < batches.len(), "never ran out of space");
-        match s.apply(&batches[acked]) {
-            Ok(_) => acked += 1,
-            Err(e) => break e,
-        }
-    };
-    assert!(matches!(err, TargetError::NoSpace { .. }), "{err}");
-    assert!(err.to_string().contains("no space"), "{err}");
-    eprintln!("stopped after batch {acked}: {err}");
     drop(s);
     // Still full: reopening either works or says "no space" again.
-    match DiskStore::open(&root, DISK, opts()) {
+    match DiskStore::open(&root, DISK, opts(true)) {
         Ok(s) => drop(s),
         Err(e) => assert!(matches!(e, TargetError::NoSpace { .. }), "{e}"),
     }
 
     std::fs::remove_file(&filler).unwrap();
-    let mut s = DiskStore::open(&root, DISK, opts()).unwrap();
+    let mut s = DiskStore::open(&root, DISK, opts(true)).unwrap();
     let applied = s.applied_seq();
     assert!(
         applied as usize >= acked,
