@@ -275,6 +275,13 @@ impl Spool {
                 return Err(SpoolError::TooLarge { len: e.frame.len() });
             }
         }
+        if self.starved {
+            // The file system was full. If the target acknowledged every
+            // record of the active segment before that failed append, no
+            // release will come to start it over: do it here, or the spool
+            // would stay full of dead records forever.
+            self.delete_empty_segments()?;
+        }
         let rotate = self
             .segments
             .last_key_value()
@@ -706,6 +713,47 @@ mod tests {
         }
         assert_eq!(s.pending(disk(2), Seq(18), 100).len(), 2);
         assert_eq!(s.live_bytes(), 20 * 1010);
+    }
+
+    #[test]
+    fn a_full_file_system_after_everything_was_released_starts_a_new_segment() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Spool::open(dir.path(), SpoolOptions::default()).unwrap();
+        for seq in 1..=5 {
+            s.append(&[entry(1, seq, 1000)]).unwrap();
+        }
+        // Everything is released while the file system still has room: the
+        // active segment keeps its dead records (it is far from full).
+        s.release(disk(1), Seq(5)).unwrap();
+        let segments = |dir: &Path| {
+            fs::read_dir(dir)
+                .unwrap()
+                .filter(|e| {
+                    e.as_ref()
+                        .unwrap()
+                        .file_name()
+                        .to_string_lossy()
+                        .starts_with("seg-")
+                })
+                .count()
+        };
+        assert_eq!(segments(dir.path()), 1);
+        assert!(s.file_bytes() > 5000);
+        // Then an append finds the file system full (as a failed write
+        // leaves it): the next append must not wait for a release that never
+        // comes, but start over and free the dead records' space.
+        s.starved = true;
+        s.append(&[entry(1, 6, 1000)]).unwrap();
+        assert_eq!(segments(dir.path()), 1);
+        assert!(s.file_bytes() < 2000, "{} bytes", s.file_bytes());
+        drop(s);
+        let s = Spool::open(dir.path(), SpoolOptions::default()).unwrap();
+        let seqs: Vec<u64> = s
+            .pending(disk(1), Seq::ZERO, 100)
+            .iter()
+            .map(|r| r.seq.0)
+            .collect();
+        assert_eq!(seqs, vec![6]);
     }
 
     #[test]
