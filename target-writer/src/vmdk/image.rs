@@ -3,6 +3,7 @@
 //! A [`VmdkImage`] is a descriptor, its extents laid end to end, and
 //! optionally a parent image (a sparse delta's `parentFileNameHint`).
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::ops::Range;
@@ -517,8 +518,9 @@ enum GrainPlan<'a> {
         at: u64,
         pieces: Vec<(u64, Piece<'a>)>,
     },
-    /// Grain gets a new full-grain buffer.
-    New(Vec<u8>),
+    /// Grain gets a new full-grain buffer (borrowed when one write covers
+    /// the whole grain: no copy before it goes to the file).
+    New(Cow<'a, [u8]>),
     /// Grain becomes a zeroed-grain entry.
     Zero,
 }
@@ -1279,39 +1281,52 @@ impl VmdkImage {
                                 plans.insert((xi, grain), GrainPlan::Zero);
                             } else {
                                 let mut plan = match plans.remove(&(xi, grain)) {
-                                    Some(GrainPlan::Zero) => GrainPlan::New(vec![0u8; gb as usize]),
+                                    Some(GrainPlan::Zero) => {
+                                        GrainPlan::New(Cow::Owned(vec![0u8; gb as usize]))
+                                    }
                                     Some(other) => other,
                                     None => match s.lookup(p)? {
                                         Grain::Data(at) => GrainPlan::InPlace {
                                             at,
                                             pieces: Vec::new(),
                                         },
-                                        Grain::Zero => GrainPlan::New(vec![0u8; gb as usize]),
+                                        Grain::Zero => {
+                                            GrainPlan::New(Cow::Owned(vec![0u8; gb as usize]))
+                                        }
                                         // Compressed extents only open read-only.
                                         Grain::Compressed(_) => {
                                             return Err(VmdkError::ReadOnly {
                                                 path: self.path.clone(),
                                             });
                                         }
-                                        Grain::Unallocated => {
-                                            let mut buf = vec![0u8; gb as usize];
-                                            if !whole {
-                                                self.read_beneath(
-                                                    &mut buf,
-                                                    ext.start + grain * gb,
-                                                    ext.start + ext.len,
-                                                )?;
+                                        Grain::Unallocated => match piece {
+                                            Piece::Bytes(b) if whole => {
+                                                GrainPlan::New(Cow::Borrowed(b))
                                             }
-                                            GrainPlan::New(buf)
-                                        }
+                                            _ => {
+                                                let mut buf = vec![0u8; gb as usize];
+                                                if !whole {
+                                                    self.read_beneath(
+                                                        &mut buf,
+                                                        ext.start + grain * gb,
+                                                        ext.start + ext.len,
+                                                    )?;
+                                                }
+                                                GrainPlan::New(Cow::Owned(buf))
+                                            }
+                                        },
                                     },
                                 };
                                 match &mut plan {
                                     GrainPlan::InPlace { at, pieces } => {
                                         pieces.push((*at + g_off, piece))
                                     }
+                                    // This very piece is the whole grain.
+                                    GrainPlan::New(Cow::Borrowed(b)) if matches!(piece, Piece::Bytes(p) if std::ptr::eq(*b, p)) =>
+                                        {}
                                     GrainPlan::New(buf) => {
-                                        let dst = &mut buf[g_off as usize..(g_off + m) as usize];
+                                        let dst =
+                                            &mut buf.to_mut()[g_off as usize..(g_off + m) as usize];
                                         match piece {
                                             Piece::Bytes(b) => dst.copy_from_slice(b),
                                             Piece::Zeros(_) => dst.fill(0),
@@ -1398,7 +1413,18 @@ impl VmdkImage {
                                 "sparse extent is full (2 TiB of sectors)",
                             )
                         })?;
-                        run.extend_from_slice(buf);
+                        if deferred {
+                            // Straight from the batch to the page cache.
+                            s.file
+                                .write_all_at(buf, sector * SECTOR)
+                                .map_err(VmdkError::io(
+                                    "write grain of",
+                                    &s.path,
+                                    sector * SECTOR,
+                                ))?;
+                        } else {
+                            run.extend_from_slice(buf);
+                        }
                         s.next_free += s.header.grain_size;
                         new_entries.push((*g, s32));
                         if run.len() >= MAX_IO {
