@@ -750,16 +750,28 @@ impl DiskStore {
         let f = self.opts.faults.clone();
         let mut new_seg_len = None;
         if let (Some(seg), Some(p)) = (&self.open_seg, self.state.points.last()) {
-            let mut out = Vec::new();
+            // Through one reused buffer of a few MiB: the undo of a whole
+            // checkpoint interval in one fresh allocation costs more in page
+            // faults than the copy itself.
+            let path = self.dir.join(&p.segment);
+            let mut out = std::mem::take(&mut self.wal_buf);
+            let mut pos = p.segment_len;
+            let mut written = Ok(());
             for (seq, c) in &self.journal_undo {
+                out.clear();
                 segment::encode_undo(&mut out, *seq, c);
+                written = f.write_at(seg, &path, &out, pos);
+                if written.is_err() {
+                    break;
+                }
+                pos += out.len() as u64;
             }
-            if !out.is_empty() {
-                let path = self.dir.join(&p.segment);
-                f.write_at(seg, &path, &out, p.segment_len)?;
+            self.wal_buf = out;
+            written?;
+            if pos > p.segment_len {
                 f.sync_data(seg, &path)?;
             }
-            new_seg_len = Some(p.segment_len + out.len() as u64);
+            new_seg_len = Some(pos);
         }
         // A failed sync may have dropped dirty pages: only a replay is sure.
         self.replica.sync(&f).map_err(|e| self.replica_failed(e))?;
