@@ -755,16 +755,20 @@ impl DiskStore {
             // faults than the copy itself.
             let path = self.dir.join(&p.segment);
             let mut out = std::mem::take(&mut self.wal_buf);
+            out.clear();
             let mut pos = p.segment_len;
             let mut written = Ok(());
-            for (seq, c) in &self.journal_undo {
-                out.clear();
+            let last = self.journal_undo.len().saturating_sub(1);
+            for (i, (seq, c)) in self.journal_undo.iter().enumerate() {
                 segment::encode_undo(&mut out, *seq, c);
-                written = f.write_at(seg, &path, &out, pos);
-                if written.is_err() {
-                    break;
+                if out.len() >= 4 << 20 || i == last {
+                    written = f.write_at(seg, &path, &out, pos);
+                    if written.is_err() {
+                        break;
+                    }
+                    pos += out.len() as u64;
+                    out.clear();
                 }
-                pos += out.len() as u64;
             }
             self.wal_buf = out;
             written?;
