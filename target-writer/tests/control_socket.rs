@@ -9,7 +9,7 @@ use std::io::{Read, Write};
 use std::path::Path;
 use std::sync::Arc;
 
-use blockferry_proto::{Consistency, DiskId, DiskSender, Generation, SenderConfig, build_chunk};
+use blockferry_proto::{Consistency, DiskId, build_chunk};
 use blockferry_target::control::{
     ExportRequest, MAX_REQUEST, Reply, decode_reply, request_export, socket_path,
 };
@@ -17,37 +17,14 @@ use blockferry_target::export::ExportFormat;
 use blockferry_target::serve::{ServeConfig, ServeError, start};
 use blockferry_target::store::list_points;
 use blockferry_target::{DiskStore, StoreOptions};
-use blockferry_transport::endpoint::{Tuning, client_config, client_endpoint};
+use blockferry_transport::DiskChannel;
 use blockferry_transport::pki::{self, InitNames};
-use blockferry_transport::tls::load_certs;
-use blockferry_transport::{Connector, DiskChannel, TlsIdentity};
 use common::*;
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use tokio_util::sync::CancellationToken;
 
 const SIZE: u64 = 16 << 20;
 const BIN: &str = env!("CARGO_BIN_EXE_blockferry-target");
-
-fn relay_channel(
-    dir: &Path,
-    addr: std::net::SocketAddr,
-    disk: DiskId,
-    cancel: &CancellationToken,
-) -> DiskChannel {
-    let tuning = Tuning::loopback();
-    let ca = load_certs(&dir.join(pki::CA_CERT)).unwrap();
-    let files = pki::cert_files(dir, "relay");
-    let ccfg = client_config(
-        &ca,
-        TlsIdentity::load(&files.cert, &files.key).unwrap(),
-        &tuning,
-    )
-    .unwrap();
-    let ep = client_endpoint("127.0.0.1:0".parse().unwrap(), ccfg, &tuning).unwrap();
-    let connector = Connector::new(ep, addr, "target");
-    let sender = DiskSender::new(SenderConfig::default(), "relay", disk, SIZE, Generation(1));
-    DiskChannel::spawn(connector, sender, cancel.clone())
-}
 
 fn config(dir: &Path) -> ServeConfig {
     pki::init(&dir.join("pki"), &InitNames::default()).unwrap();
@@ -120,8 +97,10 @@ async fn exports_through_the_control_socket_of_a_running_serve_equal_the_model()
     let disk = DiskId::from_bytes([5; 16]);
     let ch = Arc::new(relay_channel(
         &dir.join("pki"),
+        "relay",
         handle.listen_addr,
         disk,
+        SIZE,
         &cancel,
     ));
     let mut rng = StdRng::seed_from_u64(0x50c);
@@ -259,7 +238,14 @@ async fn a_bad_control_request_gets_an_error_and_serve_keeps_serving() {
     );
 
     let disk = DiskId::from_bytes([6; 16]);
-    let ch = relay_channel(&dir.join("pki"), handle.listen_addr, disk, &cancel);
+    let ch = relay_channel(
+        &dir.join("pki"),
+        "relay",
+        handle.listen_addr,
+        disk,
+        SIZE,
+        &cancel,
+    );
     let mut rng = StdRng::seed_from_u64(0xbad);
     let mut model = vec![0u8; SIZE as usize];
     let at_point = fill(&ch, &mut rng, &mut model).await;

@@ -5,13 +5,10 @@
 mod common;
 
 use blockferry_proto::hashtree::{Comparer, ComparerLimits, HashTree, TreeShape};
-use blockferry_proto::{Consistency, DiskId, DiskSender, Generation, SenderConfig, build_chunk};
+use blockferry_proto::{Consistency, DiskId, Generation, build_chunk};
 use blockferry_target::serve::{ServeConfig, start};
 use blockferry_target::store::list_points;
-use blockferry_transport::endpoint::{Tuning, client_config, client_endpoint};
 use blockferry_transport::pki::{self, InitNames};
-use blockferry_transport::tls::load_certs;
-use blockferry_transport::{Connector, DiskChannel, TlsIdentity};
 use common::*;
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use tokio_util::sync::CancellationToken;
@@ -23,32 +20,6 @@ fn now_ns() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_nanos() as u64
-}
-
-fn relay_channel(
-    dir: &std::path::Path,
-    who: &str,
-    addr: std::net::SocketAddr,
-    disk: DiskId,
-    cancel: &CancellationToken,
-) -> DiskChannel {
-    let tuning = Tuning::loopback();
-    let ca = load_certs(&dir.join(pki::CA_CERT)).unwrap();
-    let files = if who == "relay" {
-        pki::cert_files(dir, "relay")
-    } else {
-        pki::issue_agent(dir, who).unwrap()
-    };
-    let ccfg = client_config(
-        &ca,
-        TlsIdentity::load(&files.cert, &files.key).unwrap(),
-        &tuning,
-    )
-    .unwrap();
-    let ep = client_endpoint("127.0.0.1:0".parse().unwrap(), ccfg, &tuning).unwrap();
-    let connector = Connector::new(ep, addr, "target");
-    let sender = DiskSender::new(SenderConfig::default(), who, disk, SIZE, Generation(1));
-    DiskChannel::spawn(connector, sender, cancel.clone())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -85,7 +56,14 @@ thin_replicas = {thin}
     let cancel = CancellationToken::new();
     let handle = start(cfg, cancel.clone()).await.unwrap();
     let disk = DiskId::from_bytes([7; 16]);
-    let ch = relay_channel(&dir.join("pki"), "relay", handle.listen_addr, disk, &cancel);
+    let ch = relay_channel(
+        &dir.join("pki"),
+        "relay",
+        handle.listen_addr,
+        disk,
+        SIZE,
+        &cancel,
+    );
 
     let mut rng = StdRng::seed_from_u64(21);
     let mut model = vec![0u8; SIZE as usize];
@@ -180,6 +158,7 @@ checkpoint_mib = 4
         "host-a",
         handle.listen_addr,
         disk,
+        SIZE,
         &cancel,
     );
     let data = vec![9u8; 65536];

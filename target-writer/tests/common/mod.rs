@@ -159,3 +159,37 @@ pub fn fast_tempdir() -> tempfile::TempDir {
     }
     tempfile::tempdir().expect("temp dir")
 }
+
+/// A sending channel to a `serve` at `addr` under the identity `who`
+/// ("relay", or an agent name issued on the spot), for a disk of `size` bytes.
+pub fn relay_channel(
+    dir: &Path,
+    who: &str,
+    addr: std::net::SocketAddr,
+    disk: blockferry_proto::DiskId,
+    size: u64,
+    cancel: &tokio_util::sync::CancellationToken,
+) -> blockferry_transport::DiskChannel {
+    use blockferry_proto::{DiskSender, Generation, SenderConfig};
+    use blockferry_transport::endpoint::{Tuning, client_config, client_endpoint};
+    use blockferry_transport::pki;
+    use blockferry_transport::tls::load_certs;
+    use blockferry_transport::{Connector, DiskChannel, TlsIdentity};
+    let tuning = Tuning::loopback();
+    let ca = load_certs(&dir.join(pki::CA_CERT)).unwrap();
+    let files = if who == "relay" {
+        pki::cert_files(dir, "relay")
+    } else {
+        pki::issue_agent(dir, who).unwrap()
+    };
+    let ccfg = client_config(
+        &ca,
+        TlsIdentity::load(&files.cert, &files.key).unwrap(),
+        &tuning,
+    )
+    .unwrap();
+    let ep = client_endpoint("127.0.0.1:0".parse().unwrap(), ccfg, &tuning).unwrap();
+    let connector = Connector::new(ep, addr, "target");
+    let sender = DiskSender::new(SenderConfig::default(), who, disk, size, Generation(1));
+    DiskChannel::spawn(connector, sender, cancel.clone())
+}
