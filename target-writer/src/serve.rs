@@ -528,10 +528,30 @@ fn bind_control(path: &Path) -> Result<UnixListener, ServeError> {
         }
         std::fs::remove_file(path).map_err(err)?;
     }
-    let listener = UnixListener::bind(path).map_err(err)?;
-    // Whoever can connect can write files as this service: its user only.
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
-    Ok(listener)
+    // Whoever can connect can write files as this service: its user only,
+    // from the first moment. The socket is bound inside a private directory,
+    // restricted, and only then moved to its place.
+    use std::os::unix::fs::DirBuilderExt;
+    let dir = path.with_extension(format!("bind-{}", std::process::id()));
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).map_err(err)?;
+    }
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&dir)
+        .map_err(err)?;
+    let private = dir.join("control.sock");
+    let bound = UnixListener::bind(&private)
+        .and_then(|l| {
+            std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o600))?;
+            std::fs::rename(&private, path)?;
+            Ok(l)
+        })
+        .map_err(err);
+    if let Err(e) = std::fs::remove_dir_all(&dir) {
+        warn!(path = %dir.display(), error = %e, "cannot remove the directory the control socket was bound in");
+    }
+    bound
 }
 
 /// Accepts control connections until `cancel`, then waits for the running
