@@ -89,6 +89,15 @@ impl Disk {
         self.points.lock().unwrap().insert(p.id, model);
         p.id
     }
+
+    /// Runs retention keeping only the newest point; returns what it removed.
+    fn retention(&self) -> Vec<u64> {
+        self.store
+            .lock()
+            .unwrap()
+            .apply_retention(&keep_newest(), LATER)
+            .unwrap()
+    }
 }
 
 fn same(model: &[u8], format: ExportFormat, out: &Path, dir: &Path) -> bool {
@@ -149,12 +158,7 @@ fn a_point_exported_while_batches_points_and_retention_run_equals_the_model() {
                 disk.point(time);
                 disk.overwrite(&mut rng, done, 2 << 20);
                 disk.overwrite(&mut rng, (done + (3 << 20)) % SIZE, 512 << 10);
-                let dropped = disk
-                    .store
-                    .lock()
-                    .unwrap()
-                    .apply_retention(&keep_newest(), LATER)
-                    .unwrap();
+                let dropped = disk.retention();
                 assert!(
                     dropped.is_empty(),
                     "retention removed {dropped:?} during an export"
@@ -176,12 +180,7 @@ fn a_point_exported_while_batches_points_and_retention_run_equals_the_model() {
     assert!(disk.points.lock().unwrap().len() >= 6);
 
     // Once no export runs, retention catches up; what it keeps stays exact.
-    let dropped = disk
-        .store
-        .lock()
-        .unwrap()
-        .apply_retention(&keep_newest(), LATER)
-        .unwrap();
+    let dropped = disk.retention();
     assert!(
         dropped.contains(&p),
         "deferred retention did not run: {dropped:?}"
@@ -241,12 +240,7 @@ fn a_stopped_export_removes_its_output_and_unpins_the_points() {
         assert!(left.is_empty(), "{format:?} left {left:?}");
     }
     // Unpinned: retention removes the older point now.
-    let dropped = disk
-        .store
-        .lock()
-        .unwrap()
-        .apply_retention(&keep_newest(), LATER)
-        .unwrap();
+    let dropped = disk.retention();
     assert_eq!(dropped, vec![old]);
 }
 
