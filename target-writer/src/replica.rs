@@ -130,18 +130,6 @@ impl FlatReplica {
         })
     }
 
-    fn check_range(&self, offset: u64, len: usize) -> Result<()> {
-        match offset.checked_add(len as u64) {
-            Some(end) if end <= self.size => Ok(()),
-            _ => Err(TargetError::OutOfRange {
-                disk: self.desc_path.display().to_string(),
-                offset,
-                len: len as u64,
-                size: self.size,
-            }),
-        }
-    }
-
     pub fn flat_path(&self) -> &Path {
         &self.flat_path
     }
@@ -153,12 +141,12 @@ impl Replica for FlatReplica {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        self.check_range(offset, buf.len())?;
+        check_range(&self.desc_path, self.size, offset, buf.len())?;
         read_exact_at(&self.flat, &self.flat_path, buf, offset)
     }
 
     fn write_at(&mut self, faults: &FaultPlan, buf: &[u8], offset: u64) -> Result<()> {
-        self.check_range(offset, buf.len())?;
+        check_range(&self.desc_path, self.size, offset, buf.len())?;
         faults.write_at(&self.flat, &self.flat_path, buf, offset)
     }
 
@@ -220,6 +208,19 @@ impl Replica for FlatReplica {
 
     fn path(&self) -> &Path {
         &self.desc_path
+    }
+}
+
+/// Refuses reads and writes that do not lie within the disk.
+fn check_range(disk: &Path, size: u64, offset: u64, len: usize) -> Result<()> {
+    match offset.checked_add(len as u64) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(TargetError::OutOfRange {
+            disk: disk.display().to_string(),
+            offset,
+            len: len as u64,
+            size,
+        }),
     }
 }
 
@@ -288,12 +289,13 @@ impl SparseReplica {
         let kind = &image.descriptor().create_type;
         if *kind != crate::vmdk::descriptor::CreateType::MonolithicSparse
             || image.parent().is_some()
+            || image.sparse_file().is_none()
         {
             return Err(TargetError::corrupt(
                 &path,
                 None,
                 format!(
-                    "a thin replica must be a monolithicSparse disk without a parent, this is {kind}"
+                    "a thin replica must be one monolithicSparse extent without a parent, this is {kind}"
                 ),
             ));
         }
@@ -319,16 +321,11 @@ impl SparseReplica {
         })
     }
 
-    fn check_range(&self, offset: u64, len: usize) -> Result<()> {
-        match offset.checked_add(len as u64) {
-            Some(end) if end <= self.size => Ok(()),
-            _ => Err(TargetError::OutOfRange {
-                disk: self.path.display().to_string(),
-                offset,
-                len: len as u64,
-                size: self.size,
-            }),
-        }
+    /// The one sparse extent file (`open` and `create` make sure there is one).
+    fn file(&self) -> &File {
+        self.image
+            .sparse_file()
+            .expect("a thin replica is one sparse extent")
     }
 }
 
@@ -338,12 +335,12 @@ impl Replica for SparseReplica {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        self.check_range(offset, buf.len())?;
+        check_range(&self.path, self.size, offset, buf.len())?;
         DiskRead::read_at(&self.image, buf, offset).map_err(vmdk_err)
     }
 
     fn write_at(&mut self, _faults: &FaultPlan, buf: &[u8], offset: u64) -> Result<()> {
-        self.check_range(offset, buf.len())?;
+        check_range(&self.path, self.size, offset, buf.len())?;
         // Zeros allocate nothing where nothing was written (thin stays thin).
         let op = if crate::vmdk::export::is_zero(buf) {
             WriteOp::Zero {
@@ -372,20 +369,19 @@ impl Replica for SparseReplica {
         if !large {
             return;
         }
-        if let Some(f) = self.image.sparse_file()
-            && let Err(e) = sys::start_writeback(f, 0, 0)
-        {
+        if let Err(e) = sys::start_writeback(self.file(), 0, 0) {
             tracing::debug!(path = %self.path.display(), error = %e, "cannot start writeback");
         }
     }
 
     fn sync(&mut self, faults: &FaultPlan) -> Result<()> {
-        // The barrier before the tables, through the fault-injection seam
-        // so tests can fail it; commit's own first sync then finds nothing.
-        if let Some(f) = self.image.sparse_file() {
-            faults.sync_data(f, &self.path)?;
+        // New grains (and the descriptor) first: the barrier before any
+        // table points at them. Both syncs go through the fault seam.
+        faults.sync_data(self.file(), &self.path)?;
+        if self.image.write_deferred_tables().map_err(vmdk_err)? {
+            faults.sync_data(self.file(), &self.path)?;
         }
-        self.image.commit().map_err(vmdk_err)
+        Ok(())
     }
 
     fn grow(&mut self, _faults: &FaultPlan, size: u64) -> Result<()> {

@@ -1121,7 +1121,7 @@ impl VmdkImage {
     }
 
     /// Like [`VmdkImage::apply`] for a disk whose writes a redo journal
-    /// covers until [`VmdkImage::commit`]: new grains are written, but their
+    /// covers until [`VmdkImage::write_deferred_tables`]: new grains are written, but their
     /// table entries change only in memory (reads see them), and nothing is
     /// synced. Zeros written where a parentless disk has no grain allocate
     /// nothing, and zeros over an allocated grain are written in place, so
@@ -1166,23 +1166,23 @@ impl VmdkImage {
         }
     }
 
-    /// Makes every deferred write durable: the new grains are synced first
-    /// (the barrier: no table may point at a grain that is not on disk),
-    /// then the changed tables are written, redundant copy first, and synced.
-    pub(crate) fn commit(&mut self) -> Result<(), VmdkError> {
+    /// Writes the grain tables changed by deferred writes (redundant copy
+    /// first), without syncing; returns whether any was written. The caller
+    /// syncs the file before (the barrier: no table may point at a grain that
+    /// is not on disk) and after.
+    pub(crate) fn write_deferred_tables(&mut self) -> Result<bool, VmdkError> {
+        let mut wrote = false;
         for e in &mut self.extents {
             if let ExtentData::Sparse(s) = &mut e.data
                 && !s.dirty.is_empty()
             {
-                s.file
-                    .sync_data()
-                    .map_err(VmdkError::io("fdatasync", &s.path, 0))?;
                 let dirty: Vec<usize> = s.dirty.iter().copied().collect();
                 s.write_gts(&dirty)?;
                 s.dirty.clear();
+                wrote = true;
             }
         }
-        self.sync()
+        Ok(wrote)
     }
 
     fn apply_inner(&mut self, ops: &[WriteOp<'_>], deferred: bool) -> Result<(), VmdkError> {
