@@ -131,19 +131,6 @@ pub fn encode_into(
     out.extend_from_slice(h.finalize().as_bytes());
 }
 
-/// One record as a new buffer (see [`encode_into`]).
-pub fn encode_parts(
-    epoch: u64,
-    generation: u64,
-    seq: u64,
-    redo: &[Chunk],
-    undo: &[Undo],
-) -> Vec<u8> {
-    let mut out = Vec::new();
-    encode_into(&mut out, epoch, generation, seq, redo, undo);
-    out
-}
-
 impl WalRecord {
     pub fn encode(&self) -> Vec<u8> {
         let redo: Vec<Chunk> = self
@@ -157,7 +144,16 @@ impl WalRecord {
                 payload: c.payload.clone(),
             })
             .collect();
-        encode_parts(self.epoch, self.generation, self.seq, &redo, &self.undo)
+        let mut out = Vec::new();
+        encode_into(
+            &mut out,
+            self.epoch,
+            self.generation,
+            self.seq,
+            &redo,
+            &self.undo,
+        );
+        out
     }
 }
 
