@@ -109,10 +109,14 @@ impl fmt::Display for Generation {
 
 /// Per-disk sequence number of batches and barriers.
 ///
-/// One sequence space per disk, across generations: the first frame is 1, each
-/// next frame is exactly one more, so a receiver detects gaps and duplicates
-/// by comparing with the last sequence it made durable. `Seq(0)` means
-/// "nothing yet".
+/// **The sequence invariant**, stated here once and checked by every receiver
+/// (relay receiver, relay spool, target store) through [`seq_order`]: one
+/// sequence space per disk, across generations. The first frame is 1, each
+/// next frame is exactly one more whatever its generation, and generations
+/// never decrease along the sequence. A new generation therefore does not
+/// restart the count: it continues it. So a receiver detects gaps, duplicates
+/// and stale senders by comparing a frame's `(generation, seq)` with the last
+/// one it made durable. `Seq(0)` means "nothing yet".
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default, Debug)]
 pub struct Seq(pub u64);
 
@@ -133,9 +137,78 @@ impl fmt::Display for Seq {
     }
 }
 
+/// Where a sequenced frame stands against the last `(generation, seq)` a
+/// receiver holds: the one check of the sequence invariant (see [`Seq`]).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum SeqOrder {
+    /// The frame that comes next: apply it.
+    Next,
+    /// Already held (a replay after a lost ack): harmless, acknowledge again.
+    Duplicate,
+    /// Frames are missing before this one.
+    Gap { expected: Seq },
+    /// The frame belongs to a generation older than the one held: its sender
+    /// was superseded (fenced) and must not write here.
+    StaleGeneration { current: Generation },
+    /// A newer generation reuses a sequence number already held: the sender
+    /// restarted its count, which the invariant forbids; applying or ignoring
+    /// it would both lose writes.
+    Reused { held: Seq },
+}
+
+/// Classifies `got` against `held`, the last `(generation, seq)` made durable.
+pub fn seq_order(held: (Generation, Seq), got: (Generation, Seq)) -> SeqOrder {
+    let ((held_gen, held_seq), (generation, seq)) = (held, got);
+    if generation < held_gen {
+        return SeqOrder::StaleGeneration { current: held_gen };
+    }
+    if seq <= held_seq {
+        return if generation == held_gen {
+            SeqOrder::Duplicate
+        } else {
+            SeqOrder::Reused { held: held_seq }
+        };
+    }
+    let expected = held_seq.next();
+    if seq == expected {
+        SeqOrder::Next
+    } else {
+        SeqOrder::Gap { expected }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn seq_order_continues_one_count_across_generations() {
+        let held = (Generation(1), Seq(10));
+        assert_eq!(seq_order(held, (Generation(1), Seq(11))), SeqOrder::Next);
+        assert_eq!(seq_order(held, (Generation(2), Seq(11))), SeqOrder::Next);
+        assert_eq!(
+            seq_order(held, (Generation(1), Seq(10))),
+            SeqOrder::Duplicate
+        );
+        assert_eq!(
+            seq_order(held, (Generation(1), Seq(3))),
+            SeqOrder::Duplicate
+        );
+        assert_eq!(
+            seq_order(held, (Generation(2), Seq(1))),
+            SeqOrder::Reused { held: Seq(10) }
+        );
+        assert_eq!(
+            seq_order(held, (Generation(1), Seq(13))),
+            SeqOrder::Gap { expected: Seq(11) }
+        );
+        assert_eq!(
+            seq_order(held, (Generation(0), Seq(11))),
+            SeqOrder::StaleGeneration {
+                current: Generation(1)
+            }
+        );
+    }
 
     #[test]
     fn disk_id_display_is_uuid_like_and_parses_back() {

@@ -16,7 +16,7 @@ pub use frame::{
     ErrorFrame, ExtentBatch, Frame, FrameType, HashRangeReply, HashRangeRequest, Hello, HelloReply,
     Nack, RangeDigest, RejectReason,
 };
-pub use ids::{DiskId, Generation, Seq};
+pub use ids::{DiskId, Generation, Seq, SeqOrder, seq_order};
 pub use receiver::{DiskReceiver, ReceiveError, ReceiverConfig, check_batch};
 pub use relay::{RelayDisk, RelayEvent, RelayRestore};
 pub use sender::{DiskSender, PushError, ResyncReason, SenderConfig, SenderEvent};
