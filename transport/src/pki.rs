@@ -16,8 +16,6 @@
 //! file, fsynced and renamed, so a crash never leaves half a key behind.
 
 use std::fs;
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use rand::RngCore;
@@ -36,6 +34,8 @@ pub const MAX_NAME_LEN: usize = 253;
 /// Errors of the PKI operations.
 #[derive(Debug, thiserror::Error)]
 pub enum PkiError {
+    #[error(transparent)]
+    Durable(#[from] blockferry_durable::DurableError),
     #[error("cannot {action} {path}: {source}")]
     Io {
         action: &'static str,
@@ -255,11 +255,7 @@ pub fn agent_files(dir: &Path, name: &str) -> CertFiles {
 /// Creates a CA and the relay and target certificates in `dir` (created if
 /// missing). Refuses to overwrite an existing CA.
 pub fn init(dir: &Path, names: &InitNames) -> Result<InitFiles, PkiError> {
-    fs::create_dir_all(dir).map_err(|source| PkiError::Io {
-        action: "create directory",
-        path: dir.to_path_buf(),
-        source,
-    })?;
+    blockferry_durable::create_dir_all(dir)?;
     let ca_cert = dir.join(CA_CERT);
     let ca_key = dir.join(CA_KEY);
     for p in [&ca_cert, &ca_key] {
@@ -286,7 +282,6 @@ pub fn init(dir: &Path, names: &InitNames) -> Result<InitFiles, PkiError> {
     write_file(&ca_cert, ca.cert_pem().as_bytes(), 0o644)?;
     write_pair(&relay_files, &relay)?;
     write_pair(&target_files, &target)?;
-    sync_dir(dir)?;
     Ok(InitFiles {
         ca_cert,
         ca_key,
@@ -307,7 +302,6 @@ pub fn issue_agent_with(dir: &Path, name: &str, validity: Validity) -> Result<Ce
     let issued = ca.issue(name, Role::Client, validity)?;
     let files = agent_files(dir, name);
     write_pair(&files, &issued)?;
-    sync_dir(dir)?;
     Ok(files)
 }
 
@@ -343,48 +337,15 @@ fn read_text(path: &Path) -> Result<String, PkiError> {
     })
 }
 
-/// Temp file, fsync, rename: the file appears whole or not at all.
+/// The file appears whole or not at all, with `mode` from its first byte on.
 fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<(), PkiError> {
-    let io = |action: &'static str, p: &Path| {
-        let p = p.to_path_buf();
-        move |source| PkiError::Io {
-            action,
-            path: p,
-            source,
-        }
-    };
-    let mut tmp_name = path.as_os_str().to_owned();
-    tmp_name.push(".tmp");
-    let tmp = PathBuf::from(tmp_name);
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(io("create", &tmp))?;
-    // The mode given to open() is masked by the umask and ignored for an
-    // existing file; set it explicitly so a key is never group readable.
-    f.set_permissions(fs::Permissions::from_mode(mode))
-        .map_err(io("set permissions of", &tmp))?;
-    f.write_all(data).map_err(io("write", &tmp))?;
-    f.sync_all().map_err(io("fsync", &tmp))?;
-    fs::rename(&tmp, path).map_err(io("rename into", path))?;
-    Ok(())
-}
-
-fn sync_dir(dir: &Path) -> Result<(), PkiError> {
-    fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|source| PkiError::Io {
-            action: "fsync directory",
-            path: dir.to_path_buf(),
-            source,
-        })
+    Ok(blockferry_durable::replace_file(path, data, Some(mode))?)
 }
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
     use super::*;
 
     #[test]
