@@ -89,6 +89,36 @@ impl TlsIdentity {
     }
 }
 
+/// The three files every component's configuration names for its TLS set-up:
+/// the installation's CA, this side's certificate and its private key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl TlsFiles {
+    /// Resolves relative paths against `base` (the configuration file's
+    /// directory), so a configuration means the same from any working directory.
+    pub fn anchored(self, base: &Path) -> Self {
+        let abs = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
+        TlsFiles {
+            ca: abs(self.ca),
+            cert: abs(self.cert),
+            key: abs(self.key),
+        }
+    }
+
+    /// Reads the trust anchors and this side's identity.
+    pub fn load(&self) -> Result<(Vec<CertificateDer<'static>>, TlsIdentity), TlsError> {
+        Ok((
+            load_certs(&self.ca)?,
+            TlsIdentity::load(&self.cert, &self.key)?,
+        ))
+    }
+}
+
 /// Loads every certificate of a PEM file.
 pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let data = std::fs::read(path).map_err(|source| TlsError::Read {
@@ -364,6 +394,30 @@ pub fn rustls_client_config(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tls_files_resolve_relative_paths_against_the_config_directory() {
+        let files = TlsFiles {
+            ca: "pki/ca.crt".into(),
+            cert: "/etc/blockferry/pki/relay.crt".into(),
+            key: "relay.key".into(),
+        }
+        .anchored(Path::new("/etc/blockferry"));
+        assert_eq!(files.ca, Path::new("/etc/blockferry/pki/ca.crt"));
+        assert_eq!(files.cert, Path::new("/etc/blockferry/pki/relay.crt"));
+        assert_eq!(files.key, Path::new("/etc/blockferry/relay.key"));
+    }
+
+    #[test]
+    fn tls_files_that_do_not_exist_name_the_missing_file() {
+        let files = TlsFiles {
+            ca: "/nonexistent/ca.crt".into(),
+            cert: "/nonexistent/c.crt".into(),
+            key: "/nonexistent/c.key".into(),
+        };
+        let e = files.load().unwrap_err();
+        assert!(e.to_string().contains("/nonexistent/ca.crt"), "{e}");
+    }
 
     #[test]
     fn revocation_list_parses_names_and_serials() {
