@@ -687,34 +687,25 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
-/// Applies `ops`, skipping the ones the record refuses; returns how many new
-/// generations were started.
-fn apply(r: &mut GenerationRecord, ops: &[Op]) -> usize {
-    let mut started = 0;
-    for o in ops {
-        let ok = match o {
-            Op::Write(n) => r.set_seq(Seq(r.current().seq.0 + u64::from(*n))).is_ok(),
-            Op::Promote(id) => {
-                r.promote(gid(*id)).is_ok() && {
-                    started += 1;
-                    true
-                }
-            }
-            Op::Detach(id) => {
-                r.detach(gid(*id)).is_ok() && {
-                    started += 1;
-                    true
-                }
-            }
-            Op::Demote => r.demote().is_ok(),
-            Op::Seed => {
-                *r = r.clone().into_seed();
-                true
-            }
-        };
-        let _ = ok;
+/// Applies `o` to `r`; `Err` when the record refuses it.
+fn apply_one(r: &mut GenerationRecord, o: &Op) -> Result<(), GenerationError> {
+    match o {
+        Op::Write(n) => r.set_seq(Seq(r.current().seq.0 + u64::from(*n))),
+        Op::Promote(id) => r.promote(gid(*id)),
+        Op::Detach(id) => r.detach(gid(*id)),
+        Op::Demote => r.demote(),
+        Op::Seed => {
+            *r = r.clone().into_seed();
+            Ok(())
+        }
     }
-    started
+}
+
+/// Applies `ops`, skipping the ones the record refuses.
+fn apply(r: &mut GenerationRecord, ops: &[Op]) {
+    for o in ops {
+        let _refused = apply_one(r, o);
+    }
 }
 
 fn role() -> impl Strategy<Value = Role> {
@@ -773,6 +764,18 @@ proptest! {
         let bytes = r.encode();
         prop_assert_eq!(bytes.len(), r.encoded_len());
         prop_assert_eq!(GenerationRecord::decode(&bytes), Ok(r));
+    }
+
+    #[test]
+    fn a_refused_operation_leaves_the_record_unchanged(r in record(), o in op(), at in any::<u16>()) {
+        let mut after = r.clone();
+        if apply_one(&mut after, &o).is_err() {
+            prop_assert_eq!(&after, &r);
+        }
+        let mut rolled = r.clone();
+        if rolled.promote_at(Seq(u64::from(at)), GenerationId([0xcc; 16])).is_err() {
+            prop_assert_eq!(&rolled, &r);
+        }
     }
 
     #[test]
