@@ -18,8 +18,8 @@ pub use frame::{
     Nack, RangeDigest, RejectReason,
 };
 pub use generation::{
-    Comparison, DecodeGenerationError, GenerationEntry, GenerationError, GenerationId,
-    GenerationRecord, Role, SyncMode,
+    Comparison, CopyRole, DecodeGenerationError, GenerationEntry, GenerationError, GenerationId,
+    GenerationRecord, SyncMode,
 };
 pub use ids::{DiskId, Generation, Seq, SeqOrder, seq_order};
 pub use receiver::{DiskReceiver, ReceiveError, ReceiverConfig, check_batch};

@@ -28,8 +28,8 @@ fn entry(id: u64, number: u64, seq: u64) -> GenerationEntry {
 
 /// A newly protected disk at the source and its replica, both at `seq`.
 fn protected(seq: u64) -> (GenerationRecord, GenerationRecord) {
-    let source = GenerationRecord::new(DISK, Role::Source, entry(1, 1, seq));
-    let replica = GenerationRecord::new(DISK, Role::Replica, entry(1, 1, seq));
+    let source = GenerationRecord::new(DISK, CopyRole::Source, entry(1, 1, seq));
+    let replica = GenerationRecord::new(DISK, CopyRole::Replica, entry(1, 1, seq));
     (source, replica)
 }
 
@@ -193,7 +193,7 @@ fn both_promoted_from_a_shared_older_generation_is_split_brain_at_the_fork() {
 #[test]
 fn records_of_different_disks_are_unrelated() {
     let (a, _) = protected(0);
-    let other = GenerationRecord::new(DiskId([8; 16]), Role::Replica, entry(1, 1, 0));
+    let other = GenerationRecord::new(DiskId([8; 16]), CopyRole::Replica, entry(1, 1, 0));
     assert_eq!(
         a.compare(&other),
         Comparison::Unrelated(Unrelated::DifferentDisk {
@@ -206,8 +206,8 @@ fn records_of_different_disks_are_unrelated() {
 
 #[test]
 fn copies_without_a_common_generation_are_unrelated() {
-    let a = GenerationRecord::new(DISK, Role::Source, entry(1, 1, 0));
-    let b = GenerationRecord::new(DISK, Role::Replica, entry(2, 1, 0));
+    let a = GenerationRecord::new(DISK, CopyRole::Source, entry(1, 1, 0));
+    let b = GenerationRecord::new(DISK, CopyRole::Replica, entry(2, 1, 0));
     assert_eq!(
         a.compare(&b),
         Comparison::Unrelated(Unrelated::NoCommonGeneration)
@@ -276,7 +276,7 @@ fn discarding_the_old_sources_changes_makes_it_a_seed_at_the_chosen_point() {
     let b = at(b, 150);
     let Resolution { source, discarded } = resolve_split_brain(&a, &b, Side::Ours).unwrap();
     assert_eq!(source, Side::Theirs);
-    assert_eq!(discarded.role(), Role::Seed);
+    assert_eq!(discarded.role(), CopyRole::Seed);
     assert_eq!(discarded.current(), entry(1, 1, 100));
     assert_eq!(
         b.compare(&discarded),
@@ -334,7 +334,7 @@ fn resolving_without_a_split_brain_is_refused() {
             current: gid(1)
         }))
     );
-    let other = GenerationRecord::new(DISK, Role::Replica, entry(9, 1, 0));
+    let other = GenerationRecord::new(DISK, CopyRole::Replica, entry(9, 1, 0));
     assert!(matches!(
         resolve_split_brain(&a, &other, Side::Theirs),
         Err(GenerationError::NotSplitBrain(Comparison::Unrelated(_)))
@@ -363,7 +363,7 @@ fn operations_that_would_break_the_record_are_refused() {
     );
     assert_eq!(b.follow(&a, Seq(10)), Ok(()));
     assert_eq!(a.follow(&b, Seq(10)), Err(GenerationError::AlreadySource));
-    let stranger = GenerationRecord::new(DiskId([1; 16]), Role::Source, entry(5, 1, 0));
+    let stranger = GenerationRecord::new(DiskId([1; 16]), CopyRole::Source, entry(5, 1, 0));
     assert!(matches!(
         b.follow(&stranger, Seq(10)),
         Err(GenerationError::WrongDisk { .. })
@@ -374,7 +374,7 @@ fn operations_that_would_break_the_record_are_refused() {
         b.follow(&a, Seq(5)),
         Err(GenerationError::SeqOrder { .. })
     ));
-    let full = GenerationRecord::new(DISK, Role::Replica, entry(1, u64::MAX, 0));
+    let full = GenerationRecord::new(DISK, CopyRole::Replica, entry(1, u64::MAX, 0));
     let mut full = full;
     assert_eq!(
         full.promote(gid(2)),
@@ -410,7 +410,7 @@ fn generation_ids_print_short_and_in_full() {
     assert_eq!(format!("{id:#}"), "g3f2a9c1d000102030405060708090a0b");
     let mut r = GenerationRecord::new(
         DISK,
-        Role::Replica,
+        CopyRole::Replica,
         GenerationEntry {
             id,
             number: Generation(1),
@@ -512,8 +512,8 @@ fn the_whole_dr_cycle_as_records_on_two_copies() {
     let mut b = b;
     b.follow(&a, Seq(300)).unwrap();
     assert_eq!(a.compare(&b), Comparison::InSync { current: gid(4) });
-    assert_eq!(a.role(), Role::Source);
-    assert_eq!(b.role(), Role::Replica);
+    assert_eq!(a.role(), CopyRole::Source);
+    assert_eq!(b.role(), CopyRole::Replica);
 }
 
 #[test]
@@ -708,8 +708,12 @@ fn apply(r: &mut GenerationRecord, ops: &[Op]) {
     }
 }
 
-fn role() -> impl Strategy<Value = Role> {
-    prop_oneof![Just(Role::Source), Just(Role::Replica), Just(Role::Seed)]
+fn role() -> impl Strategy<Value = CopyRole> {
+    prop_oneof![
+        Just(CopyRole::Source),
+        Just(CopyRole::Replica),
+        Just(CopyRole::Seed)
+    ]
 }
 
 fn record() -> impl Strategy<Value = GenerationRecord> {
@@ -816,12 +820,12 @@ proptest! {
         // Each side draws its ids from its own range, as random ids never meet.
         let first = first & !(3 << 62);
         let fork = entry(first, 1, seq);
-        let mut a = GenerationRecord::new(DISK, Role::Replica, fork);
+        let mut a = GenerationRecord::new(DISK, CopyRole::Replica, fork);
         let mut b = a.clone();
         for (r, steps, side) in [(&mut a, &a_steps, 1u64 << 63), (&mut b, &b_steps, 1 << 62)] {
             for &(id, write) in steps {
                 let id = gid(id & !(3 << 62) | side);
-                if r.role() == Role::Source {
+                if r.role() == CopyRole::Source {
                     r.detach(id).unwrap();
                 } else {
                     r.promote(id).unwrap();
@@ -850,7 +854,7 @@ proptest! {
         let discard = if discard_ours { Side::Ours } else { Side::Theirs };
         if let Ok(r) = resolve_split_brain(&a, &b, discard) {
             let survivor = if discard_ours { &b } else { &a };
-            prop_assert_eq!(r.discarded.role(), Role::Seed);
+            prop_assert_eq!(r.discarded.role(), CopyRole::Seed);
             let ahead = matches!(
                 survivor.compare(&r.discarded),
                 Comparison::Ahead { mode: SyncMode::ChecksumCompare, .. }

@@ -2,7 +2,9 @@
 //! history count, disk id, the entries (current first), and a blake3-derived
 //! checksum over all of it. All integers are big-endian.
 
-use super::{GenerationEntry, GenerationError, GenerationId, GenerationRecord, MAX_HISTORY, Role};
+use super::{
+    CopyRole, GenerationEntry, GenerationError, GenerationId, GenerationRecord, MAX_HISTORY,
+};
 use crate::ids::{DiskId, Generation, Seq};
 
 impl GenerationRecord {
@@ -68,7 +70,7 @@ impl GenerationRecord {
             return Err(DecodeGenerationError::ChecksumMismatch);
         }
         let role =
-            Role::from_wire(header[5]).ok_or(DecodeGenerationError::UnknownRole(header[5]))?;
+            CopyRole::from_wire(header[5]).ok_or(DecodeGenerationError::UnknownRole(header[5]))?;
         if header[7] != 0 {
             return Err(DecodeGenerationError::Reserved(header[7]));
         }

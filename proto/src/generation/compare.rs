@@ -3,7 +3,7 @@
 
 use std::fmt;
 
-use super::{GenerationEntry, GenerationError, GenerationId, GenerationRecord, Role};
+use super::{CopyRole, GenerationEntry, GenerationError, GenerationId, GenerationRecord};
 use crate::ids::{DiskId, Seq};
 
 impl GenerationRecord {
@@ -69,19 +69,19 @@ fn same_generation(ours: &GenerationRecord, theirs: &GenerationRecord) -> Compar
     match (ours.role, theirs.role) {
         // Two writable copies of one generation (a copy duplicated with its
         // record): each may hold writes the other lacks, from an unknown point.
-        (Role::Source, Role::Source) => Comparison::SplitBrain {
+        (CopyRole::Source, CopyRole::Source) => Comparison::SplitBrain {
             common: None,
             ours: ours.current.id,
             theirs: theirs.current.id,
         },
-        (Role::Seed, Role::Seed) => Comparison::InSync {
+        (CopyRole::Seed, CopyRole::Seed) => Comparison::InSync {
             current: ours.current.id,
         },
-        (Role::Seed, _) => Comparison::Behind {
+        (CopyRole::Seed, _) => Comparison::Behind {
             common,
             mode: SyncMode::ChecksumCompare,
         },
-        (_, Role::Seed) => Comparison::Ahead {
+        (_, CopyRole::Seed) => Comparison::Ahead {
             common,
             mode: SyncMode::ChecksumCompare,
         },
@@ -99,7 +99,7 @@ fn moved_on(
     left: GenerationEntry,
 ) -> Comparison {
     let b = behind.current;
-    if behind.role == Role::Source || b.seq > left.seq {
+    if behind.role == CopyRole::Source || b.seq > left.seq {
         return Comparison::SplitBrain {
             common: Some(GenerationEntry {
                 seq: b.seq.min(left.seq),
@@ -111,7 +111,7 @@ fn moved_on(
     }
     Comparison::Ahead {
         common: b,
-        mode: if behind.role == Role::Seed {
+        mode: if behind.role == CopyRole::Seed {
             SyncMode::ChecksumCompare
         } else {
             SyncMode::Delta
@@ -263,7 +263,7 @@ pub fn resolve_split_brain(
         Side::Ours => (theirs, Side::Theirs),
         Side::Theirs => (ours, Side::Ours),
     };
-    if survivor.role == Role::Seed {
+    if survivor.role == CopyRole::Seed {
         return Err(GenerationError::SeedSurvivor);
     }
     let common = match ours.compare(theirs) {
@@ -286,7 +286,7 @@ pub fn resolve_split_brain(
             let number = survivor.entry(c.id).map_or(c.number, |e| e.number);
             GenerationRecord::from_parts(
                 survivor.disk,
-                Role::Seed,
+                CopyRole::Seed,
                 GenerationEntry { number, ..c },
                 history,
             )?
@@ -295,7 +295,7 @@ pub fn resolve_split_brain(
             let start = survivor.history.first().map_or(Seq::ZERO, |e| e.seq);
             GenerationRecord::from_parts(
                 survivor.disk,
-                Role::Seed,
+                CopyRole::Seed,
                 GenerationEntry {
                     seq: start,
                     ..survivor.current

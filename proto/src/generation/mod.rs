@@ -3,7 +3,7 @@
 //!
 //! Every copy of a disk — the source device at the agent, each replica at a
 //! target, an original disk taken back as a seed — durably carries a
-//! [`GenerationRecord`]: the disk id, the copy's [`Role`], its current
+//! [`GenerationRecord`]: the disk id, the copy's [`CopyRole`], its current
 //! generation and a bounded history of the generations it went through, newest
 //! first. A generation is a random [`GenerationId`], never a counter, because
 //! two sites can promote their copies independently and must not pick the same
@@ -23,7 +23,7 @@
 //! never resolved automatically), or nothing in common
 //! ([`Comparison::Unrelated`], a full copy only when the user asks). After a
 //! split brain the user names the copy whose changes are discarded
-//! ([`resolve_split_brain`]); that copy becomes a [`Role::Seed`] rolled back to
+//! ([`resolve_split_brain`]); that copy becomes a [`CopyRole::Seed`] rolled back to
 //! the common point, so only the chunks whose hashes differ travel.
 //!
 //! A source is writable: whatever it holds beyond its last sequence number is
@@ -39,17 +39,17 @@
 //!
 //! - **Agent device record.** The agent keeps one record per protected device
 //!   beside its state file (written with `blockferry_durable::replace_file`),
-//!   as a [`Role::Source`], and moves its sequence on with
+//!   as a [`CopyRole::Source`], and moves its sequence on with
 //!   [`GenerationRecord::set_seq`] whenever it persists its state. The wire
 //!   generation of its frames becomes `record.current().number`; where the
 //!   agent bumps its wire generation today (resync, resize), it starts a data
 //!   generation instead ([`GenerationRecord::detach`]), which a replica simply
 //!   follows.
 //! - **Target replica record.** The target keeps one record per replica next to
-//!   its store state, as a [`Role::Replica`], with the durable sequence as
+//!   its store state, as a [`CopyRole::Replica`], with the durable sequence as
 //!   `seq`. It follows the source ([`GenerationRecord::follow`]) when it makes
 //!   the first frame of a newer generation durable. Taking an existing disk
-//!   whose content its record cannot prove makes it a [`Role::Seed`]
+//!   whose content its record cannot prove makes it a [`CopyRole::Seed`]
 //!   ([`GenerationRecord::into_seed`]); a seed is synced by checksum compare.
 //!   A test-failover clone is no copy in this sense: it is thrown away and
 //!   never carries the replica's record.
@@ -153,7 +153,7 @@ impl fmt::Display for GenerationEntry {
 
 /// What a copy is to the disk.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
-pub enum Role {
+pub enum CopyRole {
     /// The writable copy the workload runs on (the agent's device, or a
     /// promoted replica). It may hold writes beyond its record's sequence.
     Source,
@@ -166,31 +166,31 @@ pub enum Role {
     Seed,
 }
 
-impl Role {
+impl CopyRole {
     fn to_wire(self) -> u8 {
         match self {
-            Role::Source => 1,
-            Role::Replica => 2,
-            Role::Seed => 3,
+            CopyRole::Source => 1,
+            CopyRole::Replica => 2,
+            CopyRole::Seed => 3,
         }
     }
 
     fn from_wire(b: u8) -> Option<Self> {
         Some(match b {
-            1 => Role::Source,
-            2 => Role::Replica,
-            3 => Role::Seed,
+            1 => CopyRole::Source,
+            2 => CopyRole::Replica,
+            3 => CopyRole::Seed,
             _ => return None,
         })
     }
 }
 
-impl fmt::Display for Role {
+impl fmt::Display for CopyRole {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
-            Role::Source => "source",
-            Role::Replica => "replica",
-            Role::Seed => "seed",
+            CopyRole::Source => "source",
+            CopyRole::Replica => "replica",
+            CopyRole::Seed => "seed",
         })
     }
 }
@@ -229,7 +229,7 @@ pub enum GenerationError {
     #[error("the copy holds {held} and cannot go back to {got}")]
     SeqBehind { held: Seq, got: Seq },
     #[error("the copy is a {role}, but only a source can be {op}")]
-    NotSource { role: Role, op: &'static str },
+    NotSource { role: CopyRole, op: &'static str },
     #[error("the copy is already the source: a second promotion would fork it from itself")]
     AlreadySource,
     #[error("record of disk {theirs} given for disk {ours}: compare records of the same disk")]
@@ -249,7 +249,7 @@ pub enum GenerationError {
 #[derive(Clone, PartialEq, Eq, Debug)]
 pub struct GenerationRecord {
     disk: DiskId,
-    role: Role,
+    role: CopyRole,
     current: GenerationEntry,
     /// Newest first.
     history: Vec<GenerationEntry>,
@@ -259,7 +259,7 @@ impl GenerationRecord {
     /// A copy with no history: a newly protected disk (number 1, sequence
     /// [`Seq::ZERO`] as a rule), or an existing stream adopted with its
     /// current wire generation and sequence.
-    pub fn new(disk: DiskId, role: Role, current: GenerationEntry) -> Self {
+    pub fn new(disk: DiskId, role: CopyRole, current: GenerationEntry) -> Self {
         GenerationRecord {
             disk,
             role,
@@ -271,7 +271,7 @@ impl GenerationRecord {
     /// Builds a record from its parts, checking the invariants.
     pub fn from_parts(
         disk: DiskId,
-        role: Role,
+        role: CopyRole,
         current: GenerationEntry,
         history: Vec<GenerationEntry>,
     ) -> Result<Self, GenerationError> {
@@ -289,7 +289,7 @@ impl GenerationRecord {
         self.disk
     }
 
-    pub fn role(&self) -> Role {
+    pub fn role(&self) -> CopyRole {
         self.role
     }
 
@@ -325,7 +325,7 @@ impl GenerationRecord {
     /// new generation `id` that continues from it. What it held after `point`
     /// is no longer part of its lineage.
     pub fn promote_at(&mut self, point: Seq, id: GenerationId) -> Result<(), GenerationError> {
-        if self.role == Role::Source {
+        if self.role == CopyRole::Source {
             return Err(GenerationError::AlreadySource);
         }
         if point > self.current.seq {
@@ -345,7 +345,7 @@ impl GenerationRecord {
         }
         next.current.seq = point;
         next.start_generation(id)?;
-        next.role = Role::Source;
+        next.role = CopyRole::Source;
         *self = next;
         Ok(())
     }
@@ -353,7 +353,7 @@ impl GenerationRecord {
     /// Unplanned detach: this source goes on in a new generation `id`, so what
     /// it writes from now on is told apart from what its replica may hold.
     pub fn detach(&mut self, id: GenerationId) -> Result<(), GenerationError> {
-        if self.role != Role::Source {
+        if self.role != CopyRole::Source {
             return Err(GenerationError::NotSource {
                 role: self.role,
                 op: "detached",
@@ -366,13 +366,13 @@ impl GenerationRecord {
     /// workload is stopped: this source holds exactly its current generation
     /// through its sequence, and becomes a replica.
     pub fn demote(&mut self) -> Result<(), GenerationError> {
-        if self.role != Role::Source {
+        if self.role != CopyRole::Source {
             return Err(GenerationError::NotSource {
                 role: self.role,
                 op: "demoted",
             });
         }
-        self.role = Role::Replica;
+        self.role = CopyRole::Replica;
         Ok(())
     }
 
@@ -380,7 +380,7 @@ impl GenerationRecord {
     /// record, so its first sync compares checksums.
     #[must_use]
     pub fn into_seed(mut self) -> Self {
-        self.role = Role::Seed;
+        self.role = CopyRole::Seed;
         self
     }
 
@@ -394,14 +394,14 @@ impl GenerationRecord {
                 theirs: source.disk,
             });
         }
-        if self.role == Role::Source {
+        if self.role == CopyRole::Source {
             // A source never takes another copy's writes: it is demoted or its
             // changes are discarded first.
             return Err(GenerationError::AlreadySource);
         }
         let next = GenerationRecord {
             disk: self.disk,
-            role: Role::Replica,
+            role: CopyRole::Replica,
             current: GenerationEntry {
                 seq: held,
                 ..source.current
