@@ -4,6 +4,7 @@
 pub mod chunk;
 pub mod extent;
 pub mod frame;
+pub mod generation;
 pub mod hashtree;
 pub mod ids;
 pub mod receiver;
@@ -15,6 +16,10 @@ pub use frame::{
     Ack, Barrier, ByteRange, Chunk, Consistency, DecodeError, EncodeError, Encoding, ErrorCode,
     ErrorFrame, ExtentBatch, Frame, FrameType, HashRangeReply, HashRangeRequest, Hello, HelloReply,
     Nack, RangeDigest, RejectReason,
+};
+pub use generation::{
+    Comparison, CopyRole, DecodeGenerationError, GenerationEntry, GenerationError, GenerationId,
+    GenerationRecord, SyncMode,
 };
 pub use ids::{DiskId, Generation, Seq, SeqOrder, seq_order};
 pub use receiver::{DiskReceiver, ReceiveError, ReceiverConfig, check_batch};
