@@ -5,6 +5,10 @@
 //! 2. `tracker.bpf.o` with clang, embedded by `src/tracker/sys.rs`;
 //! 3. `tracker_abi.rs`: the `#define BF_*` constants of `ebpf/tracker.h` as Rust
 //!    constants, so the event layout and map names are written down once.
+//!
+//! Steps 1 and 2 need clang and bpftool and run only with the `bpf` feature (on
+//! by default); step 3 reads a header and always runs, so the pure logic builds
+//! and tests without the kernel toolchain.
 
 use std::env;
 use std::fs;
@@ -44,6 +48,9 @@ fn build() -> Result<(), String> {
     println!("cargo::rerun-if-env-changed=BLOCKFERRY_BTF");
 
     write_abi(&header, &out.join("tracker_abi.rs"))?;
+    if env::var_os("CARGO_FEATURE_BPF").is_none() {
+        return Ok(());
+    }
 
     let btf = env::var_os("BLOCKFERRY_BTF")
         .map(PathBuf::from)

@@ -2,12 +2,14 @@
 //! initial sync got, and whether the last stop was clean. A clean restart needs no
 //! resync; an unclean one resyncs by checksum, never by full copy.
 //!
-//! Written crash-safely (temp file, fsync, rename, directory fsync), so a crash at any
-//! moment leaves either the old or the new state.
+//! Written crash-safely with [`blockferry_durable::replace_file`], so a crash at any
+//! moment leaves either the old or the new state; a new state directory has its
+//! parent fsynced, so it survives a crash too.
 
 use std::collections::BTreeMap;
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
+
+use blockferry_durable::DurableError;
 
 use blockferry_proto::ids::DiskId;
 use serde::{Deserialize, Serialize};
@@ -22,6 +24,8 @@ pub enum StateError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("agent state not saved; check that the state directory is writable and has space")]
+    Save(#[from] DurableError),
     #[error(
         "agent state {path} is damaged ({message}); move it away to start over with a checksum resync of every disk"
     )]
@@ -113,28 +117,10 @@ impl StateStore {
             path: self.path(),
             message: e.to_string(),
         })?;
-        write_atomic(&self.dir, FILE, &bytes)
+        blockferry_durable::create_dir_all(&self.dir)?;
+        blockferry_durable::replace_file(&self.path(), &bytes, None)?;
+        Ok(())
     }
-}
-
-/// Writes `name` in `dir` so that a crash leaves the old or the new content: temp
-/// file, fsync, rename, fsync of the directory.
-pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), StateError> {
-    let io = |op, path: &Path| {
-        let path = path.to_owned();
-        move |source| StateError::Io { op, path, source }
-    };
-    std::fs::create_dir_all(dir).map_err(io("create", dir))?;
-    let tmp = dir.join(format!(".{name}.tmp"));
-    let dst = dir.join(name);
-    let mut f = std::fs::File::create(&tmp).map_err(io("create", &tmp))?;
-    f.write_all(bytes).map_err(io("write", &tmp))?;
-    f.sync_all().map_err(io("fsync", &tmp))?;
-    drop(f);
-    std::fs::rename(&tmp, &dst).map_err(io("rename", &dst))?;
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io("fsync", dir))
 }
 
 #[cfg(test)]
@@ -167,6 +153,14 @@ mod tests {
         );
         store.save(&s).unwrap();
         assert_eq!(store.load().unwrap(), s);
+    }
+
+    #[test]
+    fn save_creates_the_missing_state_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::new(dir.path().join("a/b"));
+        store.save(&AgentState::default()).unwrap();
+        assert_eq!(store.load().unwrap(), AgentState::default());
     }
 
     #[test]

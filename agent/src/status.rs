@@ -72,10 +72,14 @@ pub fn path(state_dir: &Path) -> PathBuf {
     state_dir.join(FILE)
 }
 
-/// Replaces the snapshot. Not fsynced: it describes the moment, it is not state.
+/// Replaces the snapshot through a temp file and a rename, so a reader never
+/// sees half of it. Deliberately not [`blockferry_durable::replace_file`]: the
+/// snapshot describes the moment and is not state, and the service rewrites it
+/// several times a second from its main loop, where an fsync on a busy disk
+/// would stall replication.
 pub fn write(state_dir: &Path, status: &Status) -> Result<(), StatusError> {
     let dst = path(state_dir);
-    let tmp = state_dir.join(format!(".{FILE}.tmp"));
+    let tmp = blockferry_durable::temp_path(&dst);
     let err = |source| StatusError::Write {
         path: dst.clone(),
         source,

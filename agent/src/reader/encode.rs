@@ -1,6 +1,7 @@
 //! Turning the plain bytes of one chunk into what goes on the wire: blake3 of
 //! the plain data, then a zero marker, zstd, or the raw bytes.
 
+use blockferry_durable::is_zero;
 use bytes::Bytes;
 
 use super::{Chunk, Encoding};
@@ -107,25 +108,9 @@ impl Encoder {
     }
 }
 
-/// True when every byte is zero; checks a block at a time so that the inner
-/// loop vectorises and a non-zero chunk is rejected early.
-pub(crate) fn is_zero(data: &[u8]) -> bool {
-    data.chunks(4096)
-        .all(|block| block.iter().fold(0u8, |acc, &b| acc | b) == 0)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn zero_detection_sees_a_single_set_byte() {
-        let mut v = vec![0u8; 65536];
-        assert!(is_zero(&v));
-        v[65535] = 1;
-        assert!(!is_zero(&v));
-        assert!(is_zero(&[]));
-    }
 
     #[test]
     fn incompressible_chunk_is_stored_raw_and_compressible_as_zstd() {

@@ -19,7 +19,11 @@ use super::ring::Ring;
 use super::{DeviceInfo, DiskFilter, EventSource, KernelDev, TrackerError};
 
 /// The compiled programs, built by `agent/build.rs` against this kernel's BTF.
+#[cfg(feature = "bpf")]
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracker.bpf.o"));
+/// Built without the `bpf` feature: there is nothing to load.
+#[cfg(not(feature = "bpf"))]
+static OBJECT: &[u8] = &[];
 
 const FILTER_WORDS: usize = 2 * abi::MAX_RANGES as usize;
 type Filter = [u64; FILTER_WORDS];
@@ -139,6 +143,13 @@ impl BpfSource {
     }
 
     fn load_inner(bytes: u32, pin: Option<(&Path, u64)>) -> Result<BpfSource, TrackerError> {
+        if OBJECT.is_empty() {
+            return Err(TrackerError::Unsupported(
+                "this agent was built without the `bpf` feature, so it holds no kernel programs; \
+                 rebuild it with default features (needs clang, bpftool and libbpf-dev)"
+                    .into(),
+            ));
+        }
         check_prerequisites()?;
         let btf = Btf::from_sys_fs().map_err(|e| TrackerError::Kernel {
             what: "reading /sys/kernel/btf/vmlinux".into(),
