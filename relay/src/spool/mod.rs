@@ -33,7 +33,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use blockferry_durable::DurableError;
-use blockferry_proto::{DiskId, Generation, Seq, SeqOrder, seq_order};
+use blockferry_proto::{DiskId, Generation, RelayRestore, Seq, SeqOrder, seq_order};
 use bytes::Bytes;
 
 use positions::{POSITIONS, read_positions};
@@ -467,6 +467,23 @@ impl Spool {
             .and_then(|q| q.back())
             .map(RecordRef::position);
         spooled.max(self.acked.get(&disk).copied())
+    }
+
+    /// What the relay (re)starts `disk` from: its acked position and the
+    /// frames still spooled, as [`RelayRestore::from_spool`] reads them.
+    /// `generation` is the one of a disk the spool knows nothing about.
+    pub fn restore(&self, disk: DiskId, generation: Generation) -> RelayRestore {
+        let spooled = self
+            .records
+            .get(&disk)
+            .and_then(|q| Some((q.front()?.position(), q.back()?.position())));
+        RelayRestore::from_spool(
+            disk,
+            self.disk_size(disk).unwrap_or(0),
+            self.acked_position(disk),
+            spooled,
+            generation,
+        )
     }
 
     /// Records the size of `disk` (persisted at once when new or changed).
