@@ -185,13 +185,18 @@ impl RelayDisk {
         sender: SenderConfig,
         r: RelayRestore,
     ) -> Self {
-        let upstream = DiskReceiver::new(receiver, r.disk, r.generation, r.spooled_through);
+        let mut upstream = DiskReceiver::new(receiver, r.disk, r.generation, r.spooled_through);
         let downstream =
             DiskSender::forwarding(sender, identity, r.disk, r.disk_size, r.generation);
+        let cursor = SpoolCursor::restore(&r);
+        // The relay is not the replica: until the target says more, acks
+        // report only what the spool knows the target has, never what the
+        // relay itself holds.
+        upstream.handle_replica_durable(cursor.released());
         RelayDisk {
             upstream,
             downstream,
-            cursor: SpoolCursor::restore(&r),
+            cursor,
             events: VecDeque::new(),
         }
     }
