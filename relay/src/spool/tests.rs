@@ -213,3 +213,28 @@ fn append_continues_one_count_across_generations_and_refuses_anything_else() {
         .collect();
     assert_eq!(seqs, vec![1, 2, 3]);
 }
+
+#[test]
+fn restore_after_reopen_forwards_from_the_first_unacked_frame() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Spool::open(dir.path(), small()).unwrap();
+    s.register_disk(disk(1), 1 << 30).unwrap();
+    for seq in 1..=10 {
+        s.append(&[entry(1, seq, 100)]).unwrap();
+    }
+    s.release(disk(1), Seq(4)).unwrap();
+    s.write_positions().unwrap();
+    drop(s);
+    let s = Spool::open(dir.path(), small()).unwrap();
+    let r = s.restore(disk(1), Generation(7));
+    assert_eq!(r.disk_size, 1 << 30);
+    assert_eq!((r.generation, r.spooled_through), (Generation(1), Seq(10)));
+    assert_eq!(r.spool_first, Some(Seq(5)));
+    // A disk the spool never saw starts at the generation its agent names.
+    let r = s.restore(disk(2), Generation(7));
+    assert_eq!(
+        (r.generation, r.spooled_through),
+        (Generation(7), Seq::ZERO)
+    );
+    assert_eq!(r.spool_first, None);
+}
