@@ -12,12 +12,14 @@
 //!
 //! **One composition, tested where it ships.** `proto/tests/sim.rs` drives
 //! [`RelayDisk`] through loss, reordering, crashes, spool restores and a full
-//! spool. The relay binary runs the same three pieces per disk: the
-//! receiver inside the shared receiving loop (`blockferry_transport::sink`,
-//! also the target's), the forwarding sender inside a `DiskChannel`, and this
-//! module's [`SpoolCursor`] and [`RelayRestore::from_spool`] in its forward and
-//! release tasks, so every relay decision the simulation checks is made by
-//! the code the binary runs.
+//! spool. The relay binary runs the same three pieces per disk: the receiver
+//! inside the shared receiving loop (`blockferry_transport::sink`, also the
+//! target's), the forwarding sender inside a `DiskChannel`, and this module's
+//! [`SpoolCursor`] and [`RelayRestore::from_spool`] in its forward and release
+//! tasks. What only the binary has is transport glue: the sender's window
+//! is felt as a waiting push instead of [`RelayDisk::poll_forward`]'s room
+//! check, and the target's acks reach the cursor from the channel's progress
+//! rather than through [`RelayDisk::handle_downstream`].
 
 use std::collections::VecDeque;
 use std::time::Instant;
