@@ -23,5 +23,5 @@ pub use generation::{
 };
 pub use ids::{DiskId, Generation, Seq, SeqOrder, seq_order};
 pub use receiver::{DiskReceiver, ReceiveError, ReceiverConfig, check_batch};
-pub use relay::{RelayDisk, RelayEvent, RelayRestore};
+pub use relay::{RelayDisk, RelayEvent, RelayRestore, SpoolCursor};
 pub use sender::{DiskSender, PushError, ResyncReason, SenderConfig, SenderEvent};

@@ -20,7 +20,7 @@ use std::collections::VecDeque;
 
 use crate::chunk::{ChunkError, verify_chunk};
 use crate::frame::{Ack, ErrorCode, Frame, FrameType, HelloReply, Nack, RejectReason};
-use crate::ids::{DiskId, Generation, Seq};
+use crate::ids::{DiskId, Generation, Seq, SeqOrder, seq_order};
 use crate::sender::sequenced;
 
 /// Options of a [`DiskReceiver`].
@@ -62,6 +62,15 @@ pub enum ReceiveError {
         got: Generation,
         current: Generation,
     },
+    #[error(
+        "disk {disk}: frame {seq} of generation {got} reuses a sequence number already held (through {held}); a new generation continues the count: restart the sender from the receiver's durable sequence"
+    )]
+    ReusedSeq {
+        disk: DiskId,
+        seq: Seq,
+        got: Generation,
+        held: Seq,
+    },
     #[error("disk {disk}: frame {seq} refused: {source}")]
     Integrity {
         disk: DiskId,
@@ -78,7 +87,8 @@ impl ReceiveError {
         match self {
             ReceiveError::WrongDisk { .. }
             | ReceiveError::UnexpectedFrame(_)
-            | ReceiveError::NotGreeted => ErrorCode::Protocol,
+            | ReceiveError::NotGreeted
+            | ReceiveError::ReusedSeq { .. } => ErrorCode::Protocol,
             ReceiveError::Gap { .. } => ErrorCode::SequenceGap,
             ReceiveError::StaleGeneration { .. } => ErrorCode::StaleGeneration,
             ReceiveError::Integrity { .. } => ErrorCode::Integrity,
@@ -92,6 +102,7 @@ impl ReceiveError {
             ReceiveError::WrongDisk { .. }
                 | ReceiveError::UnexpectedFrame(_)
                 | ReceiveError::NotGreeted
+                | ReceiveError::ReusedSeq { .. }
         )
     }
 }
@@ -262,37 +273,42 @@ impl DiskReceiver {
         if !self.greeted {
             return Err(ReceiveError::NotGreeted);
         }
-        if generation < self.received_generation {
-            self.nack(
-                generation,
-                seq,
-                RejectReason::StaleGeneration {
-                    current: self.received_generation,
-                },
-            );
-            return Err(ReceiveError::StaleGeneration {
-                disk: self.disk,
-                seq,
-                got: generation,
-                current: self.received_generation,
-            });
-        }
-        if seq <= self.durable {
-            // The sender missed our ack: repeat it so it can forget the frame.
-            self.ack_pending = true;
-            return Ok(None);
-        }
-        if seq <= self.received {
-            return Ok(None);
-        }
-        let expected = self.received.next();
-        if seq != expected {
-            self.nack(generation, seq, RejectReason::Gap { expected });
-            return Err(ReceiveError::Gap {
-                disk: self.disk,
-                expected,
-                got: seq,
-            });
+        // The sequence invariant, checked as every receiver checks it.
+        match seq_order((self.received_generation, self.received), (generation, seq)) {
+            SeqOrder::Next => {}
+            SeqOrder::Duplicate => {
+                if seq <= self.durable {
+                    // The sender missed our ack: repeat it so it can forget the frame.
+                    self.ack_pending = true;
+                }
+                return Ok(None);
+            }
+            SeqOrder::StaleGeneration { current } => {
+                self.nack(generation, seq, RejectReason::StaleGeneration { current });
+                return Err(ReceiveError::StaleGeneration {
+                    disk: self.disk,
+                    seq,
+                    got: generation,
+                    current,
+                });
+            }
+            SeqOrder::Gap { expected } => {
+                self.nack(generation, seq, RejectReason::Gap { expected });
+                return Err(ReceiveError::Gap {
+                    disk: self.disk,
+                    expected,
+                    got: seq,
+                });
+            }
+            SeqOrder::Reused { held } => {
+                // Taking it as a duplicate would ack data never stored.
+                return Err(ReceiveError::ReusedSeq {
+                    disk: self.disk,
+                    seq,
+                    got: generation,
+                    held,
+                });
+            }
         }
         if self.cfg.verify_chunks
             && let Err(e) = check_batch(&frame, self.disk_size)
@@ -563,6 +579,29 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn a_newer_generation_that_restarts_the_count_is_refused_not_acked() {
+        let mut r = greeted();
+        r.handle_frame(barrier(1)).unwrap();
+        r.handle_frame(barrier(2)).unwrap();
+        r.handle_durable(Seq(2));
+        while r.poll_transmit().is_some() {}
+        let mut restarted = barrier(1);
+        if let Frame::Barrier(b) = &mut restarted {
+            b.generation = Generation(2);
+        }
+        let err = r.handle_frame(restarted).unwrap_err();
+        assert!(matches!(err, ReceiveError::ReusedSeq { held: Seq(2), .. }));
+        assert!(err.is_fatal());
+        assert_eq!(r.poll_transmit(), None, "nothing acked for it");
+        // Continuing the count is the way to start a generation.
+        let mut next = barrier(3);
+        if let Frame::Barrier(b) = &mut next {
+            b.generation = Generation(2);
+        }
+        assert_eq!(r.handle_frame(next.clone()), Ok(Some(next)));
     }
 
     #[test]

@@ -4,9 +4,22 @@
 //! [`RelayDisk`] joins a [`DiskReceiver`] (upstream, acks the agent once a
 //! frame is fsynced in the spool) and a forwarding [`DiskSender`]
 //! (downstream, keeps the agent's sequence numbers so one sequence space runs
-//! end to end). The spool itself is the shell's: this type only says which
-//! frame to write, which to read back for forwarding, and what may be deleted.
-//! Only a window of frames is held in memory; the rest stays in the spool.
+//! end to end) through a [`SpoolCursor`], the relay's own decisions: which
+//! spooled frame goes to the target next, and what the target's acks let the
+//! spool delete. The spool itself is the shell's. Only a window of frames is
+//! held in memory; the rest stays in the spool. A relay restarts from
+//! [`RelayRestore::from_spool`], what its spool holds durably.
+//!
+//! **One composition, tested where it ships.** `proto/tests/sim.rs` drives
+//! [`RelayDisk`] through loss, reordering, crashes, spool restores and a full
+//! spool. The relay binary runs the same three pieces per disk: the receiver
+//! inside the shared receiving loop (`blockferry_transport::sink`, also the
+//! target's), the forwarding sender inside a `DiskChannel`, and this module's
+//! [`SpoolCursor`] and [`RelayRestore::from_spool`] in its forward and release
+//! tasks. What only the binary has is transport glue: the sender's window
+//! is felt as a waiting push instead of [`RelayDisk::poll_forward`]'s room
+//! check, and the target's acks reach the cursor from the channel's progress
+//! rather than through [`RelayDisk::handle_downstream`].
 
 use std::collections::VecDeque;
 use std::time::Instant;
@@ -32,7 +45,8 @@ pub enum RelayEvent {
     DownstreamError { code: ErrorCode, message: String },
 }
 
-/// Durable state of one disk at the relay, as the shell stored it.
+/// Durable state of one disk at the relay, as the shell stored it. Build it
+/// with [`RelayRestore::from_spool`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RelayRestore {
     pub disk: DiskId,
@@ -45,15 +59,123 @@ pub struct RelayRestore {
     pub spool_first: Option<Seq>,
 }
 
+impl RelayRestore {
+    /// The state a relay restarts from, given what its spool holds durably:
+    /// `acked`, the last position the target acknowledged (persisted before
+    /// any spooled frame is deleted), and `spooled`, the first and last frames
+    /// still in the spool after it (`None` when none is). `generation` is the
+    /// one of a disk the spool knows nothing about (its agent's Hello).
+    ///
+    /// Positions are `(generation, seq)`; one sequence space runs across
+    /// generations (see [`Seq`]), so the newest of them is what was spooled.
+    pub fn from_spool(
+        disk: DiskId,
+        disk_size: u64,
+        acked: Option<(Generation, Seq)>,
+        spooled: Option<((Generation, Seq), (Generation, Seq))>,
+        generation: Generation,
+    ) -> Self {
+        let last = spooled.map(|(_, last)| last).max(acked);
+        let (generation, spooled_through) = last.unwrap_or((generation, Seq::ZERO));
+        RelayRestore {
+            disk,
+            disk_size,
+            generation,
+            spooled_through,
+            spool_first: spooled.map(|((_, first), _)| first),
+        }
+    }
+}
+
+/// The relay's own per-disk decisions, between the receiver that fills the
+/// spool and the sender that empties it: the next spooled frame to forward,
+/// and how far the spool may be released. The relay binary's forward and
+/// release tasks run it, [`RelayDisk`] runs it in the simulation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpoolCursor {
+    /// Last sequence pushed downstream (read back from the spool), or known
+    /// to be at the target already.
+    forwarded: Seq,
+    /// Last sequence the target acked durable.
+    acked: Seq,
+    /// Last sequence released from the spool.
+    released: Seq,
+}
+
+impl SpoolCursor {
+    /// After a (re)start: everything before the first spooled frame reached
+    /// the target, so forwarding starts there.
+    pub fn restore(r: &RelayRestore) -> Self {
+        let forwarded = match r.spool_first {
+            Some(first) => Seq(first.0.saturating_sub(1)),
+            None => r.spooled_through,
+        };
+        SpoolCursor {
+            forwarded,
+            acked: forwarded,
+            released: forwarded,
+        }
+    }
+
+    /// Last sequence pushed downstream or known to be at the target.
+    pub fn forwarded(&self) -> Seq {
+        self.forwarded
+    }
+
+    /// Last sequence released from the spool.
+    pub fn released(&self) -> Seq {
+        self.released
+    }
+
+    /// The spooled frame to read back and forward next, if the spool holds
+    /// it (`spooled_through`: last sequence fsynced in the spool).
+    pub fn poll_forward(&self, spooled_through: Seq) -> Option<Seq> {
+        let next = self.forwarded.next();
+        (next <= spooled_through).then_some(next)
+    }
+
+    /// Checks that `frame`, read back from the spool, is the one to forward
+    /// next; returns its sequence. A frame the target already has (its acks
+    /// moved the cursor on meanwhile) is out of sequence: read again.
+    pub fn check_forward(&self, frame: &Frame) -> Result<Seq, PushError> {
+        let expected = self.forwarded.next();
+        match sequenced(frame) {
+            Some((_, _, seq)) if seq == expected => Ok(seq),
+            Some((_, _, got)) => Err(PushError::OutOfSequence { expected, got }),
+            None => Err(PushError::NotSequenced),
+        }
+    }
+
+    /// `seq` was pushed downstream.
+    pub fn handle_forwarded(&mut self, seq: Seq) {
+        self.forwarded = self.forwarded.max(seq);
+    }
+
+    /// The target has everything through `durable`. It may be ahead of what
+    /// was pushed since a restart: forwarding skips what it already has.
+    pub fn handle_target_durable(&mut self, durable: Seq) {
+        self.forwarded = self.forwarded.max(durable);
+        self.acked = self.acked.max(durable);
+    }
+
+    /// How far the spool may now be released, if further than before. Call
+    /// [`Self::handle_released`] once the spool did it.
+    pub fn poll_release(&self) -> Option<Seq> {
+        (self.acked > self.released).then_some(self.acked)
+    }
+
+    /// The spool released everything through `through`.
+    pub fn handle_released(&mut self, through: Seq) {
+        self.released = self.released.max(through);
+    }
+}
+
 /// One disk's relay state. See the module docs.
 #[derive(Debug)]
 pub struct RelayDisk {
     upstream: DiskReceiver,
     downstream: DiskSender,
-    /// Last sequence pushed downstream (read back from the spool).
-    forwarded: Seq,
-    /// Last sequence released to the shell.
-    released: Seq,
+    cursor: SpoolCursor,
     events: VecDeque<RelayEvent>,
 }
 
@@ -65,18 +187,18 @@ impl RelayDisk {
         sender: SenderConfig,
         r: RelayRestore,
     ) -> Self {
-        let upstream = DiskReceiver::new(receiver, r.disk, r.generation, r.spooled_through);
+        let mut upstream = DiskReceiver::new(receiver, r.disk, r.generation, r.spooled_through);
         let downstream =
             DiskSender::forwarding(sender, identity, r.disk, r.disk_size, r.generation);
-        let forwarded = match r.spool_first {
-            Some(first) => Seq(first.0.saturating_sub(1)),
-            None => r.spooled_through,
-        };
+        let cursor = SpoolCursor::restore(&r);
+        // The relay is not the replica: until the target says more, acks
+        // report only what the spool knows the target has, never what the
+        // relay itself holds.
+        upstream.handle_replica_durable(cursor.released());
         RelayDisk {
             upstream,
             downstream,
-            forwarded,
-            released: forwarded,
+            cursor,
             events: VecDeque::new(),
         }
     }
@@ -102,12 +224,14 @@ impl RelayDisk {
 
     /// Last sequence the target acked durable.
     pub fn released_through(&self) -> Seq {
-        self.released
+        self.cursor.released()
     }
 
     /// Frames spooled and not yet acked by the target (spool backlog).
     pub fn backlog(&self) -> u64 {
-        self.spooled_through().0.saturating_sub(self.released.0)
+        self.spooled_through()
+            .0
+            .saturating_sub(self.cursor.released().0)
     }
 
     // ---- upstream: the agent ----
@@ -154,30 +278,18 @@ impl RelayDisk {
     /// The spooled frame the shell should read back and pass to
     /// [`Self::handle_forward`], when the downstream window has room.
     pub fn poll_forward(&self) -> Option<Seq> {
-        let next = self.forwarded.next();
-        (next <= self.spooled_through() && self.downstream.has_room(0)).then_some(next)
+        self.cursor
+            .poll_forward(self.spooled_through())
+            .filter(|_| self.downstream.has_room(0))
     }
 
     /// The frame asked for by [`Self::poll_forward`], read from the spool.
     pub fn handle_forward(&mut self, frame: Frame) -> Result<Seq, Rejected<Frame>> {
-        let expected = self.forwarded.next();
-        match sequenced(&frame) {
-            Some((_, _, seq)) if seq == expected => {}
-            Some((_, _, got)) => {
-                return Err(Rejected {
-                    error: PushError::OutOfSequence { expected, got },
-                    item: frame,
-                });
-            }
-            None => {
-                return Err(Rejected {
-                    error: PushError::NotSequenced,
-                    item: frame,
-                });
-            }
+        if let Err(error) = self.cursor.check_forward(&frame) {
+            return Err(Rejected { error, item: frame });
         }
         let seq = self.downstream.push_numbered(frame)?;
-        self.forwarded = seq;
+        self.cursor.handle_forwarded(seq);
         Ok(seq)
     }
 
@@ -187,13 +299,13 @@ impl RelayDisk {
         while let Some(ev) = self.downstream.poll_event() {
             match ev {
                 SenderEvent::Resumed { durable } | SenderEvent::Acked { durable } => {
-                    // The target may be ahead of what we pushed since a
-                    // restart: skip what it already has.
-                    self.forwarded = self.forwarded.max(durable);
-                    if durable > self.released {
-                        self.released = durable;
-                        self.events
-                            .push_back(RelayEvent::Release { through: durable });
+                    self.cursor.handle_target_durable(durable);
+                    // The agent's acks say how far the replica got, as the
+                    // binary's receiving loop reports it.
+                    self.upstream.handle_replica_durable(durable);
+                    if let Some(through) = self.cursor.poll_release() {
+                        self.cursor.handle_released(through);
+                        self.events.push_back(RelayEvent::Release { through });
                     }
                 }
                 SenderEvent::ResyncNeeded(r) => {
@@ -226,5 +338,59 @@ impl RelayDisk {
     /// Next event for the shell.
     pub fn poll_event(&mut self) -> Option<RelayEvent> {
         self.events.pop_front()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DISK: DiskId = DiskId([7; 16]);
+
+    #[test]
+    fn restore_from_an_empty_spool_continues_after_the_acked_position() {
+        let r = RelayRestore::from_spool(
+            DISK,
+            1 << 20,
+            Some((Generation(2), Seq(40))),
+            None,
+            Generation(9),
+        );
+        assert_eq!((r.generation, r.spooled_through), (Generation(2), Seq(40)));
+        let c = SpoolCursor::restore(&r);
+        assert_eq!((c.forwarded(), c.released()), (Seq(40), Seq(40)));
+        assert_eq!(c.poll_forward(r.spooled_through), None);
+    }
+
+    #[test]
+    fn restore_forwards_from_the_first_spooled_frame_even_if_already_released() {
+        // Released frames whose segment was not deleted come back: forward
+        // them again, the target acks them as duplicates.
+        let r = RelayRestore::from_spool(
+            DISK,
+            1 << 20,
+            Some((Generation(1), Seq(3))),
+            Some(((Generation(1), Seq(2)), (Generation(2), Seq(9)))),
+            Generation(0),
+        );
+        assert_eq!((r.generation, r.spooled_through), (Generation(2), Seq(9)));
+        let mut c = SpoolCursor::restore(&r);
+        assert_eq!(c.poll_forward(r.spooled_through), Some(Seq(2)));
+        // The target resumes at 6: skip to 7, release through 6 once.
+        c.handle_target_durable(Seq(6));
+        assert_eq!(c.poll_forward(r.spooled_through), Some(Seq(7)));
+        assert_eq!(c.poll_release(), Some(Seq(6)));
+        c.handle_released(Seq(6));
+        assert_eq!(c.poll_release(), None);
+    }
+
+    #[test]
+    fn a_disk_the_spool_never_saw_starts_at_its_hello_generation() {
+        let r = RelayRestore::from_spool(DISK, 0, None, None, Generation(4));
+        assert_eq!(
+            (r.generation, r.spooled_through),
+            (Generation(4), Seq::ZERO)
+        );
+        assert_eq!(SpoolCursor::restore(&r).poll_forward(Seq(1)), Some(Seq(1)));
     }
 }

@@ -6,6 +6,10 @@
 //!
 //! Every frame crosses the links encoded and decoded, so the codec is part of
 //! what is simulated. Seeds are fixed; `SIM_SEEDS=n` runs more of them.
+//!
+//! The relay is `RelayDisk` over a spool modelled on the relay's own (records
+//! deleted a segment at a time, restarts through `RelayRestore::from_spool`):
+//! the cursor and restore logic the relay binary runs (see `proto::relay`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -193,11 +197,46 @@ impl Agent {
 
 // ---------------------------------------------------------------- relay
 
+/// What the relay's spool holds across a crash, modelled on the real spool:
+/// records are deleted, and the target's acked position persisted, only when
+/// a whole segment of them was released. Until then released records come
+/// back after a crash and are forwarded again.
 #[derive(Default)]
 struct RelayDurable {
-    spool: BTreeMap<u64, Bytes>,
-    spooled_through: Seq,
-    generation: Generation,
+    spool: BTreeMap<u64, (Generation, Bytes)>,
+    acked: Option<(Generation, Seq)>,
+}
+
+/// Frames per spool segment of the model.
+const SEGMENT_FRAMES: u64 = 4;
+
+impl RelayDurable {
+    fn acked_seq(&self) -> Seq {
+        self.acked.map_or(Seq::ZERO, |(_, s)| s)
+    }
+
+    /// The newest position held, spooled or acked (what the real spool's
+    /// `durable_position` answers).
+    fn position(&self) -> (Generation, Seq) {
+        let last = self
+            .spool
+            .iter()
+            .next_back()
+            .map(|(&s, &(g, _))| (g, Seq(s)));
+        last.max(self.acked).unwrap_or((Generation(0), Seq::ZERO))
+    }
+
+    fn release(&mut self, through: Seq) {
+        if through.0 / SEGMENT_FRAMES <= self.acked_seq().0 / SEGMENT_FRAMES {
+            return;
+        }
+        let generation = self
+            .spool
+            .get(&through.0)
+            .map_or(self.position().0, |&(g, _)| g);
+        self.acked = Some((generation, through));
+        self.spool.retain(|&s, _| s > through.0);
+    }
 }
 
 struct Relay {
@@ -207,13 +246,29 @@ struct Relay {
 
 impl Relay {
     fn start(&mut self) {
-        let r = RelayRestore {
-            disk: DISK,
-            disk_size: DISK_SIZE,
-            generation: self.durable.generation,
-            spooled_through: self.durable.spooled_through,
-            spool_first: self.durable.spool.keys().next().map(|&s| Seq(s)),
-        };
+        // As the real spool does on open: records the target acked are not
+        // indexed again.
+        let acked = self.durable.acked_seq().0;
+        self.durable.spool.retain(|&s, _| s > acked);
+        let first = self
+            .durable
+            .spool
+            .iter()
+            .next()
+            .map(|(&s, &(g, _))| (g, Seq(s)));
+        let last = self
+            .durable
+            .spool
+            .iter()
+            .next_back()
+            .map(|(&s, &(g, _))| (g, Seq(s)));
+        let r = RelayRestore::from_spool(
+            DISK,
+            DISK_SIZE,
+            self.durable.acked,
+            first.zip(last),
+            Generation(0),
+        );
         let disk = RelayDisk::restore(
             "relay",
             ReceiverConfig::default(),
@@ -227,9 +282,19 @@ impl Relay {
         self.live = Some((disk, Vec::new()));
     }
 
+    /// Frames spooled and not released: what bounds the spool (the real
+    /// relay's byte gate counts the same).
+    fn live_frames(&self) -> usize {
+        let released = self
+            .live
+            .as_ref()
+            .map_or(self.durable.acked_seq(), |(d, _)| d.released_through());
+        self.durable.spool.range(released.0 + 1..).count()
+    }
+
     fn spool_full(&self) -> bool {
         let pending = self.live.as_ref().map_or(0, |(_, p)| p.len());
-        self.durable.spool.len() + pending >= SPOOL_FRAMES
+        self.live_frames() + pending >= SPOOL_FRAMES
     }
 
     fn fsync(&mut self) {
@@ -239,21 +304,18 @@ impl Relay {
         let Some(last) = pending.last() else {
             return;
         };
-        let (_, generation, last_seq) =
-            sender::sequenced(last).expect("spooled frames are sequenced");
+        let (_, _, last_seq) = sender::sequenced(last).expect("spooled frames are sequenced");
         for f in pending.drain(..) {
-            let (_, _, seq) = sender::sequenced(&f).expect("sequenced");
+            let (_, generation, seq) = sender::sequenced(&f).expect("sequenced");
             assert_eq!(
-                seq,
-                self.durable.spooled_through.next(),
+                seq_order(self.durable.position(), (generation, seq)),
+                SeqOrder::Next,
                 "spool gets each sequence once, in order"
             );
-            self.durable.spooled_through = seq;
             self.durable
                 .spool
-                .insert(seq.0, f.to_bytes().expect("valid"));
+                .insert(seq.0, (generation, f.to_bytes().expect("valid")));
         }
-        self.durable.generation = generation;
         disk.handle_spooled(last_seq);
     }
 
@@ -267,6 +329,7 @@ impl Relay {
                 .spool
                 .get(&seq.0)
                 .expect("forwarded frames are in the spool")
+                .1
                 .clone();
             let frame = Frame::decode_exact(bytes).expect("spool holds valid frames");
             disk.handle_forward(frame)
@@ -274,13 +337,16 @@ impl Relay {
         }
         while let Some(ev) = disk.poll_event() {
             match ev {
-                RelayEvent::Release { through } => {
-                    self.durable.spool.retain(|&s, _| s > through.0);
-                }
+                RelayEvent::Release { through } => self.durable.release(through),
                 other => panic!("unexpected relay event {other:?}"),
             }
         }
         disk.handle_timeout(now);
+    }
+
+    fn crash(&mut self) {
+        self.live = None;
+        self.start();
     }
 }
 
@@ -433,6 +499,30 @@ impl World {
         }
     }
 
+    /// The relay process dies and restarts from its spool. Returns the
+    /// restored relay's spooled position, which must be the one it had acked
+    /// to the agent before the crash.
+    fn crash_relay(&mut self) -> Seq {
+        let before = self.relay.live.as_ref().map(|(d, _)| d.spooled_through());
+        self.crashes[1] += 1;
+        self.disconnect_a2r();
+        self.disconnect_r2t();
+        self.relay.crash();
+        let after = self
+            .relay
+            .live
+            .as_ref()
+            .expect("relay runs")
+            .0
+            .spooled_through();
+        assert_eq!(
+            Some(after),
+            before,
+            "a restarted relay holds everything it acked to the agent"
+        );
+        after
+    }
+
     fn faults(&mut self) {
         let f = self.faults;
         if self.a2r.connected && self.rng.gen_bool(f.disconnect) {
@@ -449,11 +539,7 @@ impl World {
                 self.agent.start();
             }
             1 if self.rng.gen_bool(f.crash) => {
-                self.crashes[1] += 1;
-                self.disconnect_a2r();
-                self.disconnect_r2t();
-                self.relay.live = None;
-                self.relay.start();
+                self.crash_relay();
             }
             2 if self.rng.gen_bool(f.crash) => {
                 self.crashes[2] += 1;
@@ -517,6 +603,10 @@ impl World {
                 .handle_frame(fr, now)
                 .expect("relay frames make sense");
         }
+        assert!(
+            sender.replica_seq() <= self.target.durable.seq,
+            "the agent hears of no replica position the target has not made durable"
+        );
         sender.handle_timeout(now);
         while let Some(fr) = sender.poll_transmit(now) {
             self.a2r.down.send(&mut self.rng, &f, step, &fr);
@@ -538,7 +628,7 @@ impl World {
         if self.rng.gen_bool(self.fsync_p) {
             self.relay.fsync();
         }
-        self.max_spool = self.max_spool.max(self.relay.durable.spool.len());
+        self.max_spool = self.max_spool.max(self.relay.live_frames());
         let (disk, _) = self.relay.live.as_mut().expect("relay runs");
         while let Some(fr) = self.r2t.up.recv(step) {
             disk.handle_downstream(fr, now)
@@ -578,7 +668,7 @@ impl World {
         self.agent.writes_left == 0
             && self.agent.dirty.is_empty()
             && sender.unacked_frames() == 0
-            && self.relay.durable.spool.is_empty()
+            && self.relay.live_frames() == 0
             && self.target.durable.seq == sender.last_seq()
     }
 }
@@ -609,7 +699,7 @@ fn converge(mut w: World, seed: u64) -> World {
             w.agent.sender.as_ref().map(|s| s.durable_seq()),
             w.agent.sender.as_ref().is_some_and(|s| s.is_connected()),
             w.relay.durable.spool.keys().collect::<Vec<_>>(),
-            w.relay.durable.spooled_through,
+            w.relay.live.as_ref().map(|(d, _)| d.spooled_through()),
             w.relay.live.as_ref().map(|(d, _)| d.released_through()),
             w.relay
                 .live
@@ -674,9 +764,16 @@ fn clean_network_applies_every_pushed_frame_exactly_once() {
         disconnect: 0.0,
         crash: 0.0,
     };
-    let w = run(7, clean);
+    let mut w = run(7, clean);
     assert_eq!(w.crashes, [0; 3]);
     assert_eq!(w.target.durable.applied, w.agent.pushed);
+    // The relay passes the target's progress on: the agent learns that the
+    // replica holds everything.
+    for _ in 0..100 {
+        w.run_step(false);
+    }
+    let sender = w.agent.sender.as_ref().expect("agent runs");
+    assert_eq!(sender.replica_seq(), sender.last_seq());
 }
 
 #[test]
@@ -695,14 +792,7 @@ fn reordering_and_duplication_alone_converge() {
 
 #[test]
 fn full_spool_blocks_the_agent_without_loss_and_it_resumes() {
-    let clean = Faults {
-        loss: 0.0,
-        dup: 0.0,
-        max_delay: 1,
-        disconnect: 0.0,
-        crash: 0.0,
-    };
-    let mut w = World::new(3, clean, 300);
+    let mut w = World::new(3, CALM, 300);
     w.target_unreachable = true;
     while w.agent.writes_left > 0 {
         w.run_step(true);
@@ -726,4 +816,75 @@ fn full_spool_blocks_the_agent_without_loss_and_it_resumes() {
     w.target_unreachable = false;
     let w = converge(w, 3);
     assert!(w.target.durable.applied > SPOOL_FRAMES as u64);
+}
+
+const CALM: Faults = Faults {
+    loss: 0.0,
+    dup: 0.0,
+    max_delay: 1,
+    disconnect: 0.0,
+    crash: 0.0,
+};
+
+#[test]
+fn relay_restart_forwards_released_but_undeleted_frames_again_and_the_target_applies_each_once() {
+    let mut w = World::new(11, CALM, 300);
+    let mut restarts = 0;
+    while w.agent.writes_left > 0 {
+        w.run_step(true);
+        let (disk, _) = w.relay.live.as_ref().expect("relay runs");
+        let released = disk.released_through();
+        // The spool still holds frames the target acked (their segment is
+        // not free yet): after a restart they are forwarded again.
+        let stale = w
+            .relay
+            .durable
+            .spool
+            .keys()
+            .next()
+            .is_some_and(|&s| s <= released.0);
+        if stale && restarts < 8 {
+            w.crash_relay();
+            restarts += 1;
+            let (disk, _) = w.relay.live.as_ref().expect("relay runs");
+            assert!(
+                disk.released_through() < released,
+                "the restored relay starts behind what it had released"
+            );
+        }
+    }
+    assert_eq!(restarts, 8, "the relay restarted over undeleted frames");
+    let w = converge(w, 11);
+    assert_eq!(w.target.durable.applied, w.agent.pushed);
+}
+
+#[test]
+fn relay_restart_with_a_full_spool_keeps_it_full_and_the_agent_blocked_then_drains() {
+    let mut w = World::new(5, CALM, 300);
+    w.target_unreachable = true;
+    while w.agent.writes_left > 0 {
+        w.run_step(true);
+    }
+    for _ in 0..500 {
+        w.run_step(true);
+    }
+    assert_eq!(w.max_spool, SPOOL_FRAMES, "spool filled to its limit");
+    let held = w.relay.live_frames();
+    w.crash_relay();
+    assert_eq!(w.relay.live_frames(), held, "the restored spool is as full");
+    let refused = w.agent.refused;
+    for _ in 0..500 {
+        w.run_step(true);
+    }
+    assert_eq!(
+        w.max_spool, SPOOL_FRAMES,
+        "a restarted relay bounds its spool as before"
+    );
+    assert!(
+        w.agent.refused > refused,
+        "the agent is held back after the restart"
+    );
+    w.target_unreachable = false;
+    let w = converge(w, 5);
+    assert_eq!(w.target.durable.applied, w.agent.pushed);
 }

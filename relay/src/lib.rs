@@ -5,7 +5,6 @@
 //! then ack) → one forwarder per disk → target; the target's acks release the
 //! spool. [`gate`] bounds the spool, [`bucket`] the bandwidth to the target.
 
-pub mod bench;
 pub mod bucket;
 pub mod config;
 pub mod gate;

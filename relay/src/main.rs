@@ -27,19 +27,6 @@ enum Cmd {
         #[arg(long)]
         config: PathBuf,
     },
-    /// Loopback throughput harness for `cargo xtask bench transport`.
-    #[command(hide = true)]
-    Bench {
-        /// Scratch directory (spool and PKI) on the disk to measure.
-        #[arg(long)]
-        dir: PathBuf,
-        /// Bytes of chunk data to send.
-        #[arg(long, default_value_t = 2 << 30)]
-        bytes: u64,
-        /// Bytes of chunk data per batch frame.
-        #[arg(long, default_value_t = 1 << 20)]
-        batch: usize,
-    },
     /// Certificates for relay, target and agents.
     Pki {
         #[command(subcommand)]
@@ -106,17 +93,6 @@ fn main() -> Result<()> {
                 Ok(())
             }
         },
-        Cmd::Bench { dir, bytes, batch } => {
-            let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
-            let r = rt.block_on(blockferry_relay::bench::run(&dir, bytes, batch))?;
-            println!(
-                "quic agent->relay->sink: {} bytes in {:.2} s = {:.0} MB/s",
-                r.bytes,
-                r.elapsed.as_secs_f64(),
-                r.mb_per_sec()
-            );
-            Ok(())
-        }
         Cmd::Serve { config } => {
             let cfg = Config::load(&config)?;
             let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;

@@ -1,8 +1,14 @@
 //! The relay service: agents in (through the shared receiving loop of
 //! `blockferry_transport::sink`), the spool in the middle, one forwarder per
-//! disk out to the target. The sequence, ack and resume logic is proto's
-//! (`DiskReceiver` upstream, a forwarding `DiskSender` downstream); this module
-//! only moves bytes between them, the spool and the sockets.
+//! disk out to the target.
+//!
+//! This module is the async shell of `blockferry_proto::relay`: the sequence,
+//! ack and resume logic is proto's `DiskReceiver` upstream (run by the
+//! receiving loop) and a forwarding `DiskSender` downstream (run by a
+//! `DiskChannel`); which spooled frame goes next and what may be released is
+//! proto's `SpoolCursor`, and a restart begins at `RelayRestore::from_spool`.
+//! These are the pieces `RelayDisk` joins in the simulation; this module only
+//! moves bytes between them, the spool and the sockets.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -13,7 +19,7 @@ use std::time::{Duration, Instant};
 use blockferry_proto::sender::sequenced;
 use blockferry_proto::{
     DiskId, DiskSender, ErrorCode, Frame, Generation, HashRangeReply, HashRangeRequest, Hello,
-    PushError, SenderConfig, Seq,
+    PushError, SenderConfig, Seq, SpoolCursor,
 };
 use blockferry_transport::sink::{self, Accepted, DiskState, FrameSink, ServeOptions, SinkError};
 use blockferry_transport::tls::load_certs;
@@ -75,6 +81,14 @@ impl RelayHandle {
 struct Forwarder {
     wake: Arc<Notify>,
     channel: DiskChannel,
+    /// Shared by the forward and release tasks of the disk.
+    cursor: Mutex<SpoolCursor>,
+}
+
+impl Forwarder {
+    fn cursor(&self) -> std::sync::MutexGuard<'_, SpoolCursor> {
+        self.cursor.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 struct Shared {
@@ -241,14 +255,9 @@ impl Shared {
         if let Some(f) = map.get(&disk) {
             return f.clone();
         }
-        let (size, generation) = {
-            let s = self.spool_lock();
-            let pos = s.durable_position(disk);
-            (
-                s.disk_size(disk).unwrap_or(0),
-                pos.map(|p| p.0).or(generation).unwrap_or(Generation(0)),
-            )
-        };
+        let restore = self
+            .spool_lock()
+            .restore(disk, generation.unwrap_or(Generation(0)));
         let sender = DiskSender::forwarding(
             SenderConfig {
                 max_unacked_frames: 256,
@@ -257,18 +266,19 @@ impl Shared {
             },
             self.identity.clone(),
             disk,
-            size,
-            generation,
+            restore.disk_size,
+            restore.generation,
         );
         let channel = DiskChannel::spawn(self.target.clone(), sender, self.cancel.clone());
         let f = Arc::new(Forwarder {
             wake: Arc::new(Notify::new()),
             channel,
+            cursor: Mutex::new(SpoolCursor::restore(&restore)),
         });
         map.insert(disk, f.clone());
         let span = tracing::info_span!("forward", %disk);
         tokio::spawn(forward(self.clone(), disk, f.clone()).instrument(span.clone()));
-        tokio::spawn(release(self.clone(), disk, f.channel.clone()).instrument(span));
+        tokio::spawn(release(self.clone(), disk, f.clone()).instrument(span));
         f
     }
 }
@@ -276,16 +286,16 @@ impl Shared {
 /// Most bytes read from the spool per trip by a forwarder.
 const FORWARD_READ_BYTES: u64 = 32 << 20;
 
-/// Reads spooled frames of `disk` in order and pushes them to the target.
+/// Reads spooled frames of `disk` in order and pushes them to the target,
+/// from where the disk's cursor says.
 async fn forward(shared: Arc<Shared>, disk: DiskId, fwd: Arc<Forwarder>) {
-    let progress = fwd.channel.progress();
-    let mut pushed = shared
-        .spool_lock()
-        .acked_position(disk)
-        .map_or(Seq::ZERO, |p| p.1);
+    let mut progress = fwd.channel.progress();
     loop {
-        pushed = pushed.max(progress.borrow().durable);
-        let after = pushed;
+        let after = {
+            let mut cursor = fwd.cursor();
+            cursor.handle_target_durable(progress.borrow().durable);
+            cursor.forwarded()
+        };
         // One trip to the spool for a run of records: the lock is shared
         // with appends, which hold it through their fsync.
         let recs = match on_spool(&shared.spool, move |s| {
@@ -325,6 +335,7 @@ async fn forward(shared: Arc<Shared>, disk: DiskId, fwd: Arc<Forwarder>) {
             }
             continue;
         }
+        let mut moved = false;
         for (r, raw) in recs {
             let frame = match Frame::decode_exact(raw) {
                 Ok(f) => f,
@@ -335,6 +346,12 @@ async fn forward(shared: Arc<Shared>, disk: DiskId, fwd: Arc<Forwarder>) {
                     return;
                 }
             };
+            if let Err(e) = fwd.cursor().check_forward(&frame) {
+                // The target acked past this frame meanwhile: read on from
+                // where it is.
+                tracing::debug!(error = %e, "the target is ahead; reading the spool again");
+                break;
+            }
             let frame = match shared.cfg.target.recompress_level {
                 Some(level) => {
                     match tokio::task::spawn_blocking(move || recompress(frame, level)).await {
@@ -362,7 +379,8 @@ async fn forward(shared: Arc<Shared>, disk: DiskId, fwd: Arc<Forwarder>) {
             }
             match fwd.channel.push_numbered(frame).await {
                 Ok(seq) => {
-                    pushed = seq;
+                    fwd.cursor().handle_forwarded(seq);
+                    moved = true;
                     shared.metrics.bytes_out.fetch_add(len, Ordering::Relaxed);
                 }
                 Err(ChannelError::Push(PushError::OutOfSequence { .. })) => {
@@ -376,13 +394,21 @@ async fn forward(shared: Arc<Shared>, disk: DiskId, fwd: Arc<Forwarder>) {
                 }
             }
         }
+        if !moved {
+            // Nothing could be forwarded from where the cursor stands: wait
+            // for the target's next ack (or new frames) rather than spin.
+            tokio::select! {
+                _ = shared.cancel.cancelled() => return,
+                _ = fwd.wake.notified() => {}
+                r = progress.changed() => if r.is_err() { return },
+            }
+        }
     }
 }
 
-/// Turns the target's acks into spool releases.
-async fn release(shared: Arc<Shared>, disk: DiskId, channel: DiskChannel) {
-    let mut progress = channel.progress();
-    let mut released = Seq::ZERO;
+/// Turns the target's acks into spool releases, as the disk's cursor decides.
+async fn release(shared: Arc<Shared>, disk: DiskId, fwd: Arc<Forwarder>) {
+    let mut progress = fwd.channel.progress();
     let mut connected = false;
     loop {
         let (durable, now_connected, resync) = {
@@ -399,15 +425,20 @@ async fn release(shared: Arc<Shared>, disk: DiskId, channel: DiskChannel) {
         if let Some(r) = resync {
             tracing::error!(reason = ?r, "the target cannot continue this disk from the spool: a checksum resync from the agent is needed");
         }
-        if durable > released {
-            match on_spool(&shared.spool, move |s| s.release(disk, durable)).await {
+        let through = {
+            let mut cursor = fwd.cursor();
+            cursor.handle_target_durable(durable);
+            cursor.poll_release()
+        };
+        if let Some(through) = through {
+            match on_spool(&shared.spool, move |s| s.release(disk, through)).await {
                 Ok(freed) => {
-                    released = durable;
+                    fwd.cursor().handle_released(through);
                     shared.gate.release(freed);
-                    shared.metrics.set_target_acked(disk, durable.0);
+                    shared.metrics.set_target_acked(disk, through.0);
                     let live = shared.spool_lock().live_bytes();
                     shared.metrics.spool_bytes.store(live, Ordering::Relaxed);
-                    tracing::trace!(%durable, freed, "released");
+                    tracing::trace!(%through, freed, "released");
                 }
                 Err(e) => tracing::error!(error = %e, "cannot release spooled frames"),
             }
@@ -479,14 +510,16 @@ impl FrameSink for RelaySink {
             ));
         }
         let size = hello.disk_size;
-        let (known, pos) = on_spool(&self.shared.spool, move |s| {
+        let (known, restore) = on_spool(&self.shared.spool, move |s| {
             let known = s.disk_size(disk);
             // A shrunk disk is refused before it is registered: the replica
             // keeps the data past the new end.
             if known.is_none_or(|k| size >= k) {
                 s.register_disk(disk, size)?;
             }
-            Ok((known, s.durable_position(disk)))
+            // A disk never seen starts at generation 0, sequence 0: the
+            // agent's Hello then says where it stands.
+            Ok((known, s.restore(disk, Generation(0))))
         })
         .await
         .map_err(|e| SinkError::new(ErrorCode::Unavailable, e.to_string()))?;
@@ -510,10 +543,10 @@ impl FrameSink for RelaySink {
                 .resize(size)
                 .map_err(|e| SinkError::new(ErrorCode::Unavailable, e.to_string()))?;
         }
-        let (generation, durable_seq) = pos.unwrap_or((Generation(0), Seq::ZERO));
+        let durable_seq = restore.spooled_through;
         tracing::info!(agent = %peer.name, %disk, %durable_seq, "disk stream opened");
         Ok(DiskState {
-            generation,
+            generation: restore.generation,
             durable_seq,
         })
     }

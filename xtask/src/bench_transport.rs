@@ -13,6 +13,8 @@ use crate::util;
 
 /// Bytes of chunk data the QUIC path carries.
 const QUIC_BYTES: u64 = 2 << 30;
+/// The harness binary of the benches crate.
+const BENCH_BIN: &str = "blockferry-bench-transport";
 /// Seconds of the iperf3 baseline.
 const IPERF_SECONDS: u32 = 5;
 
@@ -79,7 +81,14 @@ pub fn run() -> Result<()> {
     if !util::have("iperf3") {
         util::ensure_packages()?;
     }
-    let bins = util::build_release_binaries()?;
+    // The harness lives in the benches crate, not in the relay it measures.
+    util::run(
+        Command::new(env!("CARGO"))
+            .current_dir(util::workspace_root())
+            .args(["build", "--release", "--locked", "-p", "blockferry-benches"])
+            .args(["--bin", BENCH_BIN]),
+    )?;
+    let bins = util::target_dir().join("release");
     let scratch = util::target_dir().join("bench-transport");
     if scratch.exists() {
         std::fs::remove_dir_all(&scratch)
@@ -88,8 +97,8 @@ pub fn run() -> Result<()> {
     let tcp = iperf3_tcp_mb_per_sec()?;
     println!("iperf3 tcp loopback: {tcp:.0} MB/s");
     let out = util::output(
-        Command::new(bins.join("blockferry-relay"))
-            .args(["bench", "--bytes", &QUIC_BYTES.to_string(), "--dir"])
+        Command::new(bins.join(BENCH_BIN))
+            .args(["--bytes", &QUIC_BYTES.to_string(), "--dir"])
             .arg(&scratch)
             .env("RUST_LOG", "warn"),
     );
@@ -103,7 +112,7 @@ pub fn run() -> Result<()> {
         .rev()
         .nth(1)
         .and_then(|v| v.parse().ok())
-        .context("relay bench printed no rate")?;
+        .context("the transport bench printed no rate")?;
     println!(
         "quic_mb_s={quic:.0} tcp_mb_s={tcp:.0} ratio={:.2} (target >= 0.5)",
         quic / tcp

@@ -1,5 +1,5 @@
-//! Loopback throughput harness behind the hidden `blockferry-relay bench`
-//! (driven by `cargo xtask bench transport`): an agent-side `DiskChannel`
+//! Loopback throughput harness of `cargo xtask bench transport` (run through
+//! the `blockferry-bench-transport` binary): an agent-side `DiskChannel`
 //! pushes batches of 64 KiB chunks to a real relay (spool fsync on, chunk
 //! verification on), which forwards them to a sink that verifies and counts
 //! them, all over QUIC on 127.0.0.1 in this process. Throughput counts the
@@ -11,10 +11,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use anyhow::{Context, Result, anyhow, bail};
 use blockferry_proto::{
     Chunk, DiskId, DiskSender, Frame, Generation, HashRangeReply, HashRangeRequest, Hello,
     SenderConfig, Seq, build_chunk,
 };
+use blockferry_relay::Config;
 use blockferry_transport::pki::{self, InitNames};
 use blockferry_transport::sink::{self, Accepted, DiskState, FrameSink, ServeOptions, SinkError};
 use blockferry_transport::tls::load_certs;
@@ -25,19 +27,12 @@ use blockferry_transport::{
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Config;
-
-/// Errors of the harness.
-#[derive(Debug, thiserror::Error)]
-pub enum BenchError {
-    #[error("bench setup: {0}")]
-    Setup(String),
-    #[error("bench transfer: {0}")]
-    Transfer(String),
+fn setup<E: std::fmt::Display>(e: E) -> anyhow::Error {
+    anyhow!("bench setup: {e}")
 }
 
-fn setup<E: std::fmt::Display>(e: E) -> BenchError {
-    BenchError::Setup(e.to_string())
+fn transfer<E: std::fmt::Display>(e: E) -> anyhow::Error {
+    anyhow!("bench transfer: {e}")
 }
 
 /// What one run measured.
@@ -100,7 +95,7 @@ impl FrameSink for CountingSink {
 
 /// Sends `total` bytes of incompressible 64 KiB chunks, `batch` bytes per
 /// frame, with the relay's spool in `dir` (use a real disk: fsync is measured).
-pub async fn run(dir: &Path, total: u64, batch: usize) -> Result<BenchReport, BenchError> {
+pub async fn run(dir: &Path, total: u64, batch: usize) -> Result<BenchReport> {
     const CHUNK: usize = 64 << 10;
     std::fs::create_dir_all(dir).map_err(setup)?;
     let dir = &std::fs::canonicalize(dir).map_err(setup)?;
@@ -153,7 +148,9 @@ disks = ["{disk}"]
         key = p("relay.key"),
     );
     let cfg = Config::parse(&text, dir).map_err(setup)?;
-    let relay = crate::start(cfg, cancel.clone()).await.map_err(setup)?;
+    let relay = blockferry_relay::start(cfg, cancel.clone())
+        .await
+        .context("bench setup: cannot start the relay")?;
 
     let aid = TlsIdentity::load(&agent.cert, &agent.key).map_err(setup)?;
     let aep = client_endpoint(
@@ -211,10 +208,7 @@ disks = ["{disk}"]
                 c
             })
             .collect();
-        last = ch
-            .push_batch(chunks)
-            .await
-            .map_err(|e| BenchError::Transfer(e.to_string()))?;
+        last = ch.push_batch(chunks).await.map_err(transfer)?;
     }
     loop {
         let notified = sink.progressed.notified();
@@ -224,17 +218,15 @@ disks = ["{disk}"]
         tokio::select! {
             _ = notified => {}
             _ = tokio::time::sleep(Duration::from_secs(60)) => {
-                return Err(BenchError::Transfer(format!(
-                    "stalled: the sink has {} of {expected} bytes",
+                bail!(
+                    "bench transfer stalled: the sink has {} of {expected} bytes",
                     sink.bytes.load(Ordering::Relaxed)
-                )));
+                );
             }
         }
     }
     let elapsed = start.elapsed();
-    ch.wait_durable(last)
-        .await
-        .map_err(|e| BenchError::Transfer(e.to_string()))?;
+    ch.wait_durable(last).await.map_err(transfer)?;
     cancel.cancel();
     relay.stopped().await;
     Ok(BenchReport {
