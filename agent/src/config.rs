@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use blockferry_proto::ids::DiskId;
+use blockferry_transport::tls::TlsFiles;
 use serde::Deserialize;
 
 /// What can be wrong with a configuration file.
@@ -95,9 +96,7 @@ pub struct Config {
 pub struct RelayConfig {
     pub address: SocketAddr,
     pub server_name: String,
-    pub ca: PathBuf,
-    pub cert: PathBuf,
-    pub key: PathBuf,
+    pub tls: TlsFiles,
 }
 
 #[derive(Debug, Clone)]
@@ -221,9 +220,12 @@ impl Config {
             relay: RelayConfig {
                 address,
                 server_name: raw.relay.server_name,
-                ca: anchor(&raw.relay.ca),
-                cert: anchor(&raw.relay.cert),
-                key: anchor(&raw.relay.key),
+                tls: TlsFiles {
+                    ca: raw.relay.ca,
+                    cert: raw.relay.cert,
+                    key: raw.relay.key,
+                }
+                .anchored(base),
             },
             replication: ReplicationConfig {
                 chunk_size: r.chunk_size_kib * 1024,
@@ -259,7 +261,7 @@ path = "/dev/disk/by-id/virtio-db1"
     fn good_config_is_anchored_at_its_directory() {
         let c = Config::parse(GOOD, Path::new("/etc/blockferry/agent.toml")).unwrap();
         assert_eq!(c.state_dir, Path::new("/etc/blockferry/state"));
-        assert_eq!(c.relay.ca, Path::new("/etc/blockferry/pki/ca.pem"));
+        assert_eq!(c.relay.tls.ca, Path::new("/etc/blockferry/pki/ca.pem"));
         assert_eq!(c.replication.chunk_size, 64 * 1024);
         assert_eq!(c.disks.len(), 1);
     }

@@ -41,7 +41,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use blockferry_proto::{DiskSender, SenderConfig, Seq};
 use blockferry_transport::endpoint::EndpointError;
-use blockferry_transport::{Connector, DiskChannel, TlsIdentity, Tuning};
+use blockferry_transport::{Connector, DiskChannel, Tuning};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -254,8 +254,7 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), Servic
 
 /// The QUIC endpoint and the connector to the relay, with the agent's certificate.
 fn connect(config: &Config) -> Result<Arc<Connector>, ServiceError> {
-    let identity = TlsIdentity::load(&config.relay.cert, &config.relay.key)?;
-    let ca = blockferry_transport::tls::load_certs(&config.relay.ca)?;
+    let (ca, identity) = config.relay.tls.load()?;
     let tuning = if config.relay.address.ip().is_loopback() {
         Tuning::loopback()
     } else {
@@ -287,10 +286,10 @@ fn reader_config(config: &Config) -> ReaderConfig {
 
 /// The agent's name is the common name of its certificate: the relay checks it.
 fn agent_name(config: &Config) -> Result<String, ServiceError> {
-    let certs = blockferry_transport::tls::load_certs(&config.relay.cert)?;
+    let certs = blockferry_transport::tls::load_certs(&config.relay.tls.cert)?;
     let first = certs
         .first()
-        .ok_or_else(|| ServiceError::NoCertificate(config.relay.cert.clone()))?;
+        .ok_or_else(|| ServiceError::NoCertificate(config.relay.tls.cert.clone()))?;
     Ok(blockferry_transport::PeerIdentity::from_der(first)?.name)
 }
 
