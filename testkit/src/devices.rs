@@ -208,11 +208,44 @@ impl Drop for Zram {
     }
 }
 
+/// A mount made by the test, unmounted on drop (also on panic).
+#[derive(Debug)]
+pub struct Mounted {
+    dir: PathBuf,
+}
+
+impl Mounted {
+    /// Runs `mount ARGS... DIR` (e.g. `["-t", "ext4", "/dev/loop0"]`).
+    pub fn new(args: &[&str], dir: &Path) -> Mounted {
+        let mut all = args.to_vec();
+        all.push(dir.to_str().expect("utf-8 mount point"));
+        run("mount", &all);
+        Mounted {
+            dir: dir.to_owned(),
+        }
+    }
+
+    /// The mount point.
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        match Command::new("umount").arg(&self.dir).status() {
+            Ok(st) if st.success() => {}
+            other => eprintln!("umount {}: {other:?}", self.dir.display()),
+        }
+    }
+}
+
 /// A tmpfs of `bytes` mounted on a fresh temp dir for this test; unmounted on
 /// drop (also on panic).
 #[derive(Debug)]
 pub struct Tmpfs {
-    dir: PathBuf,
+    // Declared first: unmounted before the mount point is removed.
+    mount: Mounted,
     _holder: tempfile::TempDir,
 }
 
@@ -221,34 +254,16 @@ impl Tmpfs {
         let holder = tempfile::tempdir().expect("temp dir");
         let dir = holder.path().join("fs");
         std::fs::create_dir(&dir).expect("create the mount point");
-        run(
-            "mount",
-            &[
-                "-t",
-                "tmpfs",
-                "-o",
-                &format!("size={bytes}"),
-                "blockferry-test",
-                dir.to_str().expect("utf-8 temp path"),
-            ],
-        );
+        let size = format!("size={bytes}");
+        let mount = Mounted::new(&["-t", "tmpfs", "-o", &size, "blockferry-test"], &dir);
         Tmpfs {
-            dir,
+            mount,
             _holder: holder,
         }
     }
 
     /// The root of the mounted file system.
     pub fn path(&self) -> &Path {
-        &self.dir
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        match Command::new("umount").arg(&self.dir).status() {
-            Ok(st) if st.success() => {}
-            other => eprintln!("umount {}: {other:?}", self.dir.display()),
-        }
+        self.mount.path()
     }
 }
