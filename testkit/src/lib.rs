@@ -2,7 +2,7 @@
 //!
 //! What more than one test file needs lives here once:
 //! - [`privileged`]: the root check of the root-only tests, and running a command;
-//! - [`devices`]: loop devices, partitions, zram and tmpfs the test creates itself
+//! - [`devices`]: loop devices, partitions, zram, mounts and tmpfs the test creates itself
 //!   and removes on drop, even when the test panics; O_DIRECT helpers;
 //! - [`pki`]: a PKI directory with the relay, the target and two agents;
 //! - [`sink`]: a target that records every applied frame, served on real QUIC;
