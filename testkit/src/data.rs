@@ -71,3 +71,25 @@ pub fn fast_tempdir() -> tempfile::TempDir {
     }
     tempfile::tempdir().expect("temp dir")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_diff_points_at_the_first_differing_byte_or_the_shorter_length() {
+        assert_eq!(first_diff(b"abc", b"abc"), None);
+        assert_eq!(first_diff(b"abc", b"abd"), Some(2));
+        assert_eq!(first_diff(b"abc", b"ab"), Some(2));
+    }
+
+    #[test]
+    fn mixed_data_is_deterministic_per_seed_and_has_all_zero_and_zero_free_blocks() {
+        let a = mixed_data(4 << 20, 7);
+        assert_eq!(a.len(), 4 << 20);
+        assert_eq!(a, mixed_data(4 << 20, 7));
+        assert_ne!(a, mixed_data(4 << 20, 8));
+        assert!(a.chunks(4096).any(|c| c.iter().all(|&b| b == 0)));
+        assert!(a.chunks(4096).any(|c| c.iter().all(|&b| b != 0)));
+    }
+}
