@@ -2,13 +2,12 @@
 //! as separate processes over QUIC on 127.0.0.1, replicating loop devices the
 //! tests create. The replica is checked with `qemu-img compare`.
 
-mod common;
-
 use std::path::Path;
 use std::time::Duration;
 
 use blockferry_benches::site::{Binaries, ProtectedDisk, Site, SiteOptions, new_disk_id};
-use common::{LoopDev, dd_write, require_root, run};
+use blockferry_testkit::devices::{LoopDev, Mounted, dd_write};
+use blockferry_testkit::privileged::{require_root, run};
 
 const MIB: u64 = 1 << 20;
 const CATCH_UP: Duration = Duration::from_secs(120);
@@ -100,10 +99,9 @@ fn identical(site: &Site, disk: &ProtectedDisk) {
 }
 
 #[test]
+#[ignore = "needs root: loop devices, eBPF and the three binaries"]
 fn replica_is_identical_after_initial_sync_and_continuous_writes() {
-    if !require_root("replica_is_identical_after_initial_sync_and_continuous_writes") {
-        return;
-    }
+    require_root("replica_is_identical_after_initial_sync_and_continuous_writes");
     let dev = LoopDev::new(128 * MIB, true);
     // Data before protection: the initial sync must carry it.
     dd_write(dev.path_str(), MIB, 8, 24, &[]);
@@ -119,8 +117,7 @@ fn replica_is_identical_after_initial_sync_and_continuous_writes() {
     run("mkfs.ext4", &["-q", "-F", dev.path_str()]);
     let mnt = dir.path().join("mnt");
     std::fs::create_dir(&mnt).expect("mountpoint");
-    run("mount", &[dev.path_str(), mnt.to_str().expect("utf-8")]);
-    let unmount = scopeguard(mnt.clone());
+    let unmount = Mounted::new(&[dev.path_str()], &mnt);
     for i in 0..20u8 {
         std::fs::write(
             mnt.join(format!("f{i}")),
@@ -140,10 +137,9 @@ fn replica_is_identical_after_initial_sync_and_continuous_writes() {
 }
 
 #[test]
+#[ignore = "needs root: loop devices, eBPF and the three binaries"]
 fn agent_killed_mid_replication_converges_without_full_copy() {
-    if !require_root("agent_killed_mid_replication_converges_without_full_copy") {
-        return;
-    }
+    require_root("agent_killed_mid_replication_converges_without_full_copy");
     let size = 256 * MIB;
     let dev = LoopDev::new(size, true);
     // Incompressible content everywhere: a full copy would cost the whole size.
@@ -181,10 +177,9 @@ fn agent_killed_mid_replication_converges_without_full_copy() {
 }
 
 #[test]
+#[ignore = "needs root: loop devices, eBPF and the three binaries"]
 fn clean_restart_needs_no_resync_and_keeps_writes_made_while_down() {
-    if !require_root("clean_restart_needs_no_resync_and_keeps_writes_made_while_down") {
-        return;
-    }
+    require_root("clean_restart_needs_no_resync_and_keeps_writes_made_while_down");
     let size = 64 * MIB;
     let dev = LoopDev::new(size, true);
     let dir = tempfile::tempdir().expect("tempdir");
@@ -210,10 +205,9 @@ fn clean_restart_needs_no_resync_and_keeps_writes_made_while_down() {
 }
 
 #[test]
+#[ignore = "needs root: loop devices, eBPF and the three binaries"]
 fn relay_and_target_killed_mid_replication_lose_nothing() {
-    if !require_root("relay_and_target_killed_mid_replication_lose_nothing") {
-        return;
-    }
+    require_root("relay_and_target_killed_mid_replication_lose_nothing");
     let size = 128 * MIB;
     let dev = LoopDev::new(size, true);
     let dir = tempfile::tempdir().expect("tempdir");
@@ -241,10 +235,9 @@ fn relay_and_target_killed_mid_replication_lose_nothing() {
 }
 
 #[test]
+#[ignore = "needs root: loop devices, eBPF and the three binaries"]
 fn bad_relay_address_is_reported_and_replication_catches_up_once_fixed() {
-    if !require_root("bad_relay_address_is_reported_and_replication_catches_up_once_fixed") {
-        return;
-    }
+    require_root("bad_relay_address_is_reported_and_replication_catches_up_once_fixed");
     let dev = LoopDev::new(64 * MIB, true);
     let dir = tempfile::tempdir().expect("tempdir");
     let (mut site, disk) = site(dir.path(), &dev);
@@ -299,10 +292,9 @@ fn bad_relay_address_is_reported_and_replication_catches_up_once_fixed() {
 }
 
 #[test]
+#[ignore = "needs root: loop devices, eBPF and the three binaries"]
 fn grown_disk_keeps_replicating_at_its_new_size() {
-    if !require_root("grown_disk_keeps_replicating_at_its_new_size") {
-        return;
-    }
+    require_root("grown_disk_keeps_replicating_at_its_new_size");
     let old = 64 * MIB;
     let new = 96 * MIB;
     let dev = LoopDev::new(old, true);
@@ -403,24 +395,4 @@ fn grown_disk_keeps_replicating_at_its_new_size() {
         "the replica grew while the agent was down: {info}\n{}",
         logs(&site)
     );
-}
-
-/// Unmounts on drop, so a failing test leaves no mount behind.
-struct Unmount(std::path::PathBuf);
-
-fn scopeguard(p: std::path::PathBuf) -> Unmount {
-    Unmount(p)
-}
-
-impl Drop for Unmount {
-    fn drop(&mut self) {
-        let ok = std::process::Command::new("umount")
-            .arg(&self.0)
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-        if !ok {
-            eprintln!("umount {} failed", self.0.display());
-        }
-    }
 }

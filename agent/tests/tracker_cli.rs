@@ -1,12 +1,11 @@
 //! The diagnostic commands on the real kernel: `track --json` prints exactly the
 //! documented lines, `probe` attaches every hook and detaches.
 
-mod common;
-
 use std::io::{BufRead, BufReader, Read};
 use std::process::{Command, Stdio};
 
-use common::{LoopDev, dd_write, require_root, run};
+use blockferry_testkit::devices::{LoopDev, dd_write};
+use blockferry_testkit::privileged::{require_root, run};
 
 const AGENT: &str = env!("CARGO_BIN_EXE_blockferry-agent");
 
@@ -21,10 +20,9 @@ impl Drop for Agent {
 }
 
 #[test]
+#[ignore = "needs root: loop devices and eBPF"]
 fn track_json_prints_the_documented_lines() {
-    if !require_root("track_json_prints_the_documented_lines") {
-        return;
-    }
+    require_root("track_json_prints_the_documented_lines");
     let disk = LoopDev::new(8 << 20, true);
     let dev = disk.path_str();
     let mut agent = Agent(
@@ -70,10 +68,9 @@ fn track_json_prints_the_documented_lines() {
 }
 
 #[test]
+#[ignore = "needs root: loop devices and eBPF"]
 fn probe_attaches_every_hook_and_resolves_the_enums() {
-    if !require_root("probe_attaches_every_hook_and_resolves_the_enums") {
-        return;
-    }
+    require_root("probe_attaches_every_hook_and_resolves_the_enums");
     let out = Command::new(AGENT)
         .arg("probe")
         .output()

@@ -2,27 +2,16 @@
 //! device: every 4 KiB block that changed on the device, comparing images taken
 //! before and after, is reported, and every changed sector inside it is covered.
 
-mod common;
-
 use std::io::Write;
 
 use blockferry_agent::tracker::{Notice, Tracker};
-use common::{BLOCK, LoopDev, require_root, run};
-
-/// Unmounts on drop, so a failing test leaves no mount behind.
-struct Mount(std::path::PathBuf);
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg(&self.0).status();
-    }
-}
+use blockferry_testkit::devices::{BLOCK, LoopDev, Mounted};
+use blockferry_testkit::privileged::{require_root, run};
 
 #[test]
+#[ignore = "needs root: loop devices, mkfs and mount, eBPF"]
 fn tracker_covers_every_block_ext4_changed() {
-    if !require_root("tracker_covers_every_block_ext4_changed") {
-        return;
-    }
+    require_root("tracker_covers_every_block_ext4_changed");
     let disk = LoopDev::new(64 << 20, false);
     run(
         "mkfs.ext4",
@@ -39,16 +28,7 @@ fn tracker_covers_every_block_ext4_changed() {
     let mut t = Tracker::load().expect("load tracker");
     let id = t.protect(&disk.path).expect("protect");
     let mnt = tempfile::tempdir().expect("mount point");
-    run(
-        "mount",
-        &[
-            "-t",
-            "ext4",
-            disk.path_str(),
-            mnt.path().to_str().expect("utf-8"),
-        ],
-    );
-    let mount = Mount(mnt.path().to_owned());
+    let mount = Mounted::new(&["-t", "ext4", disk.path_str()], mnt.path());
 
     let mut seed = 0x2545_f491_4f6c_dd1du64;
     let mut rand = move || {

@@ -1,14 +1,13 @@
 //! Root tests on the real kernel: each write reaches the tracker as exactly the
 //! byte range and operation that was issued, and nothing else does.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
 
 use blockferry_agent::tracker::{ExtentSet, Notice, Op, Tracker};
-use common::{Block, LoopDev, Zram, dd_write, open_direct, require_root, run};
+use blockferry_testkit::devices::{Block, LoopDev, Zram, dd_write, open_direct};
+use blockferry_testkit::privileged::{require_root, run};
 
 const MIB: u64 = 1 << 20;
 
@@ -33,10 +32,9 @@ fn only(op: Op, r: Range<u64>) -> BTreeMap<Op, ExtentSet> {
 }
 
 #[test]
+#[ignore = "needs root: loop devices, partitions, zram and eBPF"]
 fn tracker_reports_exact_extents_on_a_loop_device() {
-    if !require_root("tracker_reports_exact_extents_on_a_loop_device") {
-        return;
-    }
+    require_root("tracker_reports_exact_extents_on_a_loop_device");
     let disk = LoopDev::new(16 * MIB, true);
     let other = LoopDev::new(16 * MIB, true);
     let mut t = Tracker::load().expect("load tracker");
@@ -170,10 +168,9 @@ fn tracker_reports_exact_extents_on_a_loop_device() {
 }
 
 #[test]
+#[ignore = "needs root: loop devices, partitions, zram and eBPF"]
 fn tracker_reports_partition_ranges_relative_to_the_partition() {
-    if !require_root("tracker_reports_partition_ranges_relative_to_the_partition") {
-        return;
-    }
+    require_root("tracker_reports_partition_ranges_relative_to_the_partition");
     let disk = LoopDev::new(16 * MIB, true);
     // Partition 1: sectors 2048..10240 (1 MiB..5 MiB of the disk).
     let part = disk.add_partition(1, 2048, 8192);
@@ -230,10 +227,9 @@ fn tracker_reports_partition_ranges_relative_to_the_partition() {
 }
 
 #[test]
+#[ignore = "needs root: loop devices, partitions, zram and eBPF"]
 fn tracker_sees_completions_on_bio_based_zram() {
-    if !require_root("tracker_sees_completions_on_bio_based_zram") {
-        return;
-    }
+    require_root("tracker_sees_completions_on_bio_based_zram");
     let Some(z) = Zram::new("16M") else {
         eprintln!("skipping: zram is not available on this kernel (no /sys/class/zram-control)");
         return;
@@ -255,10 +251,9 @@ fn tracker_sees_completions_on_bio_based_zram() {
 /// A ring buffer too small for the burst: the kernel counts the lost events,
 /// and the tracker turns them into a resync of the whole device, never silence.
 #[test]
+#[ignore = "needs root: loop devices, partitions, zram and eBPF"]
 fn tracker_turns_ring_buffer_overflow_into_resync() {
-    if !require_root("tracker_turns_ring_buffer_overflow_into_resync") {
-        return;
-    }
+    require_root("tracker_turns_ring_buffer_overflow_into_resync");
     let disk = LoopDev::new(16 * MIB, true);
     // One page: 128 records of 32 bytes with their headers.
     let mut t = Tracker::load_with_ring_bytes(4096).expect("load tracker");
@@ -283,10 +278,9 @@ fn tracker_turns_ring_buffer_overflow_into_resync() {
 /// A grown device (loop capacity change): the tracker signals it, marks the
 /// added range dirty, and its kernel filter covers the new size.
 #[test]
+#[ignore = "needs root: loop devices, partitions, zram and eBPF"]
 fn tracker_signals_a_grow_and_marks_the_added_range() {
-    if !require_root("tracker_signals_a_grow_and_marks_the_added_range") {
-        return;
-    }
+    require_root("tracker_signals_a_grow_and_marks_the_added_range");
     let disk = LoopDev::new(8 * MIB, true);
     let mut t = Tracker::load().expect("load tracker");
     let id = t.protect(&disk.path).expect("protect");

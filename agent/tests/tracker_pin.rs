@@ -3,13 +3,12 @@
 //! to the next one; lost pins, a foreign build and a ring overflow while down
 //! all say "not continuous" (DESIGN invariant 1).
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use blockferry_agent::tracker::{Continuity, ExtentSet, Notice, Tracker};
-use common::{LoopDev, dd_write, require_root};
+use blockferry_testkit::devices::{LoopDev, dd_write};
+use blockferry_testkit::privileged::require_root;
 
 const MIB: u64 = 1 << 20;
 
@@ -59,10 +58,9 @@ fn dirty_after_poll(t: &mut Tracker, id: blockferry_agent::tracker::DeviceId) ->
 }
 
 #[test]
+#[ignore = "needs root: loop devices, eBPF and bpffs pins"]
 fn writes_while_no_agent_runs_reach_the_next_agent() {
-    if !require_root("writes_while_no_agent_runs_reach_the_next_agent") {
-        return;
-    }
+    require_root("writes_while_no_agent_runs_reach_the_next_agent");
     let disk = LoopDev::new(16 * MIB, true);
     let pins = Pins::new("gap");
     let dev = disk.path_str();
@@ -136,10 +134,9 @@ fn pin_child_protects_and_exits() {
 }
 
 #[test]
+#[ignore = "needs root: loop devices, eBPF and bpffs pins"]
 fn tracking_outlives_the_process_that_pinned_it() {
-    if !require_root("tracking_outlives_the_process_that_pinned_it") {
-        return;
-    }
+    require_root("tracking_outlives_the_process_that_pinned_it");
     let disk = LoopDev::new(8 * MIB, true);
     let pins = Pins::new("child");
     let out = std::process::Command::new(std::env::current_exe().expect("test binary"))
@@ -174,10 +171,9 @@ fn tracking_outlives_the_process_that_pinned_it() {
 }
 
 #[test]
+#[ignore = "needs root: loop devices, eBPF and bpffs pins"]
 fn removed_pins_mean_tracking_was_not_continuous() {
-    if !require_root("removed_pins_mean_tracking_was_not_continuous") {
-        return;
-    }
+    require_root("removed_pins_mean_tracking_was_not_continuous");
     let disk = LoopDev::new(8 * MIB, true);
     let pins = Pins::new("removed");
     let (mut a, _) = Tracker::load_persistent(pins.path()).expect("load and pin");
@@ -210,10 +206,9 @@ fn removed_pins_mean_tracking_was_not_continuous() {
 }
 
 #[test]
+#[ignore = "needs root: loop devices, eBPF and bpffs pins"]
 fn pins_of_another_build_are_replaced_and_not_continuous() {
-    if !require_root("pins_of_another_build_are_replaced_and_not_continuous") {
-        return;
-    }
+    require_root("pins_of_another_build_are_replaced_and_not_continuous");
     let disk = LoopDev::new(8 * MIB, true);
     let pins = Pins::new("foreign");
     let (mut a, _) = Tracker::load_persistent(pins.path()).expect("load and pin");
@@ -247,10 +242,9 @@ fn pins_of_another_build_are_replaced_and_not_continuous() {
 }
 
 #[test]
+#[ignore = "needs root: loop devices, eBPF and bpffs pins"]
 fn ring_overflow_while_no_agent_runs_is_a_resync() {
-    if !require_root("ring_overflow_while_no_agent_runs_is_a_resync") {
-        return;
-    }
+    require_root("ring_overflow_while_no_agent_runs_is_a_resync");
     let disk = LoopDev::new(8 * MIB, true);
     let pins = Pins::new("overflow");
     // One page of ring: about a hundred records, two per write.

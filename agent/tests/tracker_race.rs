@@ -6,15 +6,14 @@
 //! keeps stale data. (A tracker that ignores completions fails this test with
 //! tens to hundreds of differing blocks per run.)
 
-mod common;
-
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use blockferry_agent::tracker::{DeviceId, Tracker};
-use common::{BLOCK, Block, LoopDev, open_direct, require_root};
+use blockferry_testkit::devices::{BLOCK, Block, LoopDev, open_direct};
+use blockferry_testkit::privileged::require_root;
 
 const BLOCKS: u64 = 2048; // 8 MiB: small, so writes collide with reads often
 const WRITERS: u64 = 3;
@@ -140,15 +139,15 @@ fn no_lost_write(direct_io: bool) {
 }
 
 #[test]
+#[ignore = "needs root: loop devices and eBPF"]
 fn tracker_loses_no_write_direct_io_loop() {
-    if require_root("tracker_loses_no_write_direct_io_loop") {
-        no_lost_write(true);
-    }
+    require_root("tracker_loses_no_write_direct_io_loop");
+    no_lost_write(true);
 }
 
 #[test]
+#[ignore = "needs root: loop devices and eBPF"]
 fn tracker_loses_no_write_buffered_loop() {
-    if require_root("tracker_loses_no_write_buffered_loop") {
-        no_lost_write(false);
-    }
+    require_root("tracker_loses_no_write_buffered_loop");
+    no_lost_write(false);
 }

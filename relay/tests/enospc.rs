@@ -4,82 +4,29 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::Duration;
 
 use blockferry_proto::Seq;
 use blockferry_relay::Config;
+use blockferry_testkit::devices::Tmpfs;
+use blockferry_testkit::privileged::require_root;
 use common::*;
 use tokio_util::sync::CancellationToken;
 
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
-        })
-        .unwrap_or(false)
-}
-
-/// A tmpfs of `size` mounted on a fresh temp dir; unmounted on drop.
-struct Tmpfs {
-    dir: tempfile::TempDir,
-}
-
-impl Tmpfs {
-    fn mount(size: &str) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let ok = Command::new("mount")
-            .args([
-                "-t",
-                "tmpfs",
-                "-o",
-                &format!("size={size}"),
-                "blockferry-test",
-            ])
-            .arg(dir.path())
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "mount tmpfs on {}", dir.path().display());
-        Tmpfs { dir }
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let ok = Command::new("umount")
-            .arg(self.dir.path())
-            .status()
-            .map(|s| s.success());
-        if !matches!(ok, Ok(true)) {
-            eprintln!("could not unmount {}", self.dir.path().display());
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: mounts a tmpfs"]
 async fn full_spool_disk_stops_acks_and_recovers_without_loss() {
-    if !is_root() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "this test needs root in CI"
-        );
-        eprintln!("skipping: needs root to mount a tmpfs");
-        return;
-    }
+    require_root("full_spool_disk_stops_acks_and_recovers_without_loss");
     const N: u64 = 40;
     const LEN: usize = 64 << 10;
     init_logs();
-    let fs = Tmpfs::mount("1m");
+    let fs = Tmpfs::mount(1 << 20);
     let pki = Pki::new();
     let cancel = CancellationToken::new();
     let target = RecordingTarget::new();
     target.hold();
     let taddr = start_target(&pki, target.clone(), &cancel);
-    let spool = fs.dir.path().join("spool");
+    let spool = fs.path().join("spool");
     let text = relay_toml(
         &pki,
         &spool,
@@ -87,10 +34,9 @@ async fn full_spool_disk_stops_acks_and_recovers_without_loss() {
         taddr,
         64 << 20,
     );
-    let relay =
-        blockferry_relay::start(Config::parse(&text, fs.dir.path()).unwrap(), cancel.clone())
-            .await
-            .unwrap();
+    let relay = blockferry_relay::start(Config::parse(&text, fs.path()).unwrap(), cancel.clone())
+        .await
+        .unwrap();
 
     // A small window keeps each spool append small, so some fit before the disk is full.
     let ch = agent_channel(&pki, "host-a", DISK_A, relay.listen_addr, 4, &cancel);

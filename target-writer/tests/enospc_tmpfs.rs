@@ -5,59 +5,14 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use blockferry_target::{ApplyBatch, Consistency, DiskStore, PointMeta, StoreOptions, TargetError};
+use blockferry_testkit::devices::Tmpfs;
+use blockferry_testkit::privileged::require_root;
 use common::*;
 use rand::{SeedableRng, rngs::StdRng};
 
 const SIZE: u64 = 4 << 20;
-
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
-        })
-        .unwrap_or(false)
-}
-
-/// A tmpfs mounted for this test, unmounted on drop (also on panic).
-struct Tmpfs {
-    dir: PathBuf,
-    _holder: tempfile::TempDir,
-}
-
-impl Tmpfs {
-    fn mount(bytes: u64) -> Tmpfs {
-        let holder = tempfile::tempdir().unwrap();
-        let dir = holder.path().join("fs");
-        std::fs::create_dir(&dir).unwrap();
-        let st = Command::new("mount")
-            .args(["-t", "tmpfs", "-o"])
-            .arg(format!("size={bytes}"))
-            .arg("blockferry-enospc")
-            .arg(&dir)
-            .status()
-            .unwrap();
-        assert!(st.success(), "mount tmpfs: {st}");
-        Tmpfs {
-            dir,
-            _holder: holder,
-        }
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        match Command::new("umount").arg(&self.dir).status() {
-            Ok(st) if st.success() => {}
-            other => eprintln!("umount {}: {other:?}", self.dir.display()),
-        }
-    }
-}
 
 fn fill_up(path: &Path) -> u64 {
     use std::io::Write;
@@ -91,18 +46,10 @@ struct Full {
     acked: usize,
 }
 
-/// `None` (a skip) without root outside CI.
-fn apply_until_full(thin: bool, seed: u64) -> Option<Full> {
-    if !is_root() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "this test needs root in CI"
-        );
-        eprintln!("skipping: needs root to mount a tmpfs");
-        return None;
-    }
+/// Needs root (the caller is an ignored root-only test).
+fn apply_until_full(thin: bool, seed: u64) -> Full {
     let fs = Tmpfs::mount(16 << 20);
-    let root = fs.dir.join("store");
+    let root = fs.path().join("store");
     let mut s = DiskStore::create(&root, DISK, SIZE, now_ms(), opts(thin)).unwrap();
     let mut rng = StdRng::seed_from_u64(seed);
     let batches: Vec<_> = (1..=400).map(|q| random_batch(&mut rng, q, SIZE)).collect();
@@ -110,7 +57,7 @@ fn apply_until_full(thin: bool, seed: u64) -> Option<Full> {
     let point = s
         .create_point(Consistency::CrashConsistent, now_ms())
         .unwrap();
-    let filler = fs.dir.join("filler");
+    let filler = fs.path().join("filler");
     fill_up(&filler);
     let mut acked = 1;
     let err = loop {
@@ -123,7 +70,7 @@ fn apply_until_full(thin: bool, seed: u64) -> Option<Full> {
     assert!(matches!(err, TargetError::NoSpace { .. }), "{err}");
     assert!(err.to_string().contains("no space"), "{err}");
     eprintln!("stopped after batch {acked}: {err}");
-    Some(Full {
+    Full {
         fs,
         root,
         s,
@@ -131,12 +78,14 @@ fn apply_until_full(thin: bool, seed: u64) -> Option<Full> {
         point,
         filler,
         acked,
-    })
+    }
 }
 
 #[test]
+#[ignore = "needs root: mounts a tmpfs"]
 fn a_full_file_system_stops_applies_cleanly_and_they_resume_when_space_frees() {
-    let Some(Full {
+    require_root("a_full_file_system_stops_applies_cleanly_and_they_resume_when_space_frees");
+    let Full {
         fs: _fs,
         root,
         mut s,
@@ -145,10 +94,7 @@ fn a_full_file_system_stops_applies_cleanly_and_they_resume_when_space_frees() {
         filler,
         acked: i,
         ..
-    }) = apply_until_full(false, 33)
-    else {
-        return;
-    };
+    } = apply_until_full(false, 33);
     // Whatever the store reports as durable is exactly in the replica.
     let applied = s.applied_seq();
     assert!(
@@ -193,8 +139,10 @@ fn a_full_file_system_stops_applies_cleanly_and_they_resume_when_space_frees() {
 /// journal); nothing acknowledged is lost, and once space frees the replay
 /// and the remaining batches go through.
 #[test]
+#[ignore = "needs root: mounts a tmpfs"]
 fn a_full_file_system_under_a_thin_replica_loses_nothing_and_resumes() {
-    let Some(Full {
+    require_root("a_full_file_system_under_a_thin_replica_loses_nothing_and_resumes");
+    let Full {
         fs,
         root,
         s,
@@ -202,10 +150,7 @@ fn a_full_file_system_under_a_thin_replica_loses_nothing_and_resumes() {
         point,
         filler,
         acked,
-    }) = apply_until_full(true, 34)
-    else {
-        return;
-    };
+    } = apply_until_full(true, 34);
     drop(s);
     // Still full: reopening either works or says "no space" again.
     match DiskStore::open(&root, DISK, opts(true)) {
@@ -234,7 +179,7 @@ fn a_full_file_system_under_a_thin_replica_loses_nothing_and_resumes() {
     let report = blockferry_target::vmdk::check::check(&desc).unwrap();
     assert!(report.is_clean(), "{report:?}");
     if have_qemu_img() {
-        let model = fs.dir.join("model.raw");
+        let model = fs.path().join("model.raw");
         std::fs::write(&model, model_at(&batches, SIZE, batches.len() as u64)).unwrap();
         assert!(qemu_same(&model, &desc));
     }

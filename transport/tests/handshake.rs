@@ -2,34 +2,13 @@
 
 use std::net::SocketAddr;
 
-use blockferry_transport::pki::{self, Ca, InitNames, Role, Validity};
-use blockferry_transport::tls::load_certs;
+use blockferry_testkit::pki::Pki;
+use blockferry_transport::pki::{self, Ca, Role, Validity};
 use blockferry_transport::{
     RevocationList, TlsIdentity, Tuning, client_config, client_endpoint, peer_identity,
     server_config, server_endpoint,
 };
 use time::{Duration, OffsetDateTime};
-
-struct Pki {
-    dir: tempfile::TempDir,
-}
-
-impl Pki {
-    fn new() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        pki::init(dir.path(), &InitNames::default()).unwrap();
-        Pki { dir }
-    }
-
-    fn ca(&self) -> Vec<rustls_pki_types::CertificateDer<'static>> {
-        load_certs(&self.dir.path().join(pki::CA_CERT)).unwrap()
-    }
-
-    fn identity(&self, stem: &str) -> TlsIdentity {
-        let f = pki::cert_files(self.dir.path(), stem);
-        TlsIdentity::load(&f.cert, &f.key).unwrap()
-    }
-}
 
 /// Outcome of one connection attempt, seen from both ends.
 struct Attempt {
@@ -91,7 +70,7 @@ async fn attempt(
 
 #[tokio::test]
 async fn good_certificates_connect_and_the_server_sees_the_agent_name() {
-    let p = Pki::new();
+    let p = Pki::bare();
     let agent = pki::issue_agent(p.dir.path(), "host-a").unwrap();
     let id = TlsIdentity::load(&agent.cert, &agent.key).unwrap();
     let a = attempt(&p, RevocationList::default(), &p, id).await;
@@ -101,8 +80,8 @@ async fn good_certificates_connect_and_the_server_sees_the_agent_name() {
 
 #[tokio::test]
 async fn agent_of_another_ca_is_refused() {
-    let p = Pki::new();
-    let other = Pki::new();
+    let p = Pki::bare();
+    let other = Pki::bare();
     let agent = pki::issue_agent(other.dir.path(), "host-a").unwrap();
     let id = TlsIdentity::load(&agent.cert, &agent.key).unwrap();
     // The agent trusts the real CA (so it accepts the server); its own cert is foreign.
@@ -116,8 +95,8 @@ async fn agent_of_another_ca_is_refused() {
 
 #[tokio::test]
 async fn server_of_another_ca_is_refused_by_the_agent() {
-    let p = Pki::new();
-    let other = Pki::new();
+    let p = Pki::bare();
+    let other = Pki::bare();
     let agent = pki::issue_agent(p.dir.path(), "host-a").unwrap();
     let id = TlsIdentity::load(&agent.cert, &agent.key).unwrap();
     let a = attempt(&other, RevocationList::default(), &p, id).await;
@@ -127,7 +106,7 @@ async fn server_of_another_ca_is_refused_by_the_agent() {
 
 #[tokio::test]
 async fn expired_agent_certificate_is_refused() {
-    let p = Pki::new();
+    let p = Pki::bare();
     let now = OffsetDateTime::now_utc();
     let expired = Validity {
         not_before: now - Duration::days(10),
@@ -143,7 +122,7 @@ async fn expired_agent_certificate_is_refused() {
 
 #[tokio::test]
 async fn revoked_agent_is_refused_at_the_handshake() {
-    let p = Pki::new();
+    let p = Pki::bare();
     let agent = pki::issue_agent(p.dir.path(), "host-b").unwrap();
     let id = TlsIdentity::load(&agent.cert, &agent.key).unwrap();
     let revoked = RevocationList::parse("host-b\n").unwrap();
@@ -156,7 +135,7 @@ async fn revoked_agent_is_refused_at_the_handshake() {
 #[tokio::test]
 async fn a_server_only_certificate_cannot_act_as_client() {
     // The target's certificate lacks the client-auth usage: it cannot pose as an agent.
-    let p = Pki::new();
+    let p = Pki::bare();
     let a = attempt(&p, RevocationList::default(), &p, p.identity("target")).await;
     assert!(!a.client_ok);
     assert!(a.server_saw.is_err());

@@ -1,118 +1,35 @@
 //! Frames over real QUIC between a DiskChannel and the sink loop.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use blockferry_proto::{
-    DiskId, DiskSender, ErrorCode, Frame, Generation, HashRangeReply, HashRangeRequest, Hello,
-    SenderConfig, Seq, build_chunk,
+    DiskId, DiskSender, ErrorCode, Frame, Generation, SenderConfig, Seq, build_chunk,
 };
-use blockferry_transport::pki::{self, InitNames};
-use blockferry_transport::sink::{self, Accepted, DiskState, FrameSink, ServeOptions, SinkError};
-use blockferry_transport::tls::load_certs;
-use blockferry_transport::{
-    Connector, DiskChannel, PeerIdentity, RevocationList, TlsIdentity, Tuning, client_config,
-    client_endpoint, server_config, server_endpoint,
-};
+use blockferry_testkit::channel::client;
+use blockferry_testkit::init_logs;
+use blockferry_testkit::pki::Pki;
+use blockferry_testkit::sink::{RecordingTarget, serve_recording};
+use blockferry_transport::{Connector, DiskChannel, Tuning};
 use tokio_util::sync::CancellationToken;
 
-/// Records every frame applied, per disk, in order.
-#[derive(Default)]
-struct MemSink {
-    applied: Mutex<HashMap<DiskId, Vec<Frame>>>,
-}
-
-impl FrameSink for MemSink {
-    async fn open(&self, peer: &PeerIdentity, hello: &Hello) -> Result<DiskState, SinkError> {
-        if peer.name != hello.agent {
-            return Err(SinkError::new(
-                ErrorCode::NotAuthorized,
-                "identity mismatch",
-            ));
-        }
-        let applied = self.applied.lock().unwrap();
-        let last = applied
-            .get(&hello.disk)
-            .and_then(|v| v.last())
-            .map_or(Seq::ZERO, |f| {
-                blockferry_proto::sender::sequenced(f).map_or(Seq::ZERO, |(_, _, s)| s)
-            });
-        Ok(DiskState {
-            generation: Generation(1),
-            durable_seq: last,
-        })
-    }
-
-    async fn apply(&self, disk: DiskId, frames: Vec<Accepted>) -> Result<(), SinkError> {
-        let mut applied = self.applied.lock().unwrap();
-        applied
-            .entry(disk)
-            .or_default()
-            .extend(frames.into_iter().map(|a| a.frame));
-        Ok(())
-    }
-
-    async fn hash_ranges(
-        &self,
-        _peer: &PeerIdentity,
-        req: HashRangeRequest,
-    ) -> Result<HashRangeReply, SinkError> {
-        Ok(HashRangeReply {
-            disk: req.disk,
-            generation: req.generation,
-            request_id: req.request_id,
-            digests: Vec::new(),
-        })
-    }
-}
-
 struct Setup {
-    _dir: tempfile::TempDir,
+    _pki: Pki,
     addr: SocketAddr,
-    sink: Arc<MemSink>,
+    sink: Arc<RecordingTarget>,
     agent_ep: quinn::Endpoint,
     cancel: CancellationToken,
 }
 
 fn setup(tuning: Tuning) -> Setup {
-    // Logs on demand (RUST_LOG); a second init in the same process is fine to skip.
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init()
-        .ok();
-    let dir = tempfile::tempdir().unwrap();
-    pki::init(dir.path(), &InitNames::default()).unwrap();
-    let agent = pki::issue_agent(dir.path(), "host-a").unwrap();
-    let ca = load_certs(&dir.path().join(pki::CA_CERT)).unwrap();
-    let rf = pki::cert_files(dir.path(), "relay");
-    let scfg = server_config(
-        &ca,
-        TlsIdentity::load(&rf.cert, &rf.key).unwrap(),
-        RevocationList::default(),
-        &tuning,
-    )
-    .unwrap();
-    let server = server_endpoint("127.0.0.1:0".parse().unwrap(), scfg, &tuning).unwrap();
-    let addr = server.local_addr().unwrap();
-    let sink = Arc::new(MemSink::default());
+    init_logs();
+    let pki = Pki::new();
+    let sink = RecordingTarget::new();
     let cancel = CancellationToken::new();
-    tokio::spawn(sink::serve(
-        server,
-        sink.clone(),
-        ServeOptions::default(),
-        cancel.clone(),
-    ));
-    let ccfg = client_config(
-        &ca,
-        TlsIdentity::load(&agent.cert, &agent.key).unwrap(),
-        &tuning,
-    )
-    .unwrap();
-    let agent_ep = client_endpoint("127.0.0.1:0".parse().unwrap(), ccfg, &tuning).unwrap();
+    let addr = serve_recording(&pki, "relay", sink.clone(), &tuning, &cancel);
+    let agent_ep = client(&pki, pki.agent_identity("host-a"), &tuning);
     Setup {
-        _dir: dir,
+        _pki: pki,
         addr,
         sink,
         agent_ep,

@@ -6,34 +6,7 @@
 use std::path::Path;
 
 use blockferry_agent::reader::{self, Encoding, ReaderConfig, ReaderEvent};
-
-/// Deterministic data with every kind of chunk: random (incompressible),
-/// text-like (compressible), half-compressible, and all-zero stretches.
-pub fn mixed_data(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    let mut next = move || {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        x
-    };
-    let mut v = Vec::with_capacity(len);
-    while v.len() < len {
-        let kind = next() % 4;
-        let run = 4096 + (next() % (200 * 1024)) as usize;
-        for i in 0..run {
-            v.push(match kind {
-                0 => next() as u8,
-                1 => b"blockferry replicates "[i % 22],
-                2 if i % 2 == 0 => next() as u8,
-                2 => 0,
-                _ => 0,
-            });
-        }
-    }
-    v.truncate(len);
-    v
-}
+pub use blockferry_testkit::data::mixed_data;
 
 /// The plain bytes of a chunk, checked by the same code the relay and the
 /// target run (decode, then compare blake3 with the hash sent).

@@ -1,54 +1,25 @@
-//! Helpers of the root tests: block devices the test creates itself and
-//! removes on drop (even when the test panics), and the root check.
-#![allow(dead_code)] // each test file uses a part
+//! Block devices and file systems a root-only test creates itself and removes on
+//! drop, even when the test panics: loop devices, partitions, zram, tmpfs.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// Root tests run only as root. Without root: fail under CI (CI runs as root,
-/// so a skip there would hide a broken setup), skip elsewhere.
-pub fn require_root(test: &str) -> bool {
-    let root = std::fs::metadata("/proc/self")
-        .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
-        .unwrap_or(false);
-    if root {
-        return true;
-    }
-    if std::env::var_os("CI").is_some() {
-        panic!("{test} needs root and CI is set: run the tests as root");
-    }
-    eprintln!("skipping {test}: needs root (loop devices, eBPF)");
-    false
-}
+use crate::privileged::run;
 
-/// Runs a command, panicking with its output if it fails; returns stdout.
-pub fn run(program: &str, args: &[&str]) -> String {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {program}: {e} (is it installed?)"));
-    assert!(
-        out.status.success(),
-        "{program} {args:?} failed with {}: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// A file-backed loop device, detached on drop.
+/// A loop device over a file, detached on drop.
+#[derive(Debug)]
 pub struct LoopDev {
     pub path: PathBuf,
     pub size: u64,
     backing: PathBuf,
-    _dir: tempfile::TempDir,
+    _dir: Option<tempfile::TempDir>,
 }
 
 impl LoopDev {
-    /// A zero-filled (sparse) loop device of `size` bytes; `direct_io` makes the
-    /// loop driver bypass the page cache of the backing file.
+    /// A zero-filled (sparse) loop device of `size` bytes over a file of its own;
+    /// `direct_io` makes the loop driver bypass the page cache of the backing file.
     pub fn new(size: u64, direct_io: bool) -> LoopDev {
         let dir = tempfile::Builder::new()
             .prefix("bf-loop")
@@ -58,18 +29,27 @@ impl LoopDev {
         File::create(&backing)
             .and_then(|f| f.set_len(size))
             .expect("create backing file");
+        let mut dev = LoopDev::attach(&backing, direct_io);
+        dev._dir = Some(dir);
+        dev
+    }
+
+    /// A loop device over the existing file `backing` (which the caller keeps).
+    pub fn attach(backing: &Path, direct_io: bool) -> LoopDev {
+        let size = std::fs::metadata(backing)
+            .unwrap_or_else(|e| panic!("cannot stat {}: {e}", backing.display()))
+            .len();
         let mut args = vec!["-f", "--show"];
         if direct_io {
             args.push("--direct-io=on");
         }
-        let b = backing.to_str().expect("utf-8 temp path");
-        args.push(b);
+        args.push(backing.to_str().expect("utf-8 backing path"));
         let path = PathBuf::from(run("losetup", &args).trim());
         LoopDev {
             path,
             size,
-            backing,
-            _dir: dir,
+            backing: backing.to_owned(),
+            _dir: None,
         }
     }
 
@@ -141,6 +121,7 @@ impl Drop for LoopDev {
 }
 
 /// A partition made with `addpart`, deleted on drop.
+#[derive(Debug)]
 pub struct Partition<'a> {
     disk: &'a LoopDev,
     n: u32,
@@ -149,16 +130,21 @@ pub struct Partition<'a> {
 
 impl Drop for Partition<'_> {
     fn drop(&mut self) {
-        let _ = Command::new("delpart")
+        match Command::new("delpart")
             .arg(&self.disk.path)
             .arg(self.n.to_string())
-            .status();
+            .status()
+        {
+            Ok(s) if s.success() => {}
+            other => eprintln!("delpart {} {}: {other:?}", self.disk.path.display(), self.n),
+        }
     }
 }
 
 pub const BLOCK: usize = 4096;
 
 /// A block-aligned buffer, as O_DIRECT needs.
+#[derive(Debug)]
 #[repr(C, align(4096))]
 pub struct Block(pub [u8; BLOCK]);
 
@@ -189,6 +175,7 @@ pub fn dd_write(dev: &str, bs: u64, seek: u64, count: u64, extra: &[&str]) {
 }
 
 /// A zram device made with hot_add (None when zram is not available), removed on drop.
+#[derive(Debug)]
 pub struct Zram {
     pub id: u32,
     pub path: PathBuf,
@@ -212,7 +199,71 @@ impl Zram {
 
 impl Drop for Zram {
     fn drop(&mut self) {
-        let _ = std::fs::write(format!("/sys/block/zram{}/reset", self.id), "1");
-        let _ = std::fs::write("/sys/class/zram-control/hot_remove", self.id.to_string());
+        if let Err(e) = std::fs::write(format!("/sys/block/zram{}/reset", self.id), "1") {
+            eprintln!("cannot reset zram{}: {e}", self.id);
+        }
+        if let Err(e) = std::fs::write("/sys/class/zram-control/hot_remove", self.id.to_string()) {
+            eprintln!("cannot remove zram{}: {e}", self.id);
+        }
+    }
+}
+
+/// A mount made by the test, unmounted on drop (also on panic).
+#[derive(Debug)]
+pub struct Mounted {
+    dir: PathBuf,
+}
+
+impl Mounted {
+    /// Runs `mount ARGS... DIR` (e.g. `["-t", "ext4", "/dev/loop0"]`).
+    pub fn new(args: &[&str], dir: &Path) -> Mounted {
+        let mut all = args.to_vec();
+        all.push(dir.to_str().expect("utf-8 mount point"));
+        run("mount", &all);
+        Mounted {
+            dir: dir.to_owned(),
+        }
+    }
+
+    /// The mount point.
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        match Command::new("umount").arg(&self.dir).status() {
+            Ok(st) if st.success() => {}
+            other => eprintln!("umount {}: {other:?}", self.dir.display()),
+        }
+    }
+}
+
+/// A tmpfs of `bytes` mounted on a fresh temp dir for this test; unmounted on
+/// drop (also on panic).
+#[derive(Debug)]
+pub struct Tmpfs {
+    // Declared first: unmounted before the mount point is removed.
+    mount: Mounted,
+    _holder: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    pub fn mount(bytes: u64) -> Tmpfs {
+        let holder = tempfile::tempdir().expect("temp dir");
+        let dir = holder.path().join("fs");
+        std::fs::create_dir(&dir).expect("create the mount point");
+        let size = format!("size={bytes}");
+        let mount = Mounted::new(&["-t", "tmpfs", "-o", &size, "blockferry-test"], &dir);
+        Tmpfs {
+            mount,
+            _holder: holder,
+        }
+    }
+
+    /// The root of the mounted file system.
+    pub fn path(&self) -> &Path {
+        self.mount.path()
     }
 }
