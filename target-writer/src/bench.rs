@@ -10,7 +10,9 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::batch::{ApplyBatch, Chunk, Consistency};
+use blockferry_proto::Consistency;
+
+use crate::batch::{ApplyBatch, raw_chunk, zstd_chunk};
 use crate::error::{Result, TargetError};
 use crate::export::{ExportFormat, export_point};
 use crate::store::{DiskStore, StoreOptions};
@@ -181,7 +183,7 @@ pub fn apply_vs_raw(
     for (i, w) in before.iter().enumerate() {
         let chunks = w
             .iter()
-            .map(|(off, d)| Chunk::raw(*off, d.clone()))
+            .map(|(off, d)| raw_chunk(*off, d.clone()))
             .collect();
         s.apply(&ApplyBatch {
             disk: disk.clone(),
@@ -200,10 +202,10 @@ pub fn apply_vs_raw(
         let chunks = w
             .iter()
             .map(|(off, d)| match zstd_level {
-                Some(level) => Chunk::zstd(*off, d, level),
-                None => Ok(Chunk::raw(*off, d.clone())),
+                Some(level) => zstd_chunk(*off, d, level),
+                None => Ok(raw_chunk(*off, d.clone())),
             })
-            .collect::<std::io::Result<Vec<Chunk>>>()
+            .collect::<std::io::Result<Vec<blockferry_proto::Chunk>>>()
             .map_err(|e| TargetError::io("zstd", None, e))?;
         let b = ApplyBatch {
             disk: disk.clone(),
@@ -251,7 +253,7 @@ pub fn export_vs_qemu(dir: &Path, size: u64, rounds: usize) -> Result<Vec<Export
         for k in 0..step / 65536 {
             let mut data = vec![0u8; 65536];
             fill(&mut data, off / 65536 + k);
-            chunks.push(Chunk::raw(off + k * 65536, data));
+            chunks.push(raw_chunk(off + k * 65536, data));
         }
         seq += 1;
         s.apply(&ApplyBatch {

@@ -81,7 +81,7 @@ fn plan(
                 });
             };
             let set = store.changed_between(older, point)?;
-            Some(set.iter().map(|(a, b)| a..b).collect::<Vec<Range<u64>>>())
+            Some(set.iter().collect::<Vec<Range<u64>>>())
         }
     };
     let meta = store

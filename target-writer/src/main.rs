@@ -10,7 +10,7 @@ use blockferry_target::TargetError;
 use blockferry_target::control::{ControlError, ExportRequest, request_export, socket_path};
 use blockferry_target::export::{ExportFormat, export_point};
 use blockferry_target::feed::{FeedItem, decode_all};
-use blockferry_target::store::{DiskStore, StoreOptions, list_points};
+use blockferry_target::store::{DiskStore, StoreOptions, label_name, list_points};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -341,7 +341,7 @@ fn main() -> Result<()> {
                             "id": p.id,
                             "time": fmt_utc(p.time_ms),
                             "time_ms": p.time_ms,
-                            "label": p.label.to_string(),
+                            "label": label_name(p.label),
                             "generation": p.generation,
                             "seq": p.seq,
                             "size": p.segment_len,
@@ -359,7 +359,7 @@ fn main() -> Result<()> {
                         "{:>6}  {:<20}  {:<16}  {:>12}",
                         p.id,
                         fmt_utc(p.time_ms),
-                        p.label.to_string(),
+                        label_name(p.label),
                         p.segment_len
                     );
                 }

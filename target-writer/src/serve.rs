@@ -58,7 +58,9 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, warn};
 
-use crate::batch::{ApplyBatch, Barrier, Chunk, Consistency, Encoding};
+use blockferry_proto::Consistency;
+
+use crate::batch::ApplyBatch;
 use crate::control::{self, ExportRequest, ProgressThrottle, Reply};
 use crate::error::TargetError;
 use crate::export::export_point_live;
@@ -209,53 +211,18 @@ pub struct TargetSink {
 
 fn sink_error(e: &TargetError) -> SinkError {
     let code = match e {
-        TargetError::HashMismatch { .. } | TargetError::Decompress { .. } => ErrorCode::Integrity,
+        TargetError::HashMismatch { .. }
+        | TargetError::Decompress { .. }
+        | TargetError::BadChunk { .. } => ErrorCode::Integrity,
         TargetError::ChunkTooLarge { .. } => ErrorCode::TooLarge,
         TargetError::OutOfRange { .. } | TargetError::WrongDisk { .. } => ErrorCode::Protocol,
         TargetError::Gap { .. } => ErrorCode::SequenceGap,
         TargetError::StaleGeneration { .. } => ErrorCode::StaleGeneration,
+        TargetError::ReusedSeq { .. } => ErrorCode::Protocol,
         TargetError::NoSpace { .. } | TargetError::Locked { .. } => ErrorCode::Unavailable,
         _ => ErrorCode::Internal,
     };
     SinkError::new(code, e.to_string())
-}
-
-/// Converts a proto batch to the store's plain type.
-pub fn batch_from_proto(disk: &str, b: &blockferry_proto::ExtentBatch) -> ApplyBatch {
-    ApplyBatch {
-        disk: disk.to_string(),
-        generation: b.generation.0,
-        seq: b.seq.0,
-        chunks: b
-            .chunks
-            .iter()
-            .map(|c| Chunk {
-                offset: c.offset,
-                len: c.len,
-                hash: c.hash,
-                encoding: match c.encoding {
-                    blockferry_proto::Encoding::Raw => Encoding::Raw,
-                    blockferry_proto::Encoding::Zstd => Encoding::Zstd,
-                    blockferry_proto::Encoding::Zero => Encoding::Zero,
-                },
-                payload: c.payload.to_vec(),
-            })
-            .collect(),
-    }
-}
-
-pub fn barrier_from_proto(disk: &str, b: &blockferry_proto::Barrier) -> Barrier {
-    Barrier {
-        disk: disk.to_string(),
-        generation: b.generation.0,
-        seq: b.seq.0,
-        label: match b.consistency {
-            blockferry_proto::Consistency::NotConsistent => Consistency::NotConsistent,
-            blockferry_proto::Consistency::CrashConsistent => Consistency::CrashConsistent,
-            blockferry_proto::Consistency::AppConsistent => Consistency::AppConsistent,
-        },
-        time_ms: b.timestamp_ns / 1_000_000,
-    }
 }
 
 impl TargetSink {
@@ -318,12 +285,10 @@ impl TargetSink {
         let mut run = Vec::new();
         for a in frames {
             match &a.frame {
-                Frame::Batch(b) => run.push(batch_from_proto(&name, b)),
+                Frame::Batch(b) => run.push(ApplyBatch::from_proto(&name, b)),
                 Frame::Barrier(b) => {
                     s.apply_many(&std::mem::take(&mut run))?;
-                    new_point |= s
-                        .barrier(&barrier_from_proto(&name, b), now_ms())?
-                        .is_some();
+                    new_point |= s.barrier(b, now_ms())?.is_some();
                 }
                 other => {
                     warn!(disk = %name, frame = ?other.frame_type(), "unexpected frame in the apply queue, ignored")

@@ -37,10 +37,12 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 
-use crate::batch::{ApplyBatch, Barrier, Consistency, Undo, Verified, verify_batch};
+use blockferry_proto::extent::ExtentSet;
+use blockferry_proto::{Barrier, Consistency, Generation, Seq, SeqOrder, seq_order};
+
+use crate::batch::{ApplyBatch, Undo, Verified, verify_batch};
 use crate::crashsafe::{FaultPlan, read_exact_at};
 use crate::error::{Result, TargetError};
-use crate::extents::ExtentSet;
 use crate::replica::{FlatReplica, Replica, SparseReplica};
 use crate::retention::{PointStamp, RetentionPolicy, retain};
 use crate::segment;
@@ -81,6 +83,7 @@ pub struct PointMeta {
     pub id: u64,
     /// Creation time, milliseconds since the Unix epoch (target clock).
     pub time_ms: u64,
+    #[serde(with = "label_text")]
     pub label: Consistency,
     pub generation: u64,
     /// The disk as it was after this sequence number (the last batch or
@@ -278,6 +281,83 @@ pub fn content_id(disk: &str, created_ms: u64, generation: u64, seq: u64) -> u32
     if cid == u32::MAX { 0x1234_5678 } else { cid }
 }
 
+/// The disk state as written to `state.json`. An encoding failure is an
+/// error: an empty state file would lose every recovery point.
+fn encode_state(dir: &Path, st: &DiskState) -> Result<Vec<u8>> {
+    serde_json::to_vec_pretty(st).map_err(|e| TargetError::EncodeState {
+        path: dir.join(STATE),
+        reason: e.to_string(),
+    })
+}
+
+/// Places a frame's `(generation, seq)` against the `held` one with the one
+/// check of the sequence invariant ([`blockferry_proto::seq_order`]): `true`
+/// for the next frame, `false` for a replay, a typed error otherwise.
+pub fn next_in_sequence(disk: &str, held: (u64, u64), got: (u64, u64)) -> Result<bool> {
+    let order = seq_order(
+        (Generation(held.0), Seq(held.1)),
+        (Generation(got.0), Seq(got.1)),
+    );
+    let disk = disk.to_string();
+    match order {
+        SeqOrder::Next => Ok(true),
+        SeqOrder::Duplicate => Ok(false),
+        SeqOrder::Gap { expected } => Err(TargetError::Gap {
+            disk,
+            generation: got.0,
+            got: got.1,
+            expected: expected.0,
+        }),
+        SeqOrder::StaleGeneration { current } => Err(TargetError::StaleGeneration {
+            disk,
+            got: got.0,
+            current: current.0,
+        }),
+        SeqOrder::Reused { held } => Err(TargetError::ReusedSeq {
+            disk,
+            generation: got.0,
+            got: got.1,
+            held: held.0,
+        }),
+    }
+}
+
+/// The text of a recovery point's label, as the state file and the CLI show it.
+pub fn label_name(label: Consistency) -> &'static str {
+    match label {
+        Consistency::NotConsistent => "not-consistent",
+        Consistency::CrashConsistent => "crash-consistent",
+        Consistency::AppConsistent => "app-consistent",
+    }
+}
+
+/// The label named `text` by [`label_name`].
+pub fn parse_label(text: &str) -> Option<Consistency> {
+    [
+        Consistency::NotConsistent,
+        Consistency::CrashConsistent,
+        Consistency::AppConsistent,
+    ]
+    .into_iter()
+    .find(|&c| label_name(c) == text)
+}
+
+/// Serde of a point's label as its text, so state files keep their format.
+mod label_text {
+    use blockferry_proto::Consistency;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(label: &Consistency, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(super::label_name(*label))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Consistency, D::Error> {
+        let text = String::deserialize(d)?;
+        super::parse_label(&text)
+            .ok_or_else(|| serde::de::Error::custom(format!("unknown label {text:?}")))
+    }
+}
+
 impl DiskStore {
     /// Creates the replica of a new disk of `size` bytes (all zero).
     pub fn create(
@@ -343,11 +423,7 @@ impl DiskStore {
             points: Vec::new(),
         };
         // The state file is the commit point of creation.
-        f.write_atomic(
-            &dir,
-            STATE,
-            &serde_json::to_vec_pretty(&state).unwrap_or_default(),
-        )?;
+        f.write_atomic(&dir, STATE, &encode_state(&dir, &state)?)?;
         info!(disk, size, "created replica");
         Ok(DiskStore {
             dir,
@@ -432,7 +508,7 @@ impl DiskStore {
             f.sync_data(&seg, &path)?;
             let idx = segment::scan(&path, p.segment_len, self.state.size)?;
             for e in &idx.entries {
-                self.cover.insert(e.offset, e.offset + e.len);
+                self.cover.insert(e.offset..e.offset + e.len);
             }
             self.open_seg = Some(seg);
         }
@@ -454,7 +530,7 @@ impl DiskStore {
                 self.replica.write_at(&f, &data, c.offset)?;
             }
             for c in &rec.undo {
-                self.cover.insert(c.offset, c.end());
+                self.cover.insert(c.offset..c.end());
                 self.journal_undo.push((rec.seq, c.clone()));
             }
             self.state.generation = rec.generation;
@@ -607,29 +683,11 @@ impl DiskStore {
                     got: batch.disk.clone(),
                 });
             }
-            if batch.generation < generation {
-                return Err(TargetError::StaleGeneration {
-                    disk,
-                    got: batch.generation,
-                    current: generation,
-                });
+            if !next_in_sequence(&disk, (generation, applied), (batch.generation, batch.seq))? {
+                debug!(seq = batch.seq, "replayed batch ignored");
+                outcomes.push(ApplyOutcome::Duplicate);
+                continue;
             }
-            if batch.generation == generation {
-                if batch.seq <= applied {
-                    debug!(seq = batch.seq, "replayed batch ignored");
-                    outcomes.push(ApplyOutcome::Duplicate);
-                    continue;
-                }
-                if batch.seq != applied + 1 {
-                    return Err(TargetError::Gap {
-                        disk,
-                        generation: batch.generation,
-                        got: batch.seq,
-                        expected: applied + 1,
-                    });
-                }
-            }
-            // A newer generation starts a new sequence space: accept it as the next batch.
             let redo = verify_batch(batch, &disk, self.state.size)?;
             // Reading undo data writes nothing, so a failure here leaves the store usable.
             let undo = self.capture_undo(&redo, &mut pending)?;
@@ -665,9 +723,7 @@ impl DiskStore {
                     .map_err(|e| s.replica_failed(e))?;
             }
             s.replica.start_writeback();
-            for (a, b) in pending.iter() {
-                s.cover.insert(a, b);
-            }
+            s.cover.extend_from(&pending);
             s.state.generation = generation;
             s.state.applied_seq = applied;
             let cid = s.cid();
@@ -682,15 +738,15 @@ impl DiskStore {
     /// The current contents of every range of `redo` that the open point has
     /// not saved yet (neither in its segment, nor in the journal, nor earlier
     /// in this group: `pending`), adding those ranges to `pending`.
-    fn capture_undo(&self, redo: &[Verified<'_>], pending: &mut ExtentSet) -> Result<Vec<Undo>> {
+    fn capture_undo(&self, redo: &[Verified], pending: &mut ExtentSet) -> Result<Vec<Undo>> {
         let mut undo = Vec::new();
         if self.open_seg.is_none() {
             return Ok(undo);
         }
         for c in redo {
             let end = c.offset + c.data.len() as u64;
-            for (a, b) in self.cover.uncovered(c.offset, end) {
-                for (a, b) in pending.uncovered(a, b) {
+            for r in self.cover.uncovered(c.offset..end) {
+                for std::ops::Range { start: a, end: b } in pending.uncovered(r) {
                     if self.replica.known_zero(a, b - a) {
                         // Never written: no read (which would also fill
                         // the page cache with zeros), and no undo data.
@@ -706,7 +762,7 @@ impl DiskStore {
                     undo.push(Undo::saved(a, data));
                 }
             }
-            pending.insert(c.offset, end);
+            pending.insert(c.offset..end);
         }
         Ok(undo)
     }
@@ -832,8 +888,7 @@ impl DiskStore {
     }
 
     fn write_state(&self, st: &DiskState) -> Result<()> {
-        let bytes = serde_json::to_vec_pretty(st)
-            .map_err(|e| TargetError::corrupt(self.dir.join(STATE), None, e.to_string()))?;
+        let bytes = encode_state(&self.dir, st)?;
         self.opts.faults.write_atomic(&self.dir, STATE, &bytes)
     }
 
@@ -841,43 +896,28 @@ impl DiskStore {
     /// every batch before the barrier's own sequence number, which it
     /// consumes. A replayed barrier changes nothing and returns its point
     /// (`None` if retention removed it since).
+    ///
+    /// The caller routes the barrier to the store of its disk (by its
+    /// `disk` id); the store checks its place in the sequence. A barrier's
+    /// time of 0 means "use the target's clock".
     pub fn barrier(&mut self, b: &Barrier, now_ms: u64) -> Result<Option<PointMeta>> {
         self.check_usable()?;
-        let disk = self.state.disk.clone();
-        if b.disk != disk {
-            return Err(TargetError::WrongDisk {
-                disk,
-                got: b.disk.clone(),
-            });
+        let (generation, seq) = (b.generation.0, b.seq.0);
+        let held = (self.state.generation, self.state.applied_seq);
+        if !next_in_sequence(&self.state.disk, held, (generation, seq))? {
+            return Ok(self
+                .state
+                .points
+                .iter()
+                .rev()
+                .find(|p| p.generation == generation && p.marker_seq == seq)
+                .cloned());
         }
-        if b.generation < self.state.generation {
-            return Err(TargetError::StaleGeneration {
-                disk,
-                got: b.generation,
-                current: self.state.generation,
-            });
-        }
-        if b.generation == self.state.generation {
-            if b.seq <= self.state.applied_seq {
-                return Ok(self
-                    .state
-                    .points
-                    .iter()
-                    .rev()
-                    .find(|p| p.generation == b.generation && p.marker_seq == b.seq)
-                    .cloned());
-            }
-            if b.seq != self.state.applied_seq + 1 {
-                return Err(TargetError::Gap {
-                    disk,
-                    generation: b.generation,
-                    got: b.seq,
-                    expected: self.state.applied_seq + 1,
-                });
-            }
-        }
-        let time_ms = if b.time_ms == 0 { now_ms } else { b.time_ms };
-        self.new_point(b.label, time_ms, Some((b.generation, b.seq)))
+        let time_ms = match b.timestamp_ns / 1_000_000 {
+            0 => now_ms,
+            t => t,
+        };
+        self.new_point(b.consistency, time_ms, Some((generation, seq)))
             .map(Some)
     }
 
@@ -928,7 +968,7 @@ impl DiskStore {
             s.state = st;
             s.open_seg = Some(seg);
             s.cover = ExtentSet::new();
-            info!(disk = %s.state.disk, point = id, seq = p.seq, %label, "recovery point");
+            info!(disk = %s.state.disk, point = id, seq = p.seq, label = label_name(label), "recovery point");
             Ok(p)
         })
     }
@@ -1029,11 +1069,11 @@ impl DiskStore {
             let file = File::open(&seg_path).map_err(|e| TargetError::io(&seg_path, None, e))?;
             for e in idx.entries {
                 let parts = if k == 0 {
-                    vec![(e.offset, e.offset + e.len)]
+                    std::iter::once(e.offset..e.offset + e.len).collect()
                 } else {
-                    cover.uncovered(e.offset, e.offset + e.len)
+                    cover.uncovered(e.offset..e.offset + e.len)
                 };
-                for (a, b) in parts {
+                for std::ops::Range { start: a, end: b } in parts {
                     match e.file_pos {
                         Some(at) => {
                             let mut data = vec![0u8; (b - a) as usize];
@@ -1049,7 +1089,7 @@ impl DiskStore {
                     }
                 }
                 if k == 0 {
-                    cover.insert(e.offset, e.offset + e.len);
+                    cover.insert(e.offset..e.offset + e.len);
                 }
             }
         }
@@ -1093,7 +1133,7 @@ impl DiskStore {
         for meta in &self.state.points[a.min(b)..a.max(b)] {
             let path = self.dir.join(&meta.segment);
             for e in segment::scan(&path, meta.segment_len, self.state.size)?.entries {
-                set.insert(e.offset, e.offset + e.len);
+                set.insert(e.offset..e.offset + e.len);
             }
         }
         Ok(set)
@@ -1218,7 +1258,9 @@ impl PointView {
                 segment::scan_range(&sf.path, sf.scanned, meta.segment_len, store.state.size)?;
             sf.scanned = meta.segment_len;
             for e in idx.entries {
-                for (a, b) in self.cover.uncovered(e.offset, e.offset + e.len) {
+                for std::ops::Range { start: a, end: b } in
+                    self.cover.uncovered(e.offset..e.offset + e.len)
+                {
                     self.pieces.insert(
                         a,
                         Piece {
@@ -1228,7 +1270,7 @@ impl PointView {
                         },
                     );
                 }
-                self.cover.insert(e.offset, e.offset + e.len);
+                self.cover.insert(e.offset..e.offset + e.len);
             }
         }
         Ok(())
@@ -1336,5 +1378,128 @@ impl Drop for DiskStore {
         {
             warn!(disk = %self.state.disk, error = %e, "checkpoint on close failed; the journal is replayed on next open");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::batch::raw_chunk;
+
+    fn batch(generation: u64, seq: u64) -> ApplyBatch {
+        ApplyBatch {
+            disk: "d".into(),
+            generation,
+            seq,
+            chunks: vec![raw_chunk(seq * 4096 % (1 << 20), vec![seq as u8; 4096])],
+        }
+    }
+
+    fn barrier(generation: u64, seq: u64) -> Barrier {
+        Barrier {
+            disk: blockferry_proto::DiskId::default(),
+            generation: Generation(generation),
+            seq: Seq(seq),
+            consistency: Consistency::CrashConsistent,
+            timestamp_ns: 0,
+        }
+    }
+
+    fn store(dir: &Path) -> DiskStore {
+        DiskStore::create(dir, "d", 1 << 20, 1, StoreOptions::default()).unwrap()
+    }
+
+    #[test]
+    fn a_newer_generation_continues_the_sequence_count() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut s = store(tmp.path());
+        s.apply_many(&[batch(1, 1), batch(1, 2)]).unwrap();
+        assert_eq!(s.apply(&batch(2, 3)).unwrap(), ApplyOutcome::Applied);
+        assert_eq!((s.generation(), s.applied_seq()), (2, 3));
+        // Across a reopen the count goes on from where it was durable.
+        drop(s);
+        let mut s = DiskStore::open(tmp.path(), "d", StoreOptions::default()).unwrap();
+        assert_eq!((s.generation(), s.applied_seq()), (2, 3));
+        assert!(s.barrier(&barrier(2, 4), 5).unwrap().is_some());
+        assert_eq!(s.apply(&batch(3, 5)).unwrap(), ApplyOutcome::Applied);
+    }
+
+    #[test]
+    fn a_newer_generation_restarting_the_count_is_refused_as_reused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut s = store(tmp.path());
+        s.apply_many(&[batch(1, 1), batch(1, 2)]).unwrap();
+        let err = s.apply(&batch(2, 1)).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                TargetError::ReusedSeq {
+                    generation: 2,
+                    got: 1,
+                    held: 2,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let err = s.barrier(&barrier(2, 2), 5).unwrap_err();
+        assert!(matches!(err, TargetError::ReusedSeq { .. }), "{err}");
+        // Nothing was applied: the next frame is still 3.
+        assert_eq!((s.generation(), s.applied_seq()), (1, 2));
+    }
+
+    #[test]
+    fn a_stale_generation_is_refused_after_a_generation_change() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut s = store(tmp.path());
+        s.apply_many(&[batch(1, 1), batch(2, 2)]).unwrap();
+        let err = s.apply(&batch(1, 3)).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                TargetError::StaleGeneration {
+                    got: 1,
+                    current: 2,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let err = s.barrier(&barrier(1, 3), 5).unwrap_err();
+        assert!(matches!(err, TargetError::StaleGeneration { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_gap_in_a_group_rejects_the_whole_group() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut s = store(tmp.path());
+        let err = s.apply_many(&[batch(1, 1), batch(2, 3)]).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                TargetError::Gap {
+                    got: 3,
+                    expected: 2,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert_eq!(s.applied_seq(), 0);
+        // A replay of a durable frame of the current generation is a duplicate.
+        s.apply(&batch(1, 1)).unwrap();
+        assert_eq!(s.apply(&batch(1, 1)).unwrap(), ApplyOutcome::Duplicate);
+    }
+
+    #[test]
+    fn the_state_file_keeps_label_text() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut s = store(tmp.path());
+        s.create_point(Consistency::AppConsistent, 7).unwrap();
+        let text = std::fs::read_to_string(s.dir().join(STATE)).unwrap();
+        assert!(text.contains("\"label\": \"app-consistent\""), "{text}");
+        drop(s);
+        let points = list_points(tmp.path(), "d").unwrap();
+        assert_eq!(points[0].label, Consistency::AppConsistent);
     }
 }

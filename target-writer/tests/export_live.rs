@@ -75,7 +75,7 @@ impl Disk {
             return;
         }
         let data: Vec<u8> = (0..len).map(|_| rng.r#gen()).collect();
-        self.apply(vec![Chunk::raw(off, data)]);
+        self.apply(vec![blockferry_target::batch::raw_chunk(off, data)]);
     }
 
     fn point(&self, time_ms: u64) -> u64 {
