@@ -1145,6 +1145,35 @@ impl DiskStore {
     }
 }
 
+/// The store as the simulation (and any driver of sequenced frames) sees it.
+/// The caller has routed the frames to the store of their disk.
+impl blockferry_proto::DurableApply for DiskStore {
+    type Error = TargetError;
+
+    fn apply_batches(&mut self, batches: &[blockferry_proto::ExtentBatch]) -> Result<()> {
+        let disk = self.state.disk.clone();
+        let batches: Vec<ApplyBatch> = batches
+            .iter()
+            .map(|b| ApplyBatch::from_proto(&disk, b))
+            .collect();
+        self.apply_many(&batches).map(drop)
+    }
+
+    fn apply_barrier(&mut self, barrier: &Barrier) -> Result<()> {
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_millis() as u64);
+        self.barrier(barrier, now_ms).map(drop)
+    }
+
+    fn durable(&self) -> (Generation, Seq) {
+        (
+            Generation(self.state.generation),
+            Seq(self.state.applied_seq),
+        )
+    }
+}
+
 /// Saved bytes of the point: disk range `[start, end)` is at `pos` in
 /// segment `file`, or was all zero (`pos` is `None`).
 #[derive(Debug, Clone, Copy)]
