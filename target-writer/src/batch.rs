@@ -84,7 +84,7 @@ impl Undo {
         Undo {
             offset,
             len: data.len() as u32,
-            data: (!crate::vmdk::export::is_zero(&data)).then_some(data),
+            data: (!blockferry_durable::is_zero(&data)).then_some(data),
         }
     }
 

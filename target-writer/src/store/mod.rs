@@ -286,7 +286,7 @@ impl DiskStore {
         if size == 0 || !size.is_multiple_of(512) {
             return Err(TargetError::BadSize { size });
         }
-        std::fs::create_dir_all(&dir).map_err(|e| TargetError::io(&dir, None, e))?;
+        crate::crashsafe::create_dir_all(&dir)?;
         let lock = lock_dir(&dir)?;
         if dir.join(STATE).exists() {
             return Err(TargetError::Exists {
