@@ -1,6 +1,8 @@
-//! A file of batches and barriers, as the relay would deliver them: used by
-//! the hidden `apply-file` subcommand that crash tests kill at random moments,
-//! and by benchmarks. Little-endian, length-prefixed; decoding never panics.
+//! A file of batches and barriers, as the relay would deliver them. It stays
+//! in the library because the shipped binary reads it: the hidden
+//! `apply-file` subcommand applies one, which is how the crash tests kill a
+//! real target process at random moments (and how a captured stream can be
+//! replayed by hand). Little-endian, length-prefixed; decoding never panics.
 
 use blockferry_proto::{Barrier, Chunk, Consistency, DiskId, Encoding, Generation, Seq};
 use bytes::Bytes;

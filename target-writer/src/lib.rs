@@ -7,7 +7,6 @@
 //! decides which points stay; [`export`] writes any point out as a disk.
 
 pub mod batch;
-pub mod bench;
 pub mod control;
 pub mod crashsafe;
 pub mod error;
