@@ -28,6 +28,10 @@
 //! flat extent is preallocated, so in-place writes do not run out of space.
 //! Any other failed write or sync poisons the store: the page cache can no
 //! longer be trusted, and reopening replays the journal.
+//!
+//! By job: this file holds the disk state and opening; `apply` the apply path,
+//! checkpoint and growth; `recovery` the replay after a crash; `points` the
+//! recovery points, retention and pins; `view` reading a point.
 
 mod apply;
 mod points;
