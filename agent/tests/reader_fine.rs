@@ -179,6 +179,6 @@ fn apply(
     let Frame::Batch(b) = frame else {
         panic!("not a batch")
     };
-    let batch = blockferry_target::serve::batch_from_proto(disk, &b);
+    let batch = blockferry_target::ApplyBatch::from_proto(disk, &b);
     store.apply(&batch).expect("target applies the batch");
 }

@@ -2,3 +2,4 @@
 
 pub mod relay_transport;
 pub mod site;
+pub mod target;

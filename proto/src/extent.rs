@@ -129,6 +129,34 @@ impl ExtentSet {
         self.ranges.range(r.start..r.end).next().is_some()
     }
 
+    /// The parts of `r` not in the set, in ascending order (what a point's
+    /// undo has not saved yet, which source supplies a range first).
+    pub fn uncovered(&self, r: Range<u64>) -> Vec<Range<u64>> {
+        let mut out = Vec::new();
+        if r.start >= r.end {
+            return out;
+        }
+        let mut pos = r.start;
+        if let Some((_, &e)) = self.ranges.range(..=r.start).next_back()
+            && e > pos
+        {
+            pos = e;
+        }
+        for (&s, &e) in self.ranges.range(r.start..r.end) {
+            if s > pos {
+                out.push(pos..s);
+            }
+            pos = pos.max(e);
+            if pos >= r.end {
+                break;
+            }
+        }
+        if pos < r.end {
+            out.push(pos..r.end);
+        }
+        out
+    }
+
     /// Adds every range of `other`.
     pub fn extend_from(&mut self, other: &ExtentSet) {
         for r in other.iter() {
@@ -310,6 +338,34 @@ mod tests {
             let slice = &bits[a as usize..b as usize];
             prop_assert_eq!(set.contains(a..b), slice.iter().all(|&x| x));
             prop_assert_eq!(set.overlaps(a..b), slice.iter().any(|&x| x));
+        }
+
+        /// `uncovered` returns exactly the model's clear bits of the range, coalesced.
+        #[test]
+        fn uncovered_matches_model(
+            ins in proptest::collection::vec((0..UNIVERSE, 0..UNIVERSE), 0..10),
+            q in (0..UNIVERSE, 0..UNIVERSE),
+        ) {
+            let mut bits = vec![false; UNIVERSE as usize];
+            let set: ExtentSet = ins
+                .iter()
+                .map(|&(a, b)| {
+                    let (a, b) = (a.min(b), a.max(b));
+                    bits[a as usize..b as usize].iter_mut().for_each(|x| *x = true);
+                    a..b
+                })
+                .collect();
+            let (a, b) = (q.0.min(q.1), q.0.max(q.1));
+            let mut want: Vec<Range<u64>> = Vec::new();
+            for i in a..b {
+                if !bits[i as usize] {
+                    match want.last_mut() {
+                        Some(last) if last.end == i => last.end = i + 1,
+                        _ => want.push(i..i + 1),
+                    }
+                }
+            }
+            prop_assert_eq!(set.uncovered(a..b), want);
         }
     }
 

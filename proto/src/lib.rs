@@ -1,6 +1,7 @@
 //! Sans-IO core of blockferry: the wire format, extent sets and the replication
 //! state machines shared by agent, relay and target. Nothing here does I/O.
 
+pub mod apply;
 pub mod chunk;
 pub mod extent;
 pub mod frame;
@@ -11,6 +12,7 @@ pub mod receiver;
 pub mod relay;
 pub mod sender;
 
+pub use apply::DurableApply;
 pub use chunk::{ChunkError, PlainData, build_chunk, verify_chunk};
 pub use frame::{
     Ack, Barrier, ByteRange, Chunk, Consistency, DecodeError, EncodeError, Encoding, ErrorCode,

@@ -1,14 +1,15 @@
 //! Durable file primitives and the fault-injection seam.
 //!
-//! Every write and sync of the store goes through here, so "durable" has one
-//! definition (data synced; metadata replaced by temp file + fsync + rename +
-//! directory fsync) and tests can make the k-th write or sync fail, which is how
-//! crash and full-disk paths are exercised without a special device.
+//! Every write and sync of the store goes through here, so tests can make the
+//! k-th write or sync fail, which is how crash and full-disk paths are
+//! exercised without a special device. The durable dance itself (temp file,
+//! fsync, rename, directory fsync) is `blockferry-durable`'s; this seam only
+//! runs its steps through the counters, so each step can be made to fail.
 
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::error::{Result, TargetError};
@@ -70,10 +71,12 @@ impl FaultPlan {
         file.sync_data().map_err(|e| TargetError::io(path, None, e))
     }
 
-    /// Replaces `dir/name` with `bytes` atomically and durably.
+    /// Replaces `dir/name` with `bytes` atomically and durably, as
+    /// [`blockferry_durable::replace_file`] does, with each write and sync
+    /// going through the seam.
     pub(crate) fn write_atomic(&self, dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
-        let tmp = dir.join(format!("{name}.tmp"));
         let dst = dir.join(name);
+        let tmp = blockferry_durable::temp_path(&dst);
         let f = OpenOptions::new()
             .write(true)
             .create(true)
@@ -95,9 +98,27 @@ impl FaultPlan {
     }
 
     pub(crate) fn sync_dir(&self, dir: &Path) -> Result<()> {
-        let d = File::open(dir).map_err(|e| TargetError::io(dir, None, e))?;
-        self.sync_data(&d, dir)
+        if Self::hit(&self.syncs, &self.fail_sync_at) {
+            return Err(TargetError::io(
+                dir,
+                None,
+                io::Error::other("injected sync failure"),
+            ));
+        }
+        blockferry_durable::sync_dir(dir).map_err(from_durable)
     }
+}
+
+/// Creates `dir` and its missing ancestors durably (each new directory's
+/// parent fsynced).
+pub(crate) fn create_dir_all(dir: &Path) -> Result<()> {
+    blockferry_durable::create_dir_all(dir).map_err(from_durable)
+}
+
+/// A failed durable step as the target's error, keeping "no space" apart.
+pub(crate) fn from_durable(e: blockferry_durable::DurableError) -> TargetError {
+    let path: PathBuf = e.path;
+    TargetError::io(path, None, e.source)
 }
 
 /// Reads exactly `buf.len()` bytes at `offset`.

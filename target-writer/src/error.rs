@@ -51,6 +51,13 @@ pub enum TargetError {
         len: u64,
         limit: u64,
     },
+    #[error("batch {seq} of disk {disk}: bad chunk, the whole batch was rejected")]
+    BadChunk {
+        disk: String,
+        seq: u64,
+        #[source]
+        source: blockferry_proto::ChunkError,
+    },
     #[error(
         "disk {disk} generation {generation}: got batch {got}, expected {expected}; a batch is missing, resend from {expected}"
     )]
@@ -68,6 +75,17 @@ pub enum TargetError {
         got: u64,
         current: u64,
     },
+    #[error(
+        "disk {disk} generation {generation}: frame {got} reuses a sequence number the replica holds (up to {held}); a new generation continues the count, restart the sender from {held} + 1"
+    )]
+    ReusedSeq {
+        disk: String,
+        generation: u64,
+        got: u64,
+        held: u64,
+    },
+    #[error("cannot encode the disk state for {path}: {reason}; nothing was written")]
+    EncodeState { path: PathBuf, reason: String },
     #[error("batch for disk {got} was sent to the replica of disk {disk}")]
     WrongDisk { disk: String, got: String },
     #[error(

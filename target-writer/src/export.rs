@@ -81,7 +81,7 @@ fn plan(
                 });
             };
             let set = store.changed_between(older, point)?;
-            Some(set.iter().map(|(a, b)| a..b).collect::<Vec<Range<u64>>>())
+            Some(set.iter().collect::<Vec<Range<u64>>>())
         }
     };
     let meta = store
@@ -137,12 +137,13 @@ pub fn export_point_live(
     cancel: &AtomicBool,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<Vec<PathBuf>> {
+    // Pinned before the plan is made, so the point cannot go in between.
+    let _pins = DiskStore::pin_points(store);
     let (plan, view, size) = {
         let mut s = lock(store);
         let plan = plan(&mut s, point, format, parent)?;
         let view = PointView::new(&s, point)?;
         let size = view.size(&s);
-        s.pin_points();
         (plan, view, size)
     };
     let img = LiveImage {
@@ -151,9 +152,7 @@ pub fn export_point_live(
         size,
         cancel,
     };
-    let r = write_cleaning_up(&img, &plan, format, out, parent, progress);
-    lock(store).unpin_points();
-    r
+    write_cleaning_up(&img, &plan, format, out, parent, progress)
 }
 
 /// A point of a shared store, read one locked step at a time.

@@ -1,8 +1,13 @@
-//! A file of batches and barriers, as the relay would deliver them: used by
-//! the hidden `apply-file` subcommand that crash tests kill at random moments,
-//! and by benchmarks. Little-endian, length-prefixed; decoding never panics.
+//! A file of batches and barriers, as the relay would deliver them. It stays
+//! in the library because the shipped binary reads it: the hidden
+//! `apply-file` subcommand applies one, which is how the crash tests kill a
+//! real target process at random moments (and how a captured stream can be
+//! replayed by hand). Little-endian, length-prefixed; decoding never panics.
 
-use crate::batch::{ApplyBatch, Barrier, Chunk, Consistency, Encoding};
+use blockferry_proto::{Barrier, Chunk, Consistency, DiskId, Encoding, Generation, Seq};
+use bytes::Bytes;
+
+use crate::batch::ApplyBatch;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FeedItem {
@@ -45,15 +50,15 @@ pub fn encode(item: &FeedItem, out: &mut Vec<u8>) {
         }
         FeedItem::Barrier(b) => {
             out.push(b'P');
-            put_disk(out, &b.disk);
-            out.extend_from_slice(&b.generation.to_le_bytes());
-            out.extend_from_slice(&b.seq.to_le_bytes());
-            out.push(match b.label {
+            out.extend_from_slice(b.disk.as_bytes());
+            out.extend_from_slice(&b.generation.0.to_le_bytes());
+            out.extend_from_slice(&b.seq.0.to_le_bytes());
+            out.push(match b.consistency {
                 Consistency::NotConsistent => 0,
                 Consistency::CrashConsistent => 1,
                 Consistency::AppConsistent => 2,
             });
-            out.extend_from_slice(&b.time_ms.to_le_bytes());
+            out.extend_from_slice(&b.timestamp_ns.to_le_bytes());
         }
     }
 }
@@ -127,7 +132,7 @@ pub fn decode_all(buf: &[u8]) -> Result<Vec<FeedItem>, FeedError> {
                         _ => return Err(r.err("unknown encoding")),
                     };
                     let plen = r.u32()? as usize;
-                    let payload = r.take(plen)?.to_vec();
+                    let payload = Bytes::copy_from_slice(r.take(plen)?);
                     chunks.push(Chunk {
                         offset,
                         len,
@@ -144,22 +149,22 @@ pub fn decode_all(buf: &[u8]) -> Result<Vec<FeedItem>, FeedError> {
                 }));
             }
             b'P' => {
-                let disk = r.disk()?;
-                let generation = r.u64()?;
-                let seq = r.u64()?;
-                let label = match r.u8()? {
+                let disk = DiskId::from_bytes(r.arr()?);
+                let generation = Generation(r.u64()?);
+                let seq = Seq(r.u64()?);
+                let consistency = match r.u8()? {
                     0 => Consistency::NotConsistent,
                     1 => Consistency::CrashConsistent,
                     2 => Consistency::AppConsistent,
                     _ => return Err(r.err("unknown label")),
                 };
-                let time_ms = r.u64()?;
+                let timestamp_ns = r.u64()?;
                 out.push(FeedItem::Barrier(Barrier {
                     disk,
                     generation,
                     seq,
-                    label,
-                    time_ms,
+                    consistency,
+                    timestamp_ns,
                 }));
             }
             _ => return Err(r.err("unknown item tag")),
@@ -180,14 +185,17 @@ mod tests {
                 disk: "d1".into(),
                 generation: 2,
                 seq: 7,
-                chunks: vec![Chunk::raw(4096, vec![3; 100]), Chunk::zero(0, 512)],
+                chunks: vec![
+                    crate::batch::raw_chunk(4096, vec![3; 100]),
+                    crate::batch::zero_chunk(0, 512),
+                ],
             }),
             FeedItem::Barrier(Barrier {
-                disk: "d1".into(),
-                generation: 2,
-                seq: 7,
-                label: Consistency::AppConsistent,
-                time_ms: 5,
+                disk: DiskId::from_bytes([7; 16]),
+                generation: Generation(2),
+                seq: Seq(8),
+                consistency: Consistency::AppConsistent,
+                timestamp_ns: 5_000_000,
             }),
         ];
         let mut buf = Vec::new();

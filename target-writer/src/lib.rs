@@ -7,12 +7,10 @@
 //! decides which points stay; [`export`] writes any point out as a disk.
 
 pub mod batch;
-pub mod bench;
 pub mod control;
 pub mod crashsafe;
 pub mod error;
 pub mod export;
-pub mod extents;
 pub mod feed;
 pub mod replica;
 pub mod retention;
@@ -23,6 +21,7 @@ mod sys;
 pub mod vmdk;
 pub mod wal;
 
-pub use batch::{ApplyBatch, Barrier, Chunk, Consistency, Encoding};
+pub use batch::ApplyBatch;
+pub use blockferry_proto::{Barrier, Chunk, Consistency, Encoding};
 pub use error::TargetError;
 pub use store::{ApplyOutcome, DiskStore, PointMeta, StoreOptions};

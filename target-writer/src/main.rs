@@ -10,7 +10,7 @@ use blockferry_target::TargetError;
 use blockferry_target::control::{ControlError, ExportRequest, request_export, socket_path};
 use blockferry_target::export::{ExportFormat, export_point};
 use blockferry_target::feed::{FeedItem, decode_all};
-use blockferry_target::store::{DiskStore, StoreOptions, list_points};
+use blockferry_target::store::{DiskStore, StoreOptions, label_name, list_points};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -74,22 +74,6 @@ enum Cmd {
     Serve {
         #[arg(long)]
         config: PathBuf,
-    },
-    /// Apply and export measurements against their baselines (`cargo xtask bench target`).
-    #[command(hide = true)]
-    Bench {
-        /// Scratch directory (a few GiB free).
-        #[arg(long)]
-        dir: PathBuf,
-        /// Size of the exported disk in MiB.
-        #[arg(long, default_value_t = 2048)]
-        export_mib: u64,
-        /// Rounds per figure (the median ratio is reported).
-        #[arg(long, default_value_t = 3)]
-        rounds: usize,
-        /// Only the figures whose name contains this text (for profiling).
-        #[arg(long)]
-        only: Option<String>,
     },
     /// Apply a feed file of batches and barriers, printing each durable step (tests).
     #[command(hide = true)]
@@ -158,169 +142,6 @@ async fn serve(cfg: blockferry_target::serve::ServeConfig) -> Result<()> {
     Ok(())
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
-fn mbps(bytes: u64, d: std::time::Duration) -> f64 {
-    bytes as f64 / d.as_secs_f64().max(1e-9) / 1e6
-}
-
-/// Prints each figure with its baseline and their ratio, then a JSON summary.
-fn bench(dir: &std::path::Path, export_size: u64, rounds: usize, only: Option<&str>) -> Result<()> {
-    let wanted = |name: &str| only.is_none_or(|o| name.contains(o));
-    use blockferry_target::bench::{ApplyCase, Pattern, apply_vs_raw, export_vs_qemu};
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let disk = 1u64 << 30;
-    let seq = Pattern::Sequential { batch: 1 << 20 };
-    let rnd = Pattern::Random {
-        chunk: 4096,
-        per_batch: 64,
-    };
-    // (name, pattern, bytes, recovery point open, zstd level of the chunks,
-    // thin replica, overwriting data written before)
-    let cases = [
-        (
-            "sequential 1 MiB batches, raw chunks",
-            seq,
-            512u64 << 20,
-            false,
-            None,
-            false,
-            false,
-        ),
-        (
-            "sequential 1 MiB batches, zstd chunks",
-            seq,
-            512 << 20,
-            false,
-            Some(1),
-            false,
-            false,
-        ),
-        (
-            "sequential 1 MiB batches, zstd chunks, point open",
-            seq,
-            512 << 20,
-            true,
-            Some(1),
-            false,
-            false,
-        ),
-        (
-            "random 4 KiB x 64 per batch, raw chunks",
-            rnd,
-            64 << 20,
-            false,
-            None,
-            false,
-            false,
-        ),
-        (
-            "random 4 KiB x 64 per batch, zstd chunks",
-            rnd,
-            64 << 20,
-            false,
-            Some(1),
-            false,
-            false,
-        ),
-        (
-            "random 4 KiB x 64 per batch, zstd chunks, point open",
-            rnd,
-            64 << 20,
-            true,
-            Some(1),
-            false,
-            false,
-        ),
-        (
-            "sequential 1 MiB batches, raw chunks, thin replica",
-            seq,
-            512 << 20,
-            false,
-            None,
-            true,
-            false,
-        ),
-        (
-            "random 4 KiB x 64 per batch, raw chunks, thin replica",
-            rnd,
-            64 << 20,
-            false,
-            None,
-            true,
-            false,
-        ),
-        (
-            "sequential 1 MiB batches, zstd chunks, point open, overwriting data",
-            seq,
-            512 << 20,
-            true,
-            Some(1),
-            false,
-            true,
-        ),
-        (
-            "random 4 KiB x 64 per batch, zstd chunks, point open, overwriting data",
-            rnd,
-            64 << 20,
-            true,
-            Some(1),
-            false,
-            true,
-        ),
-    ];
-    let mut summary = Vec::new();
-    for (name, pattern, total, with_point, level, thin, overwrite) in cases {
-        if !wanted(name) {
-            continue;
-        }
-        let mut ratios = Vec::new();
-        let mut ours = Vec::new();
-        let mut raws = Vec::new();
-        for r in 0..rounds {
-            let case = ApplyCase {
-                pattern,
-                total,
-                with_point,
-                zstd_level: level,
-                thin,
-                overwrite,
-            };
-            let f = apply_vs_raw(dir, disk, &case, 1 + r as u64)?;
-            ours.push(mbps(f.bytes, f.store));
-            raws.push(mbps(f.bytes, f.raw));
-            ratios.push(f.raw.as_secs_f64() / f.store.as_secs_f64().max(1e-9));
-        }
-        let (o, r, q) = (median(ours), median(raws), median(ratios));
-        println!(
-            "apply {name}: store {o:.0} MB/s, pwrite+fdatasync {r:.0} MB/s, ratio {q:.2} (target >= 0.8)"
-        );
-        summary.push(serde_json::json!({"figure": format!("apply {name}"), "store_mb_s": o, "raw_mb_s": r, "ratio": q}));
-    }
-    if !wanted("export vmdk-sparse") {
-        println!("{}", serde_json::to_string(&summary)?);
-        return Ok(());
-    }
-    let figs = export_vs_qemu(dir, export_size, rounds)?;
-    let ratio = median(
-        figs.iter()
-            .map(|f| f.ours.as_secs_f64() / f.qemu.as_secs_f64().max(1e-9))
-            .collect(),
-    );
-    let ours = median(figs.iter().map(|f| f.ours.as_secs_f64()).collect());
-    let qemu = median(figs.iter().map(|f| f.qemu.as_secs_f64()).collect());
-    println!(
-        "export {} MiB point as vmdk-sparse: {ours:.2} s, qemu-img convert -O vmdk {qemu:.2} s, time ratio {ratio:.2} (target <= 1.0)",
-        export_size >> 20
-    );
-    summary.push(serde_json::json!({"figure": "export vmdk-sparse", "ours_s": ours, "qemu_s": qemu, "ratio": ratio}));
-    println!("{}", serde_json::to_string(&summary)?);
-    Ok(())
-}
-
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -341,7 +162,7 @@ fn main() -> Result<()> {
                             "id": p.id,
                             "time": fmt_utc(p.time_ms),
                             "time_ms": p.time_ms,
-                            "label": p.label.to_string(),
+                            "label": label_name(p.label),
                             "generation": p.generation,
                             "seq": p.seq,
                             "size": p.segment_len,
@@ -359,7 +180,7 @@ fn main() -> Result<()> {
                         "{:>6}  {:<20}  {:<16}  {:>12}",
                         p.id,
                         fmt_utc(p.time_ms),
-                        p.label.to_string(),
+                        label_name(p.label),
                         p.segment_len
                     );
                 }
@@ -487,12 +308,6 @@ fn main() -> Result<()> {
             let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
             rt.block_on(serve(cfg))?;
         }
-        Cmd::Bench {
-            dir,
-            export_mib,
-            rounds,
-            only,
-        } => bench(&dir, export_mib << 20, rounds.max(1), only.as_deref())?,
         Cmd::ApplyFile {
             store,
             disk,

@@ -19,7 +19,9 @@
 //! still ends the journal. Version 1 records (one hash over the whole record)
 //! are still read, so a journal left by an older build is replayed.
 
-use crate::batch::{Chunk, Encoding, Undo};
+use blockferry_proto::{Chunk, Encoding};
+
+use crate::batch::Undo;
 
 const MAGIC: &[u8; 4] = b"BFWR";
 const VERSION_1: u32 = 1;
@@ -141,7 +143,7 @@ impl WalRecord {
                 len: c.len,
                 hash: c.plain().map_or([0; 32], |d| *blake3::hash(&d).as_bytes()),
                 encoding: c.encoding,
-                payload: c.payload.clone(),
+                payload: bytes::Bytes::from(c.payload.clone()),
             })
             .collect();
         let mut out = Vec::new();

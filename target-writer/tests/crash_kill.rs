@@ -8,6 +8,7 @@ mod common;
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 
+use blockferry_proto::{DiskId, Generation, Seq};
 use blockferry_target::feed::{FeedItem, encode};
 use blockferry_target::{Barrier, Consistency, DiskStore, StoreOptions};
 use common::*;
@@ -55,11 +56,11 @@ fn sigkill_at_random_moments(thin: bool) {
         if i % 4 == 0 {
             seq += 1;
             let barrier = Barrier {
-                disk: DISK.into(),
-                generation: 1,
-                seq,
-                label: Consistency::CrashConsistent,
-                time_ms: 0,
+                disk: DiskId::default(),
+                generation: Generation(1),
+                seq: Seq(seq),
+                consistency: Consistency::CrashConsistent,
+                timestamp_ns: 0,
             };
             encode(&FeedItem::Barrier(barrier), &mut feed);
             barrier_seqs.push(seq);

@@ -75,7 +75,14 @@ impl Disk {
             return;
         }
         let data: Vec<u8> = (0..len).map(|_| rng.r#gen()).collect();
-        self.apply(vec![Chunk::raw(off, data)]);
+        // One batch, in chunks of at most the wire's limit.
+        let step = blockferry_proto::frame::MAX_CHUNK_LEN as usize;
+        let chunks = data
+            .chunks(step)
+            .enumerate()
+            .map(|(i, d)| blockferry_target::batch::raw_chunk(off + (i * step) as u64, d.to_vec()))
+            .collect();
+        self.apply(chunks);
     }
 
     fn point(&self, time_ms: u64) -> u64 {

@@ -3,10 +3,11 @@
 
 mod common;
 
+use blockferry_proto::{DiskId, Generation, Seq};
 use blockferry_target::export::{ExportFormat, export_point};
 use blockferry_target::retention::{RetentionPolicy, Tier};
 use blockferry_target::vmdk::check::check;
-use blockferry_target::{Barrier, Chunk, Consistency, DiskStore, StoreOptions, TargetError};
+use blockferry_target::{Barrier, Consistency, DiskStore, StoreOptions, TargetError};
 use common::*;
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
@@ -81,11 +82,11 @@ fn replica_and_points_against_the_model(thin: bool) {
             let label =
                 [Consistency::CrashConsistent, Consistency::AppConsistent][rng.gen_range(0..2)];
             let barrier = Barrier {
-                disk: DISK.into(),
-                generation: 1,
-                seq,
-                label,
-                time_ms: now_ms() + seq * 1000,
+                disk: DiskId::default(),
+                generation: Generation(1),
+                seq: Seq(seq),
+                consistency: label,
+                timestamp_ns: (now_ms() + seq * 1000) * 1_000_000,
             };
             let p = s.barrier(&barrier, now_ms()).unwrap().unwrap();
             assert_eq!(p.label, label);
@@ -195,8 +196,10 @@ fn a_hash_mismatch_rejects_the_whole_batch_and_writes_nothing() {
     let before = replica_bytes(s.dir());
     let wal_before = std::fs::read(s.dir().join("journal.wal")).unwrap();
     let mut bad = random_batch(&mut rng, 2, SIZE);
-    let mut broken = Chunk::raw(8192, vec![0x5a; 4096]);
-    broken.payload[4095] ^= 0x80;
+    let mut broken = blockferry_target::batch::raw_chunk(8192, vec![0x5a; 4096]);
+    let mut flipped = broken.payload.to_vec();
+    flipped[4095] ^= 0x80;
+    broken.payload = flipped.into();
     bad.chunks.push(broken);
     let err = s.apply(&bad).unwrap_err();
     assert!(

@@ -62,13 +62,16 @@ fn a_thin_replica_holds_only_the_grains_written() {
         vec![
             // One whole grain, part of another, a zero chunk over nothing,
             // and data that a later batch overwrites with zeros.
-            Chunk::raw(1 << 20, vec![0xa5; GRAIN as usize]),
-            Chunk::raw((10 << 20) + 4096, vec![0x5a; 4096]),
-            Chunk::zero(20 << 20, 1 << 20),
-            Chunk::raw(30 << 20, vec![0x77; GRAIN as usize]),
+            blockferry_target::batch::raw_chunk(1 << 20, vec![0xa5; GRAIN as usize]),
+            blockferry_target::batch::raw_chunk((10 << 20) + 4096, vec![0x5a; 4096]),
+            blockferry_target::batch::zero_chunk(20 << 20, 1 << 20),
+            blockferry_target::batch::raw_chunk(30 << 20, vec![0x77; GRAIN as usize]),
         ],
     );
-    let b2 = batch(2, vec![Chunk::zero(30 << 20, GRAIN as u32)]);
+    let b2 = batch(
+        2,
+        vec![blockferry_target::batch::zero_chunk(30 << 20, GRAIN as u32)],
+    );
     for b in [&b1, &b2] {
         s.apply(b).unwrap();
         model_apply(&mut model, b);
@@ -105,7 +108,13 @@ fn a_thin_replica_holds_only_the_grains_written() {
 
     // Reopened, it keeps replicating into the same file.
     let mut s = DiskStore::open(tmp.path(), DISK, opts()).unwrap();
-    let b3 = batch(3, vec![Chunk::raw(40 << 20, vec![0x11; 8192])]);
+    let b3 = batch(
+        3,
+        vec![blockferry_target::batch::raw_chunk(
+            40 << 20,
+            vec![0x11; 8192],
+        )],
+    );
     s.apply(&b3).unwrap();
     model_apply(&mut model, &b3);
     s.close().unwrap();

@@ -35,11 +35,11 @@ pub fn random_batch(rng: &mut impl Rng, seq: u64, size: u64) -> ApplyBatch {
         let offset = rng.gen_range(0..=(size - len) / 512) * 512;
         let data = random_data(rng, len as usize);
         let c = if data.iter().all(|b| *b == 0) && rng.gen_bool(0.7) {
-            Chunk::zero(offset, len as u32)
+            blockferry_target::batch::zero_chunk(offset, len as u32)
         } else if rng.gen_bool(0.5) {
-            Chunk::zstd(offset, &data, 1).expect("zstd")
+            blockferry_target::batch::zstd_chunk(offset, &data, 1).expect("zstd")
         } else {
-            Chunk::raw(offset, data)
+            blockferry_target::batch::raw_chunk(offset, data)
         };
         chunks.push(c);
     }
@@ -54,7 +54,7 @@ pub fn random_batch(rng: &mut impl Rng, seq: u64, size: u64) -> ApplyBatch {
 /// The plain data of a chunk (what the replica must hold afterwards).
 pub fn plain(c: &Chunk) -> Vec<u8> {
     match c.encoding {
-        blockferry_target::Encoding::Raw => c.payload.clone(),
+        blockferry_target::Encoding::Raw => c.payload.to_vec(),
         blockferry_target::Encoding::Zero => vec![0u8; c.len as usize],
         blockferry_target::Encoding::Zstd => {
             zstd::bulk::decompress(&c.payload, c.len as usize).expect("zstd")

@@ -1,5 +1,5 @@
-//! Measurements behind `cargo xtask bench target` (run through the hidden
-//! `blockferry-target bench` subcommand of the release binary). Each figure
+//! Measurements behind `cargo xtask bench target` (run through the
+//! `bench-target` binary of this crate, built in release mode). Each figure
 //! is paired with a baseline measured in the same run on the same machine:
 //! plain `pwrite` + `fdatasync` of the same data at the same offsets for
 //! apply, `qemu-img convert -O vmdk` of the same data for export.
@@ -10,10 +10,12 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::batch::{ApplyBatch, Chunk, Consistency};
-use crate::error::{Result, TargetError};
-use crate::export::{ExportFormat, export_point};
-use crate::store::{DiskStore, StoreOptions};
+use blockferry_proto::Consistency;
+
+use blockferry_target::batch::{ApplyBatch, raw_chunk, zstd_chunk};
+use blockferry_target::error::{Result, TargetError};
+use blockferry_target::export::{ExportFormat, export_point};
+use blockferry_target::store::{DiskStore, StoreOptions};
 
 /// How the data of a benchmark is laid out on the disk.
 #[derive(Debug, Clone, Copy)]
@@ -149,7 +151,7 @@ pub fn apply_vs_raw(
         .truncate(true)
         .open(&raw_path)
         .map_err(|e| TargetError::io(&raw_path, None, e))?;
-    crate::sys::fallocate(&raw, disk_size).map_err(|e| TargetError::io(&raw_path, None, e))?;
+    fallocate(&raw, disk_size).map_err(|e| TargetError::io(&raw_path, None, e))?;
     for (off, data) in before.iter().flatten() {
         raw.write_all_at(data, *off)
             .map_err(|e| TargetError::io(&raw_path, Some(*off), e))?;
@@ -181,7 +183,7 @@ pub fn apply_vs_raw(
     for (i, w) in before.iter().enumerate() {
         let chunks = w
             .iter()
-            .map(|(off, d)| Chunk::raw(*off, d.clone()))
+            .map(|(off, d)| raw_chunk(*off, d.clone()))
             .collect();
         s.apply(&ApplyBatch {
             disk: disk.clone(),
@@ -200,10 +202,10 @@ pub fn apply_vs_raw(
         let chunks = w
             .iter()
             .map(|(off, d)| match zstd_level {
-                Some(level) => Chunk::zstd(*off, d, level),
-                None => Ok(Chunk::raw(*off, d.clone())),
+                Some(level) => zstd_chunk(*off, d, level),
+                None => Ok(raw_chunk(*off, d.clone())),
             })
-            .collect::<std::io::Result<Vec<Chunk>>>()
+            .collect::<std::io::Result<Vec<blockferry_proto::Chunk>>>()
             .map_err(|e| TargetError::io("zstd", None, e))?;
         let b = ApplyBatch {
             disk: disk.clone(),
@@ -251,7 +253,7 @@ pub fn export_vs_qemu(dir: &Path, size: u64, rounds: usize) -> Result<Vec<Export
         for k in 0..step / 65536 {
             let mut data = vec![0u8; 65536];
             fill(&mut data, off / 65536 + k);
-            chunks.push(Chunk::raw(off + k * 65536, data));
+            chunks.push(raw_chunk(off + k * 65536, data));
         }
         seq += 1;
         s.apply(&ApplyBatch {
@@ -295,11 +297,27 @@ pub fn export_vs_qemu(dir: &Path, size: u64, rounds: usize) -> Result<Vec<Export
         )?;
         let ours = t.elapsed();
         std::fs::remove_file(&o_out).map_err(|e| TargetError::io(&o_out, None, e))?;
-        tracing::info!(round = r, ?ours, ?qemu, "export round");
+        eprintln!("export round {r}: ours {ours:?}, qemu-img {qemu:?}");
         figures.push(ExportFigure { size, ours, qemu });
     }
     drop(s);
     let d = root.join(disk);
     std::fs::remove_dir_all(&d).map_err(|e| TargetError::io(&d, None, e))?;
     Ok(figures)
+}
+
+/// Allocates `[0, len)` of `file`, as the target's flat extent is, so the
+/// baseline writes into allocated blocks too.
+fn fallocate(file: &std::fs::File, len: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let len =
+        libc::off_t::try_from(len).map_err(|_| std::io::Error::from_raw_os_error(libc::EFBIG))?;
+    // SAFETY: the fd is owned by `file`, open for the duration of the call;
+    // posix_fallocate takes no pointers.
+    let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::from_raw_os_error(rc))
+    }
 }
