@@ -28,6 +28,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use blockferry_proto::DiskId;
+use blockferry_transport::tls::TlsFiles;
 use serde::Deserialize;
 
 /// Errors loading the configuration.
@@ -100,9 +101,7 @@ pub struct Config {
     pub spool_dir: PathBuf,
     pub spool_limit: u64,
     pub spool_segment_bytes: u64,
-    pub ca: PathBuf,
-    pub cert: PathBuf,
-    pub key: PathBuf,
+    pub tls: TlsFiles,
     pub revocation_list: Option<PathBuf>,
     pub loopback_tuning: bool,
     pub target: TargetConfig,
@@ -207,9 +206,12 @@ impl Config {
             spool_dir: abs(raw.spool_dir),
             spool_limit,
             spool_segment_bytes: raw.spool_segment_bytes.unwrap_or(64 << 20).max(1 << 20),
-            ca: abs(raw.ca),
-            cert: abs(raw.cert),
-            key: abs(raw.key),
+            tls: TlsFiles {
+                ca: raw.ca,
+                cert: raw.cert,
+                key: raw.key,
+            }
+            .anchored(base),
             revocation_list: raw.revocation_list.map(abs),
             loopback_tuning: raw.loopback_tuning,
             target: TargetConfig {

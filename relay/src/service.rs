@@ -22,10 +22,9 @@ use blockferry_proto::{
     PushError, SenderConfig, Seq, SpoolCursor,
 };
 use blockferry_transport::sink::{self, Accepted, DiskState, FrameSink, ServeOptions, SinkError};
-use blockferry_transport::tls::load_certs;
 use blockferry_transport::{
-    ChannelError, Connector, DiskChannel, PeerIdentity, Progress, RevocationList, TlsIdentity,
-    Tuning, client_config, client_endpoint, server_config, server_endpoint_for,
+    ChannelError, Connector, DiskChannel, PeerIdentity, Progress, RevocationList, Tuning,
+    client_config, client_endpoint, server_config, server_endpoint_for,
 };
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
@@ -130,8 +129,7 @@ pub async fn start(cfg: Config, cancel: CancellationToken) -> Result<RelayHandle
     } else {
         Tuning::default()
     };
-    let ca = load_certs(&cfg.ca)?;
-    let identity = TlsIdentity::load(&cfg.cert, &cfg.key)?;
+    let (ca, identity) = cfg.tls.load()?;
     let own_name = identity
         .chain
         .first()

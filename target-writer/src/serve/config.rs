@@ -23,6 +23,7 @@ use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use blockferry_transport::tls::TlsFiles;
 use serde::Deserialize;
 
 use crate::retention::RetentionPolicy;
@@ -73,9 +74,7 @@ struct RawConfig {
 pub struct ServeConfig {
     pub listen: SocketAddr,
     pub store: PathBuf,
-    pub ca: PathBuf,
-    pub cert: PathBuf,
-    pub key: PathBuf,
+    pub tls: TlsFiles,
     pub revocation_list: Option<PathBuf>,
     pub loopback_tuning: bool,
     pub peers: HashSet<String>,
@@ -119,9 +118,12 @@ impl ServeConfig {
         Ok(ServeConfig {
             listen,
             store: abs(raw.store),
-            ca: abs(raw.ca),
-            cert: abs(raw.cert),
-            key: abs(raw.key),
+            tls: TlsFiles {
+                ca: raw.ca,
+                cert: raw.cert,
+                key: raw.key,
+            }
+            .anchored(base),
             revocation_list: raw.revocation_list.map(abs),
             loopback_tuning: raw.loopback_tuning,
             peers: raw
@@ -160,7 +162,7 @@ tiers = [{ every_secs = 600, up_to_secs = 86400 }]
         )
         .unwrap();
         assert_eq!(cfg.store, Path::new("/base/s"));
-        assert_eq!(cfg.ca, Path::new("/etc/bf/ca.crt"));
+        assert_eq!(cfg.tls.ca, Path::new("/etc/bf/ca.crt"));
         assert_eq!(cfg.retention.keep_all_secs, 60);
         assert_eq!(cfg.retention.tiers.len(), 1);
         assert!(cfg.peers.contains("relay"));

@@ -30,10 +30,8 @@ use blockferry_proto::{
     Consistency, DiskId, ErrorCode, Frame, Generation, HashRangeReply, HashRangeRequest, Hello, Seq,
 };
 use blockferry_transport::endpoint::{Tuning, server_config, server_endpoint};
-use blockferry_transport::tls::load_certs;
 use blockferry_transport::{
     Accepted, DiskState, FrameSink, PeerIdentity, RevocationList, ServeOptions, SinkError,
-    TlsIdentity,
 };
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -388,8 +386,7 @@ pub async fn start(
     } else {
         Tuning::default()
     };
-    let ca = load_certs(&cfg.ca).map_err(|e| ServeError::Tls(e.into()))?;
-    let identity = TlsIdentity::load(&cfg.cert, &cfg.key).map_err(|e| ServeError::Tls(e.into()))?;
+    let (ca, identity) = cfg.tls.load().map_err(|e| ServeError::Tls(e.into()))?;
     let revoked = match &cfg.revocation_list {
         Some(p) => {
             let text = std::fs::read_to_string(p).map_err(|source| ServeError::Read {
