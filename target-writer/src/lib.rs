@@ -20,8 +20,10 @@ pub mod segment;
 pub mod serve;
 pub mod store;
 mod sys;
-pub mod vmdk;
 pub mod wal;
+
+/// The VMDK format, a crate of its own; re-exported so `crate::vmdk::...` paths stay.
+pub use blockferry_vmdk as vmdk;
 
 pub use batch::{ApplyBatch, Barrier, Chunk, Consistency, Encoding};
 pub use error::TargetError;

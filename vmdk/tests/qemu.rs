@@ -8,11 +8,11 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use blockferry_target::vmdk::check::{Problem, check};
-use blockferry_target::vmdk::export::{ExportOptions, export_delta, export_flat, export_sparse};
-use blockferry_target::vmdk::image::ParentLink;
-use blockferry_target::vmdk::sparse::SparseHeader;
-use blockferry_target::vmdk::{
+use blockferry_vmdk::check::{Problem, check};
+use blockferry_vmdk::export::{ExportOptions, export_delta, export_flat, export_sparse};
+use blockferry_vmdk::image::ParentLink;
+use blockferry_vmdk::sparse::SparseHeader;
+use blockferry_vmdk::{
     CreateOptions, DiskKind, DiskRead, OpenMode, RawDisk, VmdkError, VmdkImage, WriteOp,
 };
 use rand::rngs::StdRng;
@@ -187,7 +187,7 @@ fn random_writes_match_model(kind: DiskKind, seed: u64) {
         img.apply(&ops).unwrap();
         model.apply(&ops);
         if round % 8 == 7 {
-            img.set_cid(blockferry_target::vmdk::new_cid()).unwrap();
+            img.set_cid(blockferry_vmdk::new_cid()).unwrap();
             assert_eq!(read_all(&img), model.bytes(), "round {round}");
             if qemu {
                 assert_qemu_same(&model.path, &path);
@@ -469,7 +469,7 @@ fn exports_compare_equal_and_delta_chains_by_cid() {
     let opts = ExportOptions::default();
     let mut calls = 0u64;
     let mut last = None;
-    let mut progress = |p: blockferry_target::vmdk::export::Progress| {
+    let mut progress = |p: blockferry_vmdk::export::Progress| {
         calls += 1;
         last = Some(p);
     };

@@ -44,15 +44,15 @@
 //! # Example
 //!
 //! ```no_run
-//! use blockferry_target::vmdk::{CreateOptions, DiskKind, DiskRead, OpenMode, VmdkImage, WriteOp};
-//! # fn main() -> Result<(), blockferry_target::vmdk::VmdkError> {
+//! use blockferry_vmdk::{CreateOptions, DiskKind, DiskRead, OpenMode, VmdkImage, WriteOp};
+//! # fn main() -> Result<(), blockferry_vmdk::VmdkError> {
 //! let path = std::path::Path::new("/srv/replica/disk0.vmdk");
 //! let mut disk = VmdkImage::create(path, &CreateOptions::new(8 << 30, DiskKind::Vmfs))?;
 //! disk.apply(&[
 //!     WriteOp::Data { offset: 1 << 20, data: &[0xab; 4096] },
 //!     WriteOp::Zero { offset: 2 << 20, len: 1 << 20 },
 //! ])?;
-//! disk.set_cid(blockferry_target::vmdk::new_cid())?;
+//! disk.set_cid(blockferry_vmdk::new_cid())?;
 //! drop(disk);
 //! let disk = VmdkImage::open(path, OpenMode::ReadOnly)?;
 //! let mut buf = vec![0u8; 4096];
@@ -73,7 +73,9 @@ use std::path::PathBuf;
 use thiserror::Error;
 
 pub use descriptor::{AdapterType, CreateType, Descriptor, DescriptorError};
-pub use image::{CreateOptions, DiskKind, OpenMode, RawDisk, VmdkImage, WriteOp};
+pub use image::{
+    CreateOptions, DiskKind, OpenMode, OpenOptions, ParentLink, RawDisk, VmdkImage, WriteOp,
+};
 pub use sparse::{HeaderError, SparseHeader};
 
 /// Errors of VMDK I/O. Every variant names the file; I/O errors carry the
@@ -130,6 +132,18 @@ pub enum VmdkError {
     Invalid { path: PathBuf, what: String },
     #[error("{path}: opened read-only; open it with OpenMode::ReadWrite to write")]
     ReadOnly { path: PathBuf },
+    /// A descriptor names a file by absolute path or one that climbs out of
+    /// its directory, and the caller did not allow that.
+    #[error(
+        "{path}: {what} path {named:?} is absolute or leaves the descriptor's directory; move the files beside the descriptor and name them relatively, or, if you trust this image, open it with OpenOptions::allow_external_paths"
+    )]
+    PathOutsideDirectory {
+        path: PathBuf,
+        /// `extent` or `parentFileNameHint`.
+        what: &'static str,
+        /// The path as the descriptor writes it.
+        named: String,
+    },
     /// A [`DiskRead`] implemented outside this module failed; wrap its error here.
     #[error("reading the source disk at offset {offset}")]
     Source {
@@ -137,6 +151,17 @@ pub enum VmdkError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+}
+
+impl From<blockferry_durable::DurableError> for VmdkError {
+    fn from(e: blockferry_durable::DurableError) -> VmdkError {
+        VmdkError::Io {
+            op: e.op,
+            path: e.path,
+            offset: 0,
+            source: e.source,
+        }
+    }
 }
 
 impl VmdkError {
