@@ -26,7 +26,9 @@ const STEP: u64 = 4 << 20;
 /// Disk database and identity of an export.
 #[derive(Debug, Clone)]
 pub struct ExportOptions {
+    /// `ddb.adapterType` (and the geometry that goes with it).
     pub adapter: AdapterType,
+    /// `ddb.virtualHWVersion`.
     pub hw_version: u32,
     /// `None`: a fresh CID.
     pub cid: Option<u32>,
@@ -48,7 +50,9 @@ impl Default for ExportOptions {
 /// Progress of an export: bytes of the source examined so far, of `total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Progress {
+    /// Bytes of the source examined.
     pub done: u64,
+    /// Bytes of the source to examine in all.
     pub total: u64,
 }
 

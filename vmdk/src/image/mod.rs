@@ -40,7 +40,9 @@ pub(crate) use open::confined;
 /// How to open an image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OpenMode {
+    /// Reads only; the files are opened read-only.
     ReadOnly,
+    /// Reads and writes (never of a parent: a chain's parents open read-only).
     ReadWrite,
 }
 
@@ -106,8 +108,11 @@ pub enum DiskKind {
 pub struct CreateOptions {
     /// Virtual size in bytes; must be a multiple of 512.
     pub size: u64,
+    /// What files the disk is made of.
     pub kind: DiskKind,
+    /// `ddb.adapterType` (and the geometry that goes with it).
     pub adapter: AdapterType,
+    /// `ddb.virtualHWVersion`.
     pub hw_version: u32,
     /// `None`: a fresh CID.
     pub cid: Option<u32>,
@@ -136,10 +141,20 @@ impl CreateOptions {
 #[derive(Debug, Clone, Copy)]
 pub enum WriteOp<'a> {
     /// Write `data` at byte `offset`.
-    Data { offset: u64, data: &'a [u8] },
+    Data {
+        /// Virtual byte offset.
+        offset: u64,
+        /// The bytes; any length, any alignment.
+        data: &'a [u8],
+    },
     /// The range reads as zeros afterwards (whole sparse grains become
     /// zeroed-grain entries, which also hide a parent).
-    Zero { offset: u64, len: u64 },
+    Zero {
+        /// Virtual byte offset.
+        offset: u64,
+        /// Bytes that read as zeros afterwards.
+        len: u64,
+    },
 }
 
 #[derive(Debug)]
@@ -176,18 +191,22 @@ pub struct VmdkImage {
     pub(crate) size: u64,
 }
 impl VmdkImage {
+    /// The file it was opened by: the descriptor, or the sparse file.
     pub fn path(&self) -> &Path {
         &self.path
     }
 
+    /// The parsed descriptor, as last written.
     pub fn descriptor(&self) -> &Descriptor {
         &self.descriptor
     }
 
+    /// The content id (`CID`) of this disk; a delta's `parentCID` pins it.
     pub fn cid(&self) -> u32 {
         self.descriptor.cid
     }
 
+    /// The opened parent of a delta.
     pub fn parent(&self) -> Option<&VmdkImage> {
         self.parent.as_deref()
     }
