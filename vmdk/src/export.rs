@@ -447,6 +447,12 @@ pub fn export_sparse(
 /// is the parent's CID, `parentFileNameHint` its name (relative when both
 /// are in one directory, absolute otherwise). Changed grains that are now
 /// all zero become zeroed-grain entries so they hide the parent's data.
+///
+/// The parent is opened with the default path policy. A delta written into
+/// another directory than its parent names the parent by absolute path, so
+/// reopening it (or exporting a further delta over it) needs
+/// [`OpenOptions::allow_external_paths`](crate::OpenOptions::allow_external_paths);
+/// keep a chain in one directory to avoid that.
 pub fn export_delta(
     src: &dyn DiskRead,
     changed: &[Range<u64>],

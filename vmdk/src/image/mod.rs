@@ -157,6 +157,7 @@ pub enum WriteOp<'a> {
     },
 }
 
+/// What backs one extent of a disk.
 #[derive(Debug)]
 pub(crate) enum ExtentData {
     Flat {
@@ -169,6 +170,7 @@ pub(crate) enum ExtentData {
     Zero,
 }
 
+/// One extent line of the descriptor, opened.
 #[derive(Debug)]
 pub(crate) struct OpenExtent {
     /// Virtual byte range of the disk this extent holds.
@@ -188,8 +190,10 @@ pub struct VmdkImage {
     pub(crate) extents: Vec<OpenExtent>,
     pub(crate) parent: Option<Box<VmdkImage>>,
     pub(crate) mode: OpenMode,
+    /// Virtual size in bytes: the extents' sizes added up.
     pub(crate) size: u64,
 }
+
 impl VmdkImage {
     /// The file it was opened by: the descriptor, or the sparse file.
     pub fn path(&self) -> &Path {
