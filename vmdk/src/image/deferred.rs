@@ -19,11 +19,12 @@
 //!   3. when it returned `true`, `fdatasync` again.
 //!
 //!   Only then may the caller drop the journal records the checkpoint covers.
-//! - **What a crash leaves.** Before step 1: grains at the end of the file
-//!   that no table references (dead space; the journal writes the data
-//!   again), and torn in-place overwrites (the journal rewrites them).
-//!   Between steps 2 and 3: a redundant table that may differ from its
-//!   primary; [`VmdkImage::repair_redundant_tables`] on the next open makes
+//! - **What a crash leaves.** Before step 2: the tables as of the last
+//!   checkpoint, new grains at the end of the file that no table
+//!   references (dead space; the journal's replay writes the data again),
+//!   and torn in-place overwrites (the replay rewrites them). After step 2,
+//!   before step 3 completes: each table copy old or new, so a redundant
+//!   table may differ from its primary; [`VmdkImage::repair_redundant_tables`] on the next open makes
 //!   them equal again, and the journal replay redoes what either lost. A
 //!   table never points at garbage, so the file always opens and passes
 //!   [`check`](crate::check::check) once repaired.
