@@ -189,19 +189,24 @@ impl fmt::Display for Problem {
 /// Result of [`check`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CheckReport {
+    /// The file checked.
     pub path: PathBuf,
+    /// Its `createType`.
     pub create_type: String,
     /// Virtual size in bytes.
     pub capacity: u64,
+    /// Extent lines in the descriptor.
     pub extents: usize,
     /// Data grains referenced by the primary tables.
     pub grains: u64,
     /// At most 1000 problems; `problem_count` counts all.
     pub problems: Vec<Problem>,
+    /// Problems found in all, also those past the first 1000.
     pub problem_count: u64,
 }
 
 impl CheckReport {
+    /// True when no problem was found.
     pub fn is_clean(&self) -> bool {
         self.problem_count == 0
     }
