@@ -2,8 +2,11 @@
 //! the same image sees before the checkpoint, what the file holds if the
 //! process stops before it, and after it.
 
+mod support;
+
 use blockferry_vmdk::check::check;
 use blockferry_vmdk::{CreateOptions, DiskKind, DiskRead, OpenMode, VmdkImage, WriteOp};
+use support::{gt_sectors, poke_u32};
 
 const SIZE: u64 = 4 << 20;
 const GRAIN: u64 = 64 << 10;
@@ -78,7 +81,7 @@ fn repair_makes_a_redundant_table_that_differs_equal_to_the_primary() {
     drop(img);
     // Clear the redundant table's first entry, as a crash between the two
     // table copies of a checkpoint can leave it.
-    let (gt, rgt) = table_sectors(&path);
+    let (_, gt, rgt) = gt_sectors(&path);
     assert_ne!(gt, rgt);
     poke_u32(&path, rgt * 512, 0);
     assert!(!check(&path).unwrap().is_clean());
@@ -87,25 +90,4 @@ fn repair_makes_a_redundant_table_that_differs_equal_to_the_primary() {
     assert_eq!(img.repair_redundant_tables().unwrap(), 0);
     drop(img);
     assert!(check(&path).unwrap().is_clean());
-}
-
-/// (primary, redundant) sector of the first grain table.
-fn table_sectors(path: &std::path::Path) -> (u64, u64) {
-    use std::os::unix::fs::FileExt;
-    let f = std::fs::File::open(path).unwrap();
-    let mut h = [0u8; 512];
-    f.read_exact_at(&mut h, 0).unwrap();
-    let h = blockferry_vmdk::SparseHeader::parse(&h).unwrap();
-    let entry = |sector: u64| {
-        let mut e = [0u8; 4];
-        f.read_exact_at(&mut e, sector * 512).unwrap();
-        u64::from(u32::from_le_bytes(e))
-    };
-    (entry(h.gd_offset), entry(h.rgd_offset))
-}
-
-fn poke_u32(path: &std::path::Path, at: u64, v: u32) {
-    use std::os::unix::fs::FileExt;
-    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
-    f.write_all_at(&v.to_le_bytes(), at).unwrap();
 }
