@@ -2,7 +2,7 @@
 //! accepts renders to text it accepts again with the same meaning.
 #![no_main]
 
-use blockferry_target::vmdk::descriptor::Descriptor;
+use blockferry_vmdk::descriptor::Descriptor;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

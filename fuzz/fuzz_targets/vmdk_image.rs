@@ -5,8 +5,8 @@
 
 use std::path::PathBuf;
 
-use blockferry_target::vmdk::check::check;
-use blockferry_target::vmdk::{DiskRead, OpenMode, VmdkImage};
+use blockferry_vmdk::check::check;
+use blockferry_vmdk::{DiskRead, OpenMode, VmdkImage};
 use libfuzzer_sys::fuzz_target;
 
 fn scratch() -> PathBuf {

@@ -3,7 +3,7 @@
 //! header encodes back to one that decodes equal.
 #![no_main]
 
-use blockferry_target::vmdk::sparse::{SECTOR, SparseHeader};
+use blockferry_vmdk::sparse::{SECTOR, SparseHeader};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

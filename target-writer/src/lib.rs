@@ -18,8 +18,10 @@ pub mod segment;
 pub mod serve;
 pub mod store;
 mod sys;
-pub mod vmdk;
 pub mod wal;
+
+/// The VMDK format, a crate of its own; re-exported so `crate::vmdk::...` paths stay.
+pub use blockferry_vmdk as vmdk;
 
 pub use batch::ApplyBatch;
 pub use blockferry_proto::{Barrier, Chunk, Consistency, Encoding};

@@ -1,4 +1,4 @@
-//! The VMDK module against qemu-img, the independent oracle. qemu only ever
+//! The VMDK crate against qemu-img, the independent oracle. qemu only ever
 //! reads our images (`compare`, `info`, `map`, `convert` from them); it
 //! writes only images it creates itself, which we then read.
 
@@ -8,11 +8,10 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use blockferry_target::vmdk::check::{Problem, check};
-use blockferry_target::vmdk::export::{ExportOptions, export_delta, export_flat, export_sparse};
-use blockferry_target::vmdk::image::ParentLink;
-use blockferry_target::vmdk::sparse::SparseHeader;
-use blockferry_target::vmdk::{
+use blockferry_vmdk::check::{Problem, check};
+use blockferry_vmdk::export::{ExportOptions, export_delta, export_flat, export_sparse};
+use blockferry_vmdk::image::ParentLink;
+use blockferry_vmdk::{
     CreateOptions, DiskKind, DiskRead, OpenMode, RawDisk, VmdkError, VmdkImage, WriteOp,
 };
 use rand::rngs::StdRng;
@@ -187,7 +186,7 @@ fn random_writes_match_model(kind: DiskKind, seed: u64) {
         img.apply(&ops).unwrap();
         model.apply(&ops);
         if round % 8 == 7 {
-            img.set_cid(blockferry_target::vmdk::new_cid()).unwrap();
+            img.set_cid(blockferry_vmdk::new_cid()).unwrap();
             assert_eq!(read_all(&img), model.bytes(), "round {round}");
             if qemu {
                 assert_qemu_same(&model.path, &path);
@@ -469,7 +468,7 @@ fn exports_compare_equal_and_delta_chains_by_cid() {
     let opts = ExportOptions::default();
     let mut calls = 0u64;
     let mut last = None;
-    let mut progress = |p: blockferry_target::vmdk::export::Progress| {
+    let mut progress = |p: blockferry_vmdk::export::Progress| {
         calls += 1;
         last = Some(p);
     };
@@ -559,163 +558,6 @@ fn exports_compare_equal_and_delta_chains_by_cid() {
     );
     assert!(got[..GRAIN as usize].iter().all(|&b| b == 0));
     assert!(s.data_bytes <= 2 * GRAIN);
-}
-
-/// Grain table entries of a sparse file we made: (primary GT sector, redundant GT sector).
-fn gt_sectors(path: &Path) -> (SparseHeader, u64, u64) {
-    let f = File::open(path).unwrap();
-    let mut h = [0u8; 512];
-    f.read_exact_at(&mut h, 0).unwrap();
-    let h = SparseHeader::parse(&h).unwrap();
-    let mut e = [0u8; 4];
-    f.read_exact_at(&mut e, h.gd_offset * 512).unwrap();
-    let gt = u32::from_le_bytes(e) as u64;
-    f.read_exact_at(&mut e, h.rgd_offset * 512).unwrap();
-    let rgt = u32::from_le_bytes(e) as u64;
-    (h, gt, rgt)
-}
-
-fn poke_u32(path: &Path, at: u64, v: u32) {
-    let f = OpenOptions::new().write(true).open(path).unwrap();
-    f.write_all_at(&v.to_le_bytes(), at).unwrap();
-}
-
-fn peek_u32(path: &Path, at: u64) -> u32 {
-    let f = File::open(path).unwrap();
-    let mut e = [0u8; 4];
-    f.read_exact_at(&mut e, at).unwrap();
-    u32::from_le_bytes(e)
-}
-
-#[test]
-fn checker_finds_injected_corruptions() {
-    let dir = tempfile::tempdir().unwrap();
-    let make = |name: &str| {
-        let path = dir.path().join(name);
-        let mut img = VmdkImage::create(
-            &path,
-            &CreateOptions::new(4 << 20, DiskKind::MonolithicSparse),
-        )
-        .unwrap();
-        for g in 0..4u64 {
-            img.write_at(&[g as u8 + 1; 512], g * GRAIN).unwrap();
-        }
-        drop(img);
-        assert!(check(&path).unwrap().is_clean());
-        path
-    };
-
-    // Primary and redundant tables differ.
-    let p = make("differ.vmdk");
-    let (_, _, rgt) = gt_sectors(&p);
-    poke_u32(&p, rgt * 512 + 4, 0);
-    let r = check(&p).unwrap();
-    assert!(
-        r.problems.iter().any(|x| matches!(
-            x,
-            Problem::TablesDiffer {
-                grain: 1,
-                redundant: 0,
-                ..
-            }
-        )),
-        "{:?}",
-        r.problems
-    );
-
-    // Grain 2 points into grain 1 (both tables, so only the overlap is wrong).
-    let p = make("overlap.vmdk");
-    let (_, gt, rgt) = gt_sectors(&p);
-    let g1 = peek_u32(&p, gt * 512 + 4);
-    poke_u32(&p, gt * 512 + 8, g1 + 8);
-    poke_u32(&p, rgt * 512 + 8, g1 + 8);
-    let r = check(&p).unwrap();
-    assert_eq!(r.problem_count, 1, "{:?}", r.problems);
-    assert!(
-        matches!(r.problems[0], Problem::GrainOverlap { .. }),
-        "{:?}",
-        r.problems
-    );
-
-    // Grain 3 points at the grain directory.
-    let p = make("meta.vmdk");
-    let (h, gt, rgt) = gt_sectors(&p);
-    poke_u32(&p, gt * 512 + 12, h.gd_offset as u32);
-    poke_u32(&p, rgt * 512 + 12, h.gd_offset as u32);
-    let r = check(&p).unwrap();
-    assert!(
-        r.problems
-            .iter()
-            .any(|x| matches!(x, Problem::GrainOverlapsMetadata { grain: 3, .. })),
-        "{:?}",
-        r.problems
-    );
-
-    // Grain 0 points past the end of the file.
-    let p = make("eof.vmdk");
-    let (_, gt, rgt) = gt_sectors(&p);
-    poke_u32(&p, gt * 512, 1 << 30);
-    poke_u32(&p, rgt * 512, 1 << 30);
-    let r = check(&p).unwrap();
-    assert!(
-        r.problems
-            .iter()
-            .any(|x| matches!(x, Problem::GrainPastEof { grain: 0, .. })),
-        "{:?}",
-        r.problems
-    );
-
-    // A flat extent of the wrong size.
-    let flat = dir.path().join("flat.vmdk");
-    drop(VmdkImage::create(&flat, &CreateOptions::new(1 << 20, DiskKind::Vmfs)).unwrap());
-    assert!(check(&flat).unwrap().is_clean());
-    let extent = dir.path().join("flat-flat.vmdk");
-    OpenOptions::new()
-        .write(true)
-        .open(&extent)
-        .unwrap()
-        .set_len(1000)
-        .unwrap();
-    let r = check(&flat).unwrap();
-    assert_eq!(
-        r.problems,
-        vec![Problem::FlatSizeMismatch {
-            file: extent.clone(),
-            expected: 1 << 20,
-            actual: 1000
-        }]
-    );
-    // And open names the file and what is wrong.
-    let e = VmdkImage::open(&flat, OpenMode::ReadOnly).unwrap_err();
-    assert!(e.to_string().contains("flat-flat.vmdk"), "{e}");
-}
-
-#[test]
-fn out_of_range_and_read_only_are_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("r.vmdk");
-    let mut img = VmdkImage::create(
-        &path,
-        &CreateOptions::new(1 << 20, DiskKind::MonolithicSparse),
-    )
-    .unwrap();
-    assert!(matches!(
-        img.write_at(&[1; 1024], (1 << 20) - 512),
-        Err(VmdkError::OutOfRange { .. })
-    ));
-    let mut b = [0u8; 2];
-    assert!(matches!(
-        img.read_at(&mut b, (1 << 20) - 1),
-        Err(VmdkError::OutOfRange { .. })
-    ));
-    drop(img);
-    let mut ro = VmdkImage::open(&path, OpenMode::ReadOnly).unwrap();
-    assert!(matches!(
-        ro.write_at(&[1; 512], 0),
-        Err(VmdkError::ReadOnly { .. })
-    ));
-    // Nothing was written by the refused writes.
-    assert!(ro.allocated_ranges().unwrap().is_empty());
 }
 
 #[test]

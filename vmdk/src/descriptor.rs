@@ -169,9 +169,11 @@ impl ExtentKind {
 /// One extent line: `RW 2048 FLAT "disk-flat.vmdk" 0`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Extent {
+    /// `RW`, `RDONLY` or `NOACCESS`.
     pub access: Access,
     /// Size of the extent in 512-byte sectors.
     pub sectors: u64,
+    /// `FLAT`, `SPARSE`, `ZERO`, `VMFS`, ...
     pub kind: ExtentKind,
     /// File name relative to the descriptor's directory; `None` for `ZERO`.
     pub file: Option<String>,
@@ -217,8 +219,11 @@ impl AdapterType {
 /// Legacy CHS geometry (`ddb.geometry.*`); VMware still requires it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Geometry {
+    /// `ddb.geometry.cylinders`.
     pub cylinders: u64,
+    /// `ddb.geometry.heads`.
     pub heads: u32,
+    /// `ddb.geometry.sectors` (per track).
     pub sectors: u32,
 }
 
@@ -245,11 +250,19 @@ impl Geometry {
 /// are written back by [`Descriptor::render`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Descriptor {
+    /// The descriptor format `version` (this crate writes 1).
     pub version: u32,
+    /// `CID`: content id, changed when the disk's content changes.
     pub cid: u32,
+    /// `parentCID`: the CID of the parent a delta was taken from;
+    /// [`CID_NO_PARENT`] without a parent.
     pub parent_cid: u32,
+    /// `createType`: how the disk is laid out in files.
     pub create_type: CreateType,
+    /// `parentFileNameHint`: the parent's path, relative to this
+    /// descriptor's directory (or absolute, which opening refuses by default).
     pub parent_file_name_hint: Option<String>,
+    /// The extent lines, in order: the disk is their concatenation.
     pub extents: Vec<Extent>,
     /// Header keys other than the typed ones (`encoding`, `isNativeSnapshot`...), in order.
     pub header_extra: Vec<(String, String)>,
@@ -479,10 +492,12 @@ impl Descriptor {
         }
     }
 
+    /// `ddb.adapterType`.
     pub fn adapter_type(&self) -> Option<AdapterType> {
         self.ddb_get("ddb.adapterType").map(AdapterType::parse)
     }
 
+    /// `ddb.geometry.*`, when all three parse.
     pub fn geometry(&self) -> Option<Geometry> {
         Some(Geometry {
             cylinders: self.ddb_get("ddb.geometry.cylinders")?.parse().ok()?,
@@ -491,10 +506,12 @@ impl Descriptor {
         })
     }
 
+    /// `ddb.virtualHWVersion`.
     pub fn virtual_hw_version(&self) -> Option<u32> {
         self.ddb_get("ddb.virtualHWVersion")?.parse().ok()
     }
 
+    /// `ddb.thinProvisioned`.
     pub fn thin_provisioned(&self) -> Option<bool> {
         self.ddb_get("ddb.thinProvisioned").map(|v| v == "1")
     }

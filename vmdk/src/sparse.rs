@@ -15,9 +15,11 @@
 
 use thiserror::Error;
 
+/// Bytes per sector: the unit of every offset and size in the format.
 pub const SECTOR: u64 = 512;
 /// `KDMV` read as a little-endian u32.
 pub const MAGIC: u32 = 0x564d_444b;
+/// Bytes of the sparse extent header.
 pub const HEADER_LEN: usize = 512;
 /// Bit 0: the newline-detection characters are valid.
 pub const FLAG_VALID_NEWLINE: u32 = 1 << 0;
@@ -75,17 +77,29 @@ pub enum HeaderError {
 /// sectors.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct SparseHeader {
+    /// Header format version, 1 to 3 (this crate writes 1).
     pub version: u32,
+    /// Feature flags: redundant tables, zeroed grains, compression, markers.
     pub flags: u32,
+    /// Sectors of virtual disk this extent holds.
     pub capacity: u64,
+    /// Sectors per grain (128 = 64 KiB).
     pub grain_size: u64,
+    /// Sector of the embedded descriptor; 0 without one.
     pub descriptor_offset: u64,
+    /// Sectors reserved for the embedded descriptor.
     pub descriptor_size: u64,
+    /// Entries per grain table (512).
     pub num_gtes_per_gt: u32,
+    /// Sector of the redundant grain directory.
     pub rgd_offset: u64,
+    /// Sector of the grain directory ([`GD_AT_END`]: only in the footer).
     pub gd_offset: u64,
+    /// Sectors of metadata before the first grain.
     pub overhead: u64,
+    /// The writer did not close the extent cleanly (read and written back as found).
     pub unclean_shutdown: bool,
+    /// 0: none, 1: deflate (streamOptimized).
     pub compress_algorithm: u16,
 }
 
@@ -181,6 +195,7 @@ impl SparseHeader {
         b
     }
 
+    /// Bytes per grain.
     pub fn grain_bytes(&self) -> u64 {
         self.grain_size * SECTOR
     }
@@ -205,14 +220,17 @@ impl SparseHeader {
         (self.num_gd_entries() * 4).div_ceil(SECTOR)
     }
 
+    /// True when a redundant directory and tables are kept.
     pub fn has_redundant(&self) -> bool {
         self.flags & FLAG_REDUNDANT_GT != 0 && self.rgd_offset != 0
     }
 
+    /// True when grains are deflate-compressed behind markers.
     pub fn is_compressed(&self) -> bool {
         self.flags & FLAG_COMPRESSED != 0
     }
 
+    /// True when a table entry of 1 means a zeroed grain.
     pub fn has_zero_grain(&self) -> bool {
         self.flags & FLAG_ZERO_GRAIN != 0
     }

@@ -13,12 +13,12 @@ use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use super::descriptor::{Access, AdapterType, CreateType, Descriptor, Extent, ExtentKind};
-use super::image::{
-    DiskKind, OpenMode, VmdkImage, replace_file, sparse_layout_for, write_new_sparse,
-};
-use super::sparse::{GTE_UNALLOCATED, GTE_ZERO, Layout, SECTOR};
-use super::{DiskRead, VmdkError, new_cid, new_uuid};
+use blockferry_durable::parent_dir;
+
+use crate::descriptor::{Access, AdapterType, CreateType, Descriptor, Extent, ExtentKind};
+use crate::image::{DiskKind, OpenMode, VmdkImage, sparse_layout_for, write_new_sparse};
+use crate::sparse::{GTE_UNALLOCATED, GTE_ZERO, Layout, SECTOR};
+use crate::{DiskRead, VmdkError, new_cid, new_uuid};
 
 /// Bytes read from the source per step.
 const STEP: u64 = 4 << 20;
@@ -26,7 +26,9 @@ const STEP: u64 = 4 << 20;
 /// Disk database and identity of an export.
 #[derive(Debug, Clone)]
 pub struct ExportOptions {
+    /// `ddb.adapterType` (and the geometry that goes with it).
     pub adapter: AdapterType,
+    /// `ddb.virtualHWVersion`.
     pub hw_version: u32,
     /// `None`: a fresh CID.
     pub cid: Option<u32>,
@@ -48,7 +50,9 @@ impl Default for ExportOptions {
 /// Progress of an export: bytes of the source examined so far, of `total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Progress {
+    /// Bytes of the source examined.
     pub done: u64,
+    /// Bytes of the source to examine in all.
     pub total: u64,
 }
 
@@ -65,11 +69,10 @@ pub struct ExportSummary {
     pub zero_grains: u64,
 }
 
-pub(crate) fn is_zero(b: &[u8]) -> bool {
-    // OR-folding fixed blocks vectorizes; the early exit skips data quickly.
-    b.chunks(4096)
-        .all(|c| c.iter().fold(0u8, |a, &x| a | x) == 0)
-}
+/// The zero test exports skip zero grains and blocks with: the one of
+/// `blockferry-durable`, re-exported for callers that test their own data
+/// the same way.
+pub use blockferry_durable::is_zero;
 
 /// Sort, clip to `size`, merge, and optionally widen to `align` boundaries.
 fn normalize(ranges: Option<&[Range<u64>]>, size: u64, align: u64) -> Vec<Range<u64>> {
@@ -300,7 +303,7 @@ pub fn export_flat(
         true,
     );
     // The descriptor goes last: once it exists the export is complete.
-    replace_file(out, d.render().as_bytes())?;
+    blockferry_durable::replace_file(out, d.render().as_bytes(), None)?;
     Ok(ExportSummary {
         files: vec![out.to_owned(), flat_path],
         cid,
@@ -444,6 +447,12 @@ pub fn export_sparse(
 /// is the parent's CID, `parentFileNameHint` its name (relative when both
 /// are in one directory, absolute otherwise). Changed grains that are now
 /// all zero become zeroed-grain entries so they hide the parent's data.
+///
+/// The parent is opened with the default path policy. A delta written into
+/// another directory than its parent names the parent by absolute path, so
+/// reopening it (or exporting a further delta over it) needs
+/// [`OpenOptions::allow_external_paths`](crate::OpenOptions::allow_external_paths);
+/// keep a chain in one directory to avoid that.
 pub fn export_delta(
     src: &dyn DiskRead,
     changed: &[Range<u64>],
@@ -483,11 +492,8 @@ pub fn export_delta(
 /// `parentFileNameHint` for `parent` as seen from `out`'s directory.
 fn parent_hint(parent: &Path, out: &Path) -> Result<String, VmdkError> {
     let canon = |p: &Path| -> Result<PathBuf, VmdkError> {
-        let dir = match p.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
-            _ => PathBuf::from("."),
-        };
-        dir.canonicalize()
+        parent_dir(p)
+            .canonicalize()
             .map_err(VmdkError::io("resolve directory of", p, 0))
     };
     let pdir = canon(parent)?;
@@ -516,13 +522,5 @@ mod tests {
         assert_eq!(normalize(None, 4096, 512), vec![0..4096]);
         let past_end = 9000..9100;
         assert!(normalize(Some(&[past_end]), 8192, 512).is_empty());
-    }
-
-    #[test]
-    fn zero_detection() {
-        let mut b = vec![0u8; 70_000];
-        assert!(is_zero(&b));
-        b[69_999] = 1;
-        assert!(!is_zero(&b));
     }
 }

@@ -8,18 +8,22 @@
 //! For a delta: the parent opens and its CID equals `parentCID`.
 //!
 //! The checker reads the raw structures itself rather than going through
-//! [`super::VmdkImage::open`], so it can describe damage that would make an
-//! open fail.
+//! [`crate::VmdkImage::open`], so it can describe damage that would make an
+//! open fail. Paths in the descriptor are confined as for an open
+//! ([`crate::OpenOptions`]): a file outside the descriptor's directory is
+//! reported, not followed, unless [`check_with`] allows it.
 
 use std::fmt;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use super::VmdkError;
-use super::descriptor::{Descriptor, ExtentKind, MAX_DESCRIPTOR_LEN};
-use super::image::{OpenMode, VmdkImage};
-use super::sparse::{self, GTE_UNALLOCATED, GTE_ZERO, HEADER_LEN, SECTOR, SparseHeader};
+use blockferry_durable::parent_dir;
+
+use crate::VmdkError;
+use crate::descriptor::{Descriptor, ExtentKind, MAX_DESCRIPTOR_LEN};
+use crate::image::{OpenMode, OpenOptions, VmdkImage, confined};
+use crate::sparse::{self, GTE_UNALLOCATED, GTE_ZERO, HEADER_LEN, SECTOR, SparseHeader};
 
 /// Problems listed before the checker stops collecting (it still counts).
 const MAX_PROBLEMS: usize = 1000;
@@ -185,19 +189,24 @@ impl fmt::Display for Problem {
 /// Result of [`check`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CheckReport {
+    /// The file checked.
     pub path: PathBuf,
+    /// Its `createType`.
     pub create_type: String,
     /// Virtual size in bytes.
     pub capacity: u64,
+    /// Extent lines in the descriptor.
     pub extents: usize,
     /// Data grains referenced by the primary tables.
     pub grains: u64,
     /// At most 1000 problems; `problem_count` counts all.
     pub problems: Vec<Problem>,
+    /// Problems found in all, also those past the first 1000.
     pub problem_count: u64,
 }
 
 impl CheckReport {
+    /// True when no problem was found.
     pub fn is_clean(&self) -> bool {
         self.problem_count == 0
     }
@@ -212,8 +221,17 @@ impl CheckReport {
 
 /// Check the VMDK at `path` (descriptor or monolithic sparse file). An
 /// error means the top file could not be read or parsed at all; anything
-/// else wrong is a [`Problem`] in the report.
+/// else wrong is a [`Problem`] in the report. Extent and parent paths that
+/// are absolute or leave the descriptor's directory are reported as
+/// problems and not followed.
 pub fn check(path: &Path) -> Result<CheckReport, VmdkError> {
+    check_with(path, false)
+}
+
+/// [`check`], following extent and parent paths outside the descriptor's
+/// directory when `allow_external_paths` (for images whose origin is trusted).
+pub fn check_with(path: &Path, allow_external_paths: bool) -> Result<CheckReport, VmdkError> {
+    let opts = OpenOptions::new(OpenMode::ReadOnly).allow_external_paths(allow_external_paths);
     let file = File::open(path).map_err(VmdkError::io("open", path, 0))?;
     let len = file
         .metadata()
@@ -263,13 +281,19 @@ pub fn check(path: &Path) -> Result<CheckReport, VmdkError> {
         problems: Vec::new(),
         problem_count: 0,
     };
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
-        _ => PathBuf::from("."),
-    };
+    let dir = parent_dir(path);
     for e in &d.extents {
         let Some(name) = &e.file else { continue };
-        let p = dir.join(name);
+        let p = match confined(path, &dir, name, "extent", opts) {
+            Ok(p) => p,
+            Err(err) => {
+                report.push(Problem::BadExtent {
+                    file: PathBuf::from(name),
+                    error: err.to_string(),
+                });
+                continue;
+            }
+        };
         match e.kind {
             ExtentKind::Flat | ExtentKind::Vmfs => match std::fs::metadata(&p) {
                 Err(err) => report.push(Problem::BadExtent {
@@ -299,11 +323,13 @@ pub fn check(path: &Path) -> Result<CheckReport, VmdkError> {
     }
     if d.has_parent() {
         let hint = d.parent_file_name_hint.as_deref().unwrap_or_default();
-        if let Err(e) = VmdkImage::open(&dir.join(hint), OpenMode::ReadOnly) {
+        let parent = confined(path, &dir, hint, "parentFileNameHint", opts)
+            .and_then(|p| VmdkImage::open_with(&p, opts));
+        if let Err(e) = parent {
             report.push(Problem::BadParent {
                 error: error_chain(&e),
             });
-        } else if let Err(e) = VmdkImage::open(path, OpenMode::ReadOnly) {
+        } else if let Err(e) = VmdkImage::open_with(path, opts) {
             // Opening the child checks parentCID against the parent's CID.
             if matches!(e, VmdkError::ParentCidMismatch { .. }) {
                 report.push(Problem::BadParent {
