@@ -65,7 +65,10 @@ fn plan(
                     hint: "a delta is always a sparse VMDK: use --format vmdk-sparse".into(),
                 });
             }
-            let parent_cid = VmdkImage::open(parent_path, OpenMode::ReadOnly)?.cid();
+            // The user named this parent, and the chain behind it is what earlier
+            // exports wrote (absolute paths when it spans directories): follow it.
+            let opts = crate::vmdk::OpenOptions::new(OpenMode::ReadOnly).allow_external_paths(true);
+            let parent_cid = VmdkImage::open_with(parent_path, opts)?.cid();
             let Some(older) = store
                 .points()
                 .iter()

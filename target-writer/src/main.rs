@@ -69,7 +69,15 @@ enum Cmd {
         thin: bool,
     },
     /// Check the structure of a VMDK (what qemu-img check does not); exits non-zero on a problem.
-    Check { file: PathBuf },
+    Check {
+        file: PathBuf,
+        /// Follow extent and parent paths that are absolute or leave the
+        /// descriptor's directory (a delta exported beside a parent elsewhere).
+        /// Refused by default, so an untrusted image cannot make the checker
+        /// read files outside its own directory.
+        #[arg(long)]
+        allow_external_paths: bool,
+    },
     /// Receive from the relay over QUIC and apply.
     Serve {
         #[arg(long)]
@@ -282,8 +290,11 @@ fn main() -> Result<()> {
             println!("{}", s.replica_path().display());
             s.close()?;
         }
-        Cmd::Check { file } => {
-            let report = blockferry_target::vmdk::check::check(&file)
+        Cmd::Check {
+            file,
+            allow_external_paths,
+        } => {
+            let report = blockferry_target::vmdk::check::check_with(&file, allow_external_paths)
                 .with_context(|| format!("cannot check {}", file.display()))?;
             for p in &report.problems {
                 println!("{}: {p}", file.display());

@@ -342,7 +342,7 @@ impl Replica for SparseReplica {
     fn write_at(&mut self, _faults: &FaultPlan, buf: &[u8], offset: u64) -> Result<()> {
         check_range(&self.path, self.size, offset, buf.len())?;
         // Zeros allocate nothing where nothing was written (thin stays thin).
-        let op = if crate::vmdk::export::is_zero(buf) {
+        let op = if blockferry_durable::is_zero(buf) {
             WriteOp::Zero {
                 offset,
                 len: buf.len() as u64,

@@ -69,10 +69,7 @@ pub struct ExportSummary {
     pub zero_grains: u64,
 }
 
-/// The zero test exports skip zero grains and blocks with: the one of
-/// `blockferry-durable`, re-exported for callers that test their own data
-/// the same way.
-pub use blockferry_durable::is_zero;
+use blockferry_durable::is_zero;
 
 /// Sort, clip to `size`, merge, and optionally widen to `align` boundaries.
 fn normalize(ranges: Option<&[Range<u64>]>, size: u64, align: u64) -> Vec<Range<u64>> {
