@@ -220,12 +220,7 @@ impl Config {
             relay: RelayConfig {
                 address,
                 server_name: raw.relay.server_name,
-                tls: TlsFiles {
-                    ca: raw.relay.ca,
-                    cert: raw.relay.cert,
-                    key: raw.relay.key,
-                }
-                .anchored(base),
+                tls: TlsFiles::new(raw.relay.ca, raw.relay.cert, raw.relay.key).anchored(base),
             },
             replication: ReplicationConfig {
                 chunk_size: r.chunk_size_kib * 1024,

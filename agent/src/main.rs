@@ -75,13 +75,7 @@ fn default_log_level() -> &'static str {
 }
 
 fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_log_level())),
-        )
-        .init();
+    blockferry_transport::log::init(default_log_level());
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Probe => {

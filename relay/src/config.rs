@@ -206,12 +206,7 @@ impl Config {
             spool_dir: abs(raw.spool_dir),
             spool_limit,
             spool_segment_bytes: raw.spool_segment_bytes.unwrap_or(64 << 20).max(1 << 20),
-            tls: TlsFiles {
-                ca: raw.ca,
-                cert: raw.cert,
-                key: raw.key,
-            }
-            .anchored(base),
+            tls: TlsFiles::new(raw.ca, raw.cert, raw.key).anchored(base),
             revocation_list: raw.revocation_list.map(abs),
             loopback_tuning: raw.loopback_tuning,
             target: TargetConfig {

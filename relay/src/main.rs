@@ -57,13 +57,7 @@ enum PkiCmd {
 }
 
 fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    blockferry_transport::log::init("info");
     match Cli::parse().cmd {
         Cmd::Pki { cmd } => match cmd {
             PkiCmd::Init {

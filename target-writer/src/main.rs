@@ -151,13 +151,7 @@ async fn serve(cfg: blockferry_target::serve::ServeConfig) -> Result<()> {
 }
 
 fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    blockferry_transport::log::init("info");
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Points { store, disk, json } => {

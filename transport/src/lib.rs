@@ -6,10 +6,12 @@
 //! - [`framed`]: frames over quinn streams, with limits.
 //! - [`sink`]: the receiving endpoint (relay from agents, target from relay).
 //! - [`client`]: the sending side (agent to relay, relay to target).
+//! - [`log`]: how every service logs.
 
 pub mod client;
 pub mod endpoint;
 pub mod framed;
+pub mod log;
 pub mod pki;
 pub mod sink;
 mod sockbuf;

@@ -99,6 +99,10 @@ pub struct TlsFiles {
 }
 
 impl TlsFiles {
+    pub fn new(ca: PathBuf, cert: PathBuf, key: PathBuf) -> Self {
+        TlsFiles { ca, cert, key }
+    }
+
     /// Resolves relative paths against `base` (the configuration file's
     /// directory), so a configuration means the same from any working directory.
     pub fn anchored(self, base: &Path) -> Self {

@@ -282,23 +282,7 @@ pub fn export_flat(
     f.sync_data()
         .map_err(VmdkError::io("fdatasync", &flat_path, 0))?;
     let cid = opts.cid.unwrap_or_else(new_cid);
-    let mut d = Descriptor::new(
-        ct,
-        vec![Extent {
-            access: Access::Rw,
-            sectors: size / SECTOR,
-            kind: ek,
-            file: Some(flat_name),
-            offset: 0,
-        }],
-        cid,
-    );
-    d.set_disk_database(
-        &opts.adapter,
-        opts.hw_version,
-        opts.uuid.unwrap_or_else(new_uuid),
-        true,
-    );
+    let d = export_descriptor(ct, ek, flat_name, size, cid, opts);
     // The descriptor goes last: once it exists the export is complete.
     blockferry_durable::replace_file(out, d.render().as_bytes(), None)?;
     Ok(ExportSummary {
@@ -394,13 +378,34 @@ fn sparse_descriptor(
     cid: u32,
     opts: &ExportOptions,
 ) -> Result<Descriptor, VmdkError> {
-    let mut d = Descriptor::new(
+    let file = file_name(out)?.to_owned();
+    Ok(export_descriptor(
         CreateType::MonolithicSparse,
+        ExtentKind::Sparse,
+        file,
+        size,
+        cid,
+        opts,
+    ))
+}
+
+/// The descriptor of an export: one read-write extent `file` of `size`
+/// bytes, and the disk database of `opts`.
+fn export_descriptor(
+    create_type: CreateType,
+    kind: ExtentKind,
+    file: String,
+    size: u64,
+    cid: u32,
+    opts: &ExportOptions,
+) -> Descriptor {
+    let mut d = Descriptor::new(
+        create_type,
         vec![Extent {
             access: Access::Rw,
             sectors: size / SECTOR,
-            kind: ExtentKind::Sparse,
-            file: Some(file_name(out)?.to_owned()),
+            kind,
+            file: Some(file),
             offset: 0,
         }],
         cid,
@@ -411,7 +416,7 @@ fn sparse_descriptor(
         opts.uuid.unwrap_or_else(new_uuid),
         true,
     );
-    Ok(d)
+    d
 }
 
 /// Export `src` as a monolithicSparse VMDK at `out`, with grains only where

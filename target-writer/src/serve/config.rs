@@ -118,12 +118,7 @@ impl ServeConfig {
         Ok(ServeConfig {
             listen,
             store: abs(raw.store),
-            tls: TlsFiles {
-                ca: raw.ca,
-                cert: raw.cert,
-                key: raw.key,
-            }
-            .anchored(base),
+            tls: TlsFiles::new(raw.ca, raw.cert, raw.key).anchored(base),
             revocation_list: raw.revocation_list.map(abs),
             loopback_tuning: raw.loopback_tuning,
             peers: raw
