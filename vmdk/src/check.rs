@@ -21,7 +21,8 @@ use std::path::{Path, PathBuf};
 use blockferry_durable::parent_dir;
 
 use crate::VmdkError;
-use crate::descriptor::{Descriptor, ExtentKind, MAX_DESCRIPTOR_LEN};
+use crate::descriptor::{ExtentKind, MAX_DESCRIPTOR_LEN};
+use crate::image::read_descriptor;
 use crate::image::{OpenMode, OpenOptions, VmdkImage, confined};
 use crate::sparse::{self, GTE_UNALLOCATED, GTE_ZERO, HEADER_LEN, SECTOR, SparseHeader};
 
@@ -240,7 +241,7 @@ pub fn check_with(path: &Path, allow_external_paths: bool) -> Result<CheckReport
     let mut head = vec![0u8; HEADER_LEN.min(len as usize)];
     file.read_exact_at(&mut head, 0)
         .map_err(VmdkError::io("read", path, 0))?;
-    let descriptor = if head.starts_with(b"KDMV") {
+    let d = if head.starts_with(b"KDMV") {
         let h = SparseHeader::parse(&head).map_err(|source| VmdkError::Header {
             path: path.to_owned(),
             source,
@@ -249,13 +250,7 @@ pub fn check_with(path: &Path, allow_external_paths: bool) -> Result<CheckReport
         let n = (h.descriptor_size * SECTOR)
             .min(MAX_DESCRIPTOR_LEN as u64)
             .min(len.saturating_sub(off));
-        let mut b = vec![0u8; n as usize];
-        file.read_exact_at(&mut b, off).map_err(VmdkError::io(
-            "read embedded descriptor of",
-            path,
-            off,
-        ))?;
-        b
+        read_descriptor(&file, path, off, n, "read embedded descriptor of")?
     } else {
         if len > MAX_DESCRIPTOR_LEN as u64 {
             return Err(VmdkError::Invalid {
@@ -263,15 +258,8 @@ pub fn check_with(path: &Path, allow_external_paths: bool) -> Result<CheckReport
                 what: "not a VMDK: no KDMV magic and too big for a descriptor".into(),
             });
         }
-        let mut b = vec![0u8; len as usize];
-        file.read_exact_at(&mut b, 0)
-            .map_err(VmdkError::io("read", path, 0))?;
-        b
+        read_descriptor(&file, path, 0, len, "read")?
     };
-    let d = Descriptor::parse_bytes(&descriptor).map_err(|source| VmdkError::Descriptor {
-        path: path.to_owned(),
-        source,
-    })?;
     let mut report = CheckReport {
         path: path.to_owned(),
         create_type: d.create_type.to_string(),

@@ -6,7 +6,26 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use super::OpenMode;
+use crate::descriptor::Descriptor;
 use crate::{DiskRead, VmdkError};
+
+/// Reads `len` bytes at `offset` of `file` and parses them as a descriptor
+/// (a descriptor file, or the one embedded in a sparse extent).
+pub(crate) fn read_descriptor(
+    file: &File,
+    path: &Path,
+    offset: u64,
+    len: u64,
+    what: &'static str,
+) -> Result<Descriptor, VmdkError> {
+    let mut b = vec![0u8; len as usize];
+    file.read_exact_at(&mut b, offset)
+        .map_err(VmdkError::io(what, path, offset))?;
+    Descriptor::parse_bytes(&b).map_err(|source| VmdkError::Descriptor {
+        path: path.to_owned(),
+        source,
+    })
+}
 
 /// Source of zero bytes for zero writes without an allocation.
 static ZEROS: [u8; 64 << 10] = [0u8; 64 << 10];

@@ -35,6 +35,7 @@ pub use chain::ParentLink;
 pub(crate) use create::{sparse_layout_for, write_new_sparse};
 use extent::SparseExtent;
 pub use file::RawDisk;
+pub(crate) use file::read_descriptor;
 pub(crate) use open::confined;
 
 /// How to open an image.

@@ -11,10 +11,10 @@ use tracing::debug;
 
 use super::chain::MAX_CHAIN_DEPTH;
 use super::extent::SparseExtent;
-use super::file::{corrupt, file_len, open_file};
+use super::file::{corrupt, file_len, open_file, read_descriptor};
 use super::{ExtentData, OpenExtent, OpenMode, OpenOptions, VmdkImage};
 use crate::VmdkError;
-use crate::descriptor::{CreateType, Descriptor, ExtentKind, MAX_DESCRIPTOR_LEN};
+use crate::descriptor::{CreateType, ExtentKind, MAX_DESCRIPTOR_LEN};
 use crate::sparse::{HEADER_LEN, SECTOR, SparseHeader};
 
 impl VmdkImage {
@@ -68,16 +68,7 @@ impl VmdkImage {
                     "embedded descriptor runs past the end of the file",
                 ));
             }
-            let mut b = vec![0u8; n as usize];
-            file.read_exact_at(&mut b, off).map_err(VmdkError::io(
-                "read embedded descriptor of",
-                path,
-                off,
-            ))?;
-            let d = Descriptor::parse_bytes(&b).map_err(|source| VmdkError::Descriptor {
-                path: path.to_owned(),
-                source,
-            })?;
+            let d = read_descriptor(&file, path, off, n, "read embedded descriptor of")?;
             let ext = SparseExtent::open(file, path, header, mode)?;
             (d, true, Some(ext))
         } else if head.starts_with(b"COWD") {
@@ -94,13 +85,7 @@ impl VmdkImage {
                     ),
                 });
             }
-            let mut b = vec![0u8; len as usize];
-            file.read_exact_at(&mut b, 0)
-                .map_err(VmdkError::io("read", path, 0))?;
-            let d = Descriptor::parse_bytes(&b).map_err(|source| VmdkError::Descriptor {
-                path: path.to_owned(),
-                source,
-            })?;
+            let d = read_descriptor(&file, path, 0, len, "read")?;
             (d, false, None)
         };
         match &descriptor.create_type {
