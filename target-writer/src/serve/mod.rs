@@ -10,6 +10,11 @@
 //! point, and answers to checksum-resync requests from a hash tree of the
 //! replica built on demand and cached until the next write.
 //!
+//! A promoted replica ([`DiskStore::promote`]) takes no frames: its streams
+//! start at the promoted generation, so the shared receiver nacks the former
+//! source's frames as `StaleGeneration` and its hello reply carries the newer
+//! generation; a frame that gets past it is refused before it is applied.
+//!
 //! And the local control socket `<store>/control.sock` ([`crate::control`]):
 //! the service holds every store it serves locked, so the command line asks
 //! it to export a point. The export reads the point in steps, taking the
@@ -183,6 +188,11 @@ impl TargetSink {
         // Runs of batches between barriers share one journal sync.
         let mut run = Vec::new();
         for a in frames {
+            // A promoted replica is fenced against its former source: the
+            // typed refusal travels back through the relay to the agent.
+            if let Some((_, generation, _)) = blockferry_proto::sender::sequenced(&a.frame) {
+                s.check_not_promoted(generation.0)?;
+            }
             match &a.frame {
                 Frame::Batch(b) => run.push(ApplyBatch::from_proto(&name, b)),
                 Frame::Barrier(b) => {
@@ -301,6 +311,13 @@ impl FrameSink for TargetService {
         let (generation, seq) = tokio::task::spawn_blocking(move || {
             let store = this.store(disk, Some(size))?;
             let mut s = lock(&store);
+            if s.is_promoted() {
+                // Its receiver starts at the promoted generation, so every
+                // frame of the former source is nacked as stale, and the
+                // hello reply tells the sender it was superseded.
+                warn!(%disk, generation = s.generation(), "a sender of this promoted replica connected: its frames are refused as stale");
+                return Ok((s.generation(), s.applied_seq()));
+            }
             let have = s.size();
             if size > have {
                 let r = s.grow(size);
