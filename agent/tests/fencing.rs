@@ -117,9 +117,21 @@ fn after_promotion_the_old_agent_is_fenced_and_nothing_reaches_the_promoted_copy
     let st = site.agent_status().expect("status");
     let action = st["disks"][0]["action"].as_str().unwrap_or_default();
     assert!(action.contains("reprotect"), "status says what to do: {st}");
-    // A few more writes while fenced: none may travel.
+    // A few more writes while fenced: none may travel, all stay tracked.
     for i in 0..4 {
         dd_write(dev.path_str(), MIB, 40 + i, 1, &[]);
+    }
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let st = site.agent_status().expect("status");
+        if st["disks"][0]["backlog_bytes"].as_u64().unwrap_or(0) >= 4 * MIB {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the fenced writes are not tracked: {st}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
     }
     let cmp = qemu_img(&[
         "compare",

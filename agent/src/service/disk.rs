@@ -99,6 +99,7 @@ impl Service {
                 d.read_bytes -= r.range.end - r.range.start;
                 if ok {
                     d.rpo.handle_shipped(read, last_seq.0);
+                    d.unacked.push_back((last_seq, r.range.clone()));
                 } else {
                     // Not read: it goes back dirty and is read again later.
                     tracker.mark_dirty(d.dev, r.range.clone());
@@ -127,6 +128,13 @@ impl Service {
             if let Some(err) = &progress.last_error {
                 d.error = Some(err.clone());
             }
+            while d
+                .unacked
+                .front()
+                .is_some_and(|(s, _)| *s <= progress.durable)
+            {
+                d.unacked.pop_front();
+            }
             if let Some(ResyncReason::StaleGeneration { ours, peer }) = progress.resync
                 && let Some(fence) = d
                     .phase
@@ -135,6 +143,11 @@ impl Service {
                 // Once: the stream stays refused, and the fence is persisted
                 // below, so neither this run nor the next logs it again.
                 tracing::error!(disk = %d.cfg.id, stream = %ours, promoted = %peer, "{}", fence.advice());
+                // What the sender held unacked is dropped with the fence:
+                // it stays the source's, tracked as dirty.
+                for (_, range) in d.unacked.drain(..) {
+                    tracker.mark_dirty(d.dev, range);
+                }
                 Self::detach_record(d, &self.store);
                 fenced = true;
             }

@@ -123,6 +123,10 @@ struct Disk {
     error: Option<String>,
     /// The device's generation record (a source), saved beside the state.
     record: blockferry_proto::GenerationRecord,
+    /// Ranges shipped in frames up to a sequence not yet durable at the
+    /// relay, oldest first (bounded by the send window). A fence drops the
+    /// sender's unacked frames, so these go back to the dirty set.
+    unacked: std::collections::VecDeque<(Seq, Range<u64>)>,
 }
 
 /// Runs the service until `cancel` fires, then stops cleanly.
@@ -213,6 +217,7 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), Servic
             progress: SyncProgress::new(),
             error: None,
             record,
+            unacked: std::collections::VecDeque::new(),
         });
     }
     drop(shipped_tx);
