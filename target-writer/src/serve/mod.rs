@@ -45,6 +45,7 @@ use crate::batch::ApplyBatch;
 use crate::control::{self, ExportRequest};
 use crate::error::TargetError;
 use crate::export::export_point_live;
+use crate::promote::{Promoted, promote_store};
 use crate::retention::scheduled_point_due;
 use crate::store::{DiskStore, StoreOptions, lock};
 
@@ -221,6 +222,23 @@ impl TargetSink {
             }
         }
         Ok(())
+    }
+
+    /// Promotes the replica of a served disk between two applies (the promote
+    /// step of a failover while the service runs). The live stream of its
+    /// former source is refused at its next frame and ends with
+    /// `StaleGeneration`; the next one starts at the promoted generation.
+    pub fn promote_blocking(&self, disk: &str) -> Result<Promoted, TargetError> {
+        let Ok(id) = disk.parse::<DiskId>() else {
+            return Err(TargetError::NoDisk {
+                disk: disk.to_string(),
+                path: self.cfg.store.clone(),
+            });
+        };
+        let store = self.store(id, None)?;
+        let r = promote_store(&mut lock(&store));
+        lock(&self.trees).remove(&id);
+        r
     }
 
     /// Exports a point for a control-socket client: from the disk's store as
