@@ -12,6 +12,7 @@ pub mod crashsafe;
 pub mod error;
 pub mod export;
 pub mod feed;
+pub mod promote;
 pub mod replica;
 pub mod retention;
 pub mod segment;
