@@ -1,18 +1,35 @@
-//! A whole replication site on this machine: PKI, target, relay and agent as real
-//! processes on 127.0.0.1 with ports chosen by the kernel, each with its own
+//! A whole replication set-up on this machine: PKI, target, relay and agent as
+//! real processes with ports chosen by the kernel, each with its own
 //! configuration in a scratch directory. The demo, the end-to-end tests and the
 //! end-to-end benchmarks all drive the product through this one harness.
 //!
-//! Every process is killed when the [`Site`] is dropped, even on panic.
+//! Where the processes run is the [`Placement`]: all on 127.0.0.1 of this host
+//! ([`Placement::Loopback`], the default), or across the two sites of a
+//! [`TwoSites`] ([`Placement::Across`]): the agent inside the source site's
+//! network namespace, the relay and the target inside the other's, listening on
+//! that site's veth address, so every byte between agent and relay crosses the
+//! veth. Across sites each side keeps its files in its own directory
+//! (`DIR/site-a`, `DIR/site-b`): the relay's side issues the certificates with
+//! `blockferry-relay pki`, and the agent's side gets a copy of the CA
+//! certificate and of its own certificate and key, as an operator would carry
+//! them over. Both directions use the same [`TwoSites`]: forward protection
+//! runs from `A`, reprotect from `B`.
+//!
+//! Every process is killed when the [`Site`] is dropped, even on panic, before
+//! the namespaces it ran in can go away (the site holds them).
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use blockferry_proto::DiskId;
+use blockferry_transport::pki;
+
+use crate::netns::{SiteName, TwoSites};
 
 /// Where the three binaries are.
 #[derive(Debug, Clone)]
@@ -75,6 +92,59 @@ pub struct ProtectedDisk {
     pub device: PathBuf,
 }
 
+/// Where the processes of a [`Site`] run.
+#[derive(Debug, Clone, Default)]
+pub enum Placement {
+    /// All in this network namespace, on 127.0.0.1, files in one directory.
+    #[default]
+    Loopback,
+    /// The agent in `source`, the relay and the target in the other site.
+    Across {
+        sites: Arc<TwoSites>,
+        source: SiteName,
+    },
+}
+
+impl Placement {
+    /// The agent in `source`, relay and target in the other site of `sites`.
+    pub fn across(sites: &Arc<TwoSites>, source: SiteName) -> Placement {
+        Placement::Across {
+            sites: Arc::clone(sites),
+            source,
+        }
+    }
+
+    /// The site the agent runs in (None on loopback).
+    pub fn agent_site(&self) -> Option<SiteName> {
+        match self {
+            Placement::Loopback => None,
+            Placement::Across { source, .. } => Some(*source),
+        }
+    }
+
+    /// The site the relay and the target run in (None on loopback).
+    pub fn server_site(&self) -> Option<SiteName> {
+        self.agent_site().map(SiteName::other)
+    }
+
+    /// The address relay and target listen on: 127.0.0.1, or the server
+    /// site's veth address.
+    fn server_ip(&self) -> std::net::IpAddr {
+        match self {
+            Placement::Loopback => std::net::Ipv4Addr::LOCALHOST.into(),
+            Placement::Across { sites, source } => sites.addr(source.other()).into(),
+        }
+    }
+
+    /// A command for `program` inside `site` (this namespace on loopback).
+    fn command(&self, site: Option<SiteName>, program: &Path) -> Result<Command> {
+        match (self, site) {
+            (Placement::Across { sites, .. }, Some(site)) => sites.command(site, program),
+            _ => Ok(Command::new(program)),
+        }
+    }
+}
+
 /// Settings of a site.
 #[derive(Debug, Clone)]
 pub struct SiteOptions {
@@ -84,6 +154,8 @@ pub struct SiteOptions {
     pub log: String,
     /// Where the processes' logs go; `None` inherits stderr.
     pub quiet: bool,
+    /// Where the processes run.
+    pub placement: Placement,
 }
 
 impl Default for SiteOptions {
@@ -93,6 +165,25 @@ impl Default for SiteOptions {
             chunk_size_kib: 64,
             log: "info".into(),
             quiet: false,
+            placement: Placement::Loopback,
+        }
+    }
+}
+
+/// The three processes of a site.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Agent,
+    Relay,
+    Target,
+}
+
+impl Role {
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Agent => "agent",
+            Role::Relay => "relay",
+            Role::Target => "target",
         }
     }
 }
@@ -124,16 +215,6 @@ impl Site {
         disks: Vec<ProtectedDisk>,
         opts: SiteOptions,
     ) -> Result<Site> {
-        let pki = dir.join("pki");
-        run(Command::new(bins.relay())
-            .args(["pki", "init", "--dir"])
-            .arg(&pki)
-            .stdout(Stdio::null()))?;
-        run(Command::new(bins.relay())
-            .args(["pki", "issue-agent", "--dir"])
-            .arg(&pki)
-            .args(["--name", AGENT_NAME])
-            .stdout(Stdio::null()))?;
         let mut site = Site {
             bins,
             dir: dir.to_owned(),
@@ -147,13 +228,77 @@ impl Site {
             relay_addr: None,
             metrics_addr: None,
         };
+        site.issue_certificates()?;
         site.start_target()?;
         site.start_relay()?;
         Ok(site)
     }
 
+    /// Issues the CA and the relay, target and agent certificates on the
+    /// relay's side; across sites, copies the CA certificate and the agent's
+    /// certificate and key to the agent's side.
+    fn issue_certificates(&self) -> Result<()> {
+        for d in [self.agent_dir(), self.server_dir()] {
+            std::fs::create_dir_all(&d).with_context(|| format!("{}", d.display()))?;
+        }
+        let pki_dir = self.server_dir().join("pki");
+        run(Command::new(self.bins.relay())
+            .args(["pki", "init", "--dir"])
+            .arg(&pki_dir)
+            .stdout(Stdio::null()))?;
+        run(Command::new(self.bins.relay())
+            .args(["pki", "issue-agent", "--dir"])
+            .arg(&pki_dir)
+            .args(["--name", AGENT_NAME])
+            .stdout(Stdio::null()))?;
+        let agent_pki = self.agent_dir().join("pki");
+        if agent_pki != pki_dir {
+            std::fs::create_dir_all(&agent_pki)?;
+            let agent = pki::agent_files(&pki_dir, AGENT_NAME);
+            for from in [pki_dir.join(pki::CA_CERT), agent.cert, agent.key] {
+                let name = from
+                    .file_name()
+                    .context("a certificate file without a name")?;
+                std::fs::copy(&from, agent_pki.join(name)).with_context(|| {
+                    format!("cannot copy {} to {}", from.display(), agent_pki.display())
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Where the processes run.
+    pub fn placement(&self) -> &Placement {
+        &self.opts.placement
+    }
+
+    /// The agent's directory: configuration, state, certificates, log.
+    pub fn agent_dir(&self) -> PathBuf {
+        match self.opts.placement.agent_site() {
+            None => self.dir.clone(),
+            Some(site) => self.dir.join(site.label()),
+        }
+    }
+
+    /// The relay's and target's directory: PKI, spool, store, logs.
+    pub fn server_dir(&self) -> PathBuf {
+        match self.opts.placement.server_site() {
+            None => self.dir.clone(),
+            Some(site) => self.dir.join(site.label()),
+        }
+    }
+
+    /// The log of `role` (when the site is quiet).
+    pub fn log_file(&self, role: Role) -> PathBuf {
+        let dir = match role {
+            Role::Agent => self.agent_dir(),
+            Role::Relay | Role::Target => self.server_dir(),
+        };
+        dir.join(format!("{}.log", role.name()))
+    }
+
     pub fn target_store(&self) -> PathBuf {
-        self.dir.join("target-store")
+        self.server_dir().join("target-store")
     }
 
     /// The replica VMDK of `disk` at the target.
@@ -161,6 +306,13 @@ impl Site {
         self.target_store()
             .join(disk.to_string())
             .join("replica.vmdk")
+    }
+
+    /// The raw extent of the replica of `disk` (a vmfs replica's `-flat.vmdk`).
+    pub fn replica_flat(&self, disk: &DiskId) -> PathBuf {
+        self.target_store()
+            .join(disk.to_string())
+            .join("replica-flat.vmdk")
     }
 
     /// The agent's tracker pins in bpffs: one directory per site, so sites can
@@ -180,23 +332,35 @@ impl Site {
     }
 
     pub fn agent_state_dir(&self) -> PathBuf {
-        self.dir.join("agent-state")
+        self.agent_dir().join("agent-state")
+    }
+
+    /// A listen address on the servers' side with a port the kernel picks.
+    fn any_port(&self) -> String {
+        SocketAddr::new(self.opts.placement.server_ip(), 0).to_string()
+    }
+
+    /// Loopback's large datagrams only where every hop is loopback; across
+    /// sites the veth has an Ethernet MTU, as a WAN link would.
+    fn loopback_tuning(&self) -> bool {
+        matches!(self.opts.placement, Placement::Loopback)
     }
 
     fn config_target(&self) -> Result<PathBuf> {
         let listen = self
             .target_addr
-            .map_or_else(|| "127.0.0.1:0".to_owned(), |a| a.to_string());
+            .map_or_else(|| self.any_port(), |a| a.to_string());
         let text = format!(
             r#"listen = "{listen}"
 store = "target-store"
 ca = "pki/ca.crt"
 cert = "pki/target.crt"
 key = "pki/target.key"
-loopback_tuning = true
-"#
+loopback_tuning = {}
+"#,
+            self.loopback_tuning()
         );
-        let p = self.dir.join("target.toml");
+        let p = self.server_dir().join("target.toml");
         std::fs::write(&p, text)?;
         Ok(p)
     }
@@ -205,10 +369,10 @@ loopback_tuning = true
         let target = self.target_addr.context("the target is not started")?;
         let listen = self
             .relay_addr
-            .map_or_else(|| "127.0.0.1:0".to_owned(), |a| a.to_string());
+            .map_or_else(|| self.any_port(), |a| a.to_string());
         let metrics = self
             .metrics_addr
-            .map_or_else(|| "127.0.0.1:0".to_owned(), |a| a.to_string());
+            .map_or_else(|| self.any_port(), |a| a.to_string());
         let disks: Vec<String> = self.disks.iter().map(|d| format!("\"{}\"", d.id)).collect();
         let text = format!(
             r#"listen = "{listen}"
@@ -217,7 +381,7 @@ spool_dir = "relay-spool"
 ca = "pki/ca.crt"
 cert = "pki/relay.crt"
 key = "pki/relay.key"
-loopback_tuning = true
+loopback_tuning = {}
 
 [target]
 address = "{target}"
@@ -227,9 +391,10 @@ server_name = "target"
 name = "{AGENT_NAME}"
 disks = [{}]
 "#,
+            self.loopback_tuning(),
             disks.join(", ")
         );
-        let p = self.dir.join("relay.toml");
+        let p = self.server_dir().join("relay.toml");
         std::fs::write(&p, text)?;
         Ok(p)
     }
@@ -237,7 +402,7 @@ disks = [{}]
     /// The agent's configuration (written on every start, so a test may point
     /// it elsewhere with [`Site::write_agent_config`] first).
     pub fn agent_config(&self) -> PathBuf {
-        self.dir.join("agent.toml")
+        self.agent_dir().join("agent.toml")
     }
 
     /// Writes the agent configuration for relay address `relay`.
@@ -271,8 +436,13 @@ rpo_alert_seconds = 30
         Ok(())
     }
 
-    fn spawn(&self, program: &Path, args: &[&str], name: &str) -> Result<(Child, ChildStdout)> {
-        let log = self.dir.join(format!("{name}.log"));
+    /// Starts `role`'s `program` in its site and directory.
+    fn spawn(&self, role: Role, program: &Path, args: &[&str]) -> Result<(Child, ChildStdout)> {
+        let (site, dir) = match role {
+            Role::Agent => (self.opts.placement.agent_site(), self.agent_dir()),
+            Role::Relay | Role::Target => (self.opts.placement.server_site(), self.server_dir()),
+        };
+        let log = self.log_file(role);
         let stderr = if self.opts.quiet {
             Stdio::from(
                 std::fs::OpenOptions::new()
@@ -283,9 +453,12 @@ rpo_alert_seconds = 30
         } else {
             Stdio::inherit()
         };
-        let mut child = Command::new(program)
+        let mut child = self
+            .opts
+            .placement
+            .command(site, program)?
             .args(args)
-            .current_dir(&self.dir)
+            .current_dir(&dir)
             .env("RUST_LOG", &self.opts.log)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -300,9 +473,9 @@ rpo_alert_seconds = 30
     pub fn start_target(&mut self) -> Result<()> {
         let cfg = self.config_target()?;
         let (child, out) = self.spawn(
+            Role::Target,
             &self.bins.target(),
             &["serve", "--config", path_str(&cfg)?],
-            "target",
         )?;
         self.target = Some(child);
         let line = first_line(out, "listening", &mut self.target)?;
@@ -314,9 +487,9 @@ rpo_alert_seconds = 30
     pub fn start_relay(&mut self) -> Result<()> {
         let cfg = self.config_relay()?;
         let (child, out) = self.spawn(
+            Role::Relay,
             &self.bins.relay(),
             &["serve", "--config", path_str(&cfg)?],
-            "relay",
         )?;
         self.relay = Some(child);
         let line = first_line(out, "listening", &mut self.relay)?;
@@ -329,6 +502,10 @@ rpo_alert_seconds = 30
         self.relay_addr
     }
 
+    pub fn target_addr(&self) -> Option<SocketAddr> {
+        self.target_addr
+    }
+
     /// Starts the agent against the relay.
     pub fn start_agent(&mut self) -> Result<()> {
         let relay = self.relay_addr.context("the relay is not started")?;
@@ -337,9 +514,9 @@ rpo_alert_seconds = 30
         }
         let cfg = self.agent_config();
         let (child, out) = self.spawn(
+            Role::Agent,
             &self.bins.agent(),
             &["run", "--config", path_str(&cfg)?],
-            "agent",
         )?;
         // The agent prints nothing on stdout; keep the pipe from closing.
         std::mem::forget(out);
@@ -453,15 +630,27 @@ rpo_alert_seconds = 30
 
     /// `qemu-img compare -f raw -F vmdk DEVICE REPLICA`: Ok when identical.
     pub fn compare(&self, disk: &ProtectedDisk) -> Result<()> {
+        self.qemu_compare(disk, "vmdk", &self.replica(&disk.id))
+    }
+
+    /// `qemu-img compare -f raw -F raw DEVICE REPLICA-flat.vmdk`: the replica's
+    /// raw extent, byte for byte, without the VMDK descriptor in between.
+    pub fn compare_flat(&self, disk: &ProtectedDisk) -> Result<()> {
+        self.qemu_compare(disk, "raw", &self.replica_flat(&disk.id))
+    }
+
+    fn qemu_compare(&self, disk: &ProtectedDisk, format: &str, replica: &Path) -> Result<()> {
+        // Read-only: qemu-img compare opens both images without writing.
         let out = Command::new("qemu-img")
-            .args(["compare", "-f", "raw", "-F", "vmdk"])
+            .args(["compare", "-f", "raw", "-F", format])
             .arg(&disk.device)
-            .arg(self.replica(&disk.id))
+            .arg(replica)
             .output()
             .context("cannot run qemu-img (install qemu-utils)")?;
         if !out.status.success() {
             bail!(
-                "replica of {} differs from {}: {}{}",
+                "replica {} of {} differs from {}: {}{}",
+                replica.display(),
                 disk.id,
                 disk.device.display(),
                 String::from_utf8_lossy(&out.stdout).trim(),
