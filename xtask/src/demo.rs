@@ -1,4 +1,7 @@
-//! `cargo xtask demo`: the main job on a loop device the demo creates and removes.
+//! `cargo xtask demo`: the main job on a loop device the demo creates and removes;
+//! with `--two-sites`, the same job across two network namespaces (site-a holds
+//! the source disk and the agent, site-b the relay and the target) joined by a
+//! veth pair, so that nothing crosses over 127.0.0.1.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -10,7 +13,7 @@ use crate::util::{self, run};
 
 const MIB: u64 = 1 << 20;
 
-pub fn run_demo(tracker_only: bool) -> Result<()> {
+pub fn run_demo(tracker_only: bool, two_sites: bool) -> Result<()> {
     util::ensure_packages()?;
     util::ensure_kernel_prereqs()?;
     util::ensure_loop_support()?;
@@ -19,13 +22,17 @@ pub fn run_demo(tracker_only: bool) -> Result<()> {
     if tracker_only {
         return tracker_demo(&mut s, &bin);
     }
-    replication_demo(&mut s, &bin)
+    replication_demo(&mut s, &bin, two_sites)
 }
 
 /// The main job: protect a 1 GiB ext4 disk, replicate it while files are
 /// written, wait for an RPO of zero, and check the replica with qemu-img.
-fn replication_demo(s: &mut Scratch, bin: &std::path::Path) -> Result<()> {
-    use blockferry_benches::site::{Binaries, ProtectedDisk, Site, SiteOptions, new_disk_id};
+fn replication_demo(s: &mut Scratch, bin: &std::path::Path, two_sites: bool) -> Result<()> {
+    use blockferry_benches::netns::{SiteName, TwoSites};
+    use blockferry_benches::site::{
+        Binaries, Placement, ProtectedDisk, Role, Site, SiteOptions, new_disk_id,
+    };
+    use std::sync::Arc;
     use std::time::{Duration, Instant};
 
     let dir = s.dir("blockferry-demo")?;
@@ -43,15 +50,53 @@ fn replication_demo(s: &mut Scratch, bin: &std::path::Path) -> Result<()> {
     eprintln!("source disk {dev} (1 GiB, ext4), disk id {}", disk.id);
     let site_dir = dir.join("site");
     std::fs::create_dir(&site_dir)?;
+    // Declared before the site: the namespaces outlive the processes in them.
+    let sites = if two_sites {
+        let sites = Arc::new(TwoSites::new().context(
+            "cannot create the two sites' network namespaces (needs root and iproute2)",
+        )?);
+        for (site, role) in [
+            (SiteName::A, "the source disk and the agent"),
+            (SiteName::B, "the relay and the target"),
+        ] {
+            eprintln!(
+                "{site}: network namespace {}, {} on {}: {role}",
+                sites.netns(site),
+                site.interface(),
+                sites.addr(site)
+            );
+        }
+        Some(sites)
+    } else {
+        None
+    };
+    let placement = match &sites {
+        Some(sites) => Placement::across(sites, SiteName::A),
+        None => Placement::Loopback,
+    };
     let opts = SiteOptions {
         quiet: true,
+        placement,
         ..SiteOptions::default()
     };
     let mut site = Site::start(Binaries::in_dir(bin), &site_dir, vec![disk.clone()], opts)?;
-    eprintln!(
-        "target and relay running on 127.0.0.1 (QUIC, mutual TLS); logs in {}",
-        site_dir.display()
-    );
+    match &sites {
+        Some(_) => eprintln!(
+            "target and relay running in site-b, the relay at {} (QUIC, mutual TLS); \
+             site-b's files and logs in {}, site-a's in {}",
+            site.relay_addr().context("the relay has no address")?,
+            site.server_dir().display(),
+            site.agent_dir().display()
+        ),
+        None => eprintln!(
+            "target and relay running on 127.0.0.1 (QUIC, mutual TLS); logs in {}",
+            site_dir.display()
+        ),
+    }
+    let veth_before = match &sites {
+        Some(sites) => Some(sites.link_bytes(SiteName::A)?),
+        None => None,
+    };
     let t0 = Instant::now();
     site.start_agent()?;
     // The initial sync, with its progress.
@@ -60,8 +105,8 @@ fn replication_demo(s: &mut Scratch, bin: &std::path::Path) -> Result<()> {
         s.check()?;
         if let Some(status) = site.agent_exited() {
             bail!(
-                "the agent exited with {status}; see {}/agent.log",
-                site_dir.display()
+                "the agent exited with {status}; see {}",
+                site.log_file(Role::Agent).display()
             );
         }
         if let Ok(st) = site.agent_status() {
@@ -138,6 +183,21 @@ fn replication_demo(s: &mut Scratch, bin: &std::path::Path) -> Result<()> {
         replica.display(),
         info["format"].as_str().unwrap_or("?")
     );
+    if let (Some(sites), Some(before)) = (&sites, veth_before) {
+        let after = sites.link_bytes(SiteName::A)?;
+        println!(
+            "  sites             agent in {} ({}), relay and target in {} ({})",
+            sites.netns(SiteName::A),
+            sites.addr(SiteName::A),
+            sites.netns(SiteName::B),
+            sites.addr(SiteName::B)
+        );
+        println!(
+            "  over the veth     {:.1} MiB site-a -> site-b, {:.1} MiB back (acks)",
+            (after.tx - before.tx) as f64 / MIB as f64,
+            (after.rx - before.rx) as f64 / MIB as f64
+        );
+    }
     Ok(())
 }
 

@@ -30,6 +30,10 @@ enum Cmd {
         /// Only show the change tracker on a loop device.
         #[arg(long)]
         tracker_only: bool,
+        /// Run the agent in network namespace site-a and relay and target in
+        /// site-b, joined by a veth pair, instead of all on 127.0.0.1.
+        #[arg(long, conflicts_with = "tracker_only")]
+        two_sites: bool,
     },
     /// Everything CI checks: format, lints, all tests (root tests included), fuzzing.
     Ci,
@@ -61,7 +65,10 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::BuildAndLoad => build_and_load::run(),
-        Cmd::Demo { tracker_only } => demo::run_demo(tracker_only),
+        Cmd::Demo {
+            tracker_only,
+            two_sites,
+        } => demo::run_demo(tracker_only, two_sites),
         Cmd::Ci => ci::run_ci(),
         Cmd::Fuzz { seconds } => fuzz::run_fuzz(seconds),
         Cmd::Bench { what } => match what {
