@@ -160,48 +160,58 @@ pub fn parse_link_bytes(json: &str) -> Result<LinkBytes> {
 pub struct TwoSites {
     slot: u16,
     // Held for the guard's lifetime: it is the claim on `slot`.
-    _lock: File,
+    _lock: Option<File>,
 }
 
 impl TwoSites {
-    /// Creates both namespaces, the veth pair with its /30 and both loopbacks.
-    /// Needs root (CAP_NET_ADMIN and CAP_SYS_ADMIN) and iproute2.
+    /// Creates both namespaces, the veth pair with its /30 and both loopbacks,
+    /// in a slot no other run holds. Needs root (CAP_NET_ADMIN and
+    /// CAP_SYS_ADMIN) and iproute2.
     pub fn new() -> Result<TwoSites> {
         std::fs::create_dir_all(LOCK_DIR)
             .with_context(|| format!("cannot create {LOCK_DIR} (run as root)"))?;
-        let mut tries = 0;
-        let (slot, lock) = loop {
-            tries += 1;
-            if tries > 64 {
-                bail!(
-                    "no free slot for two sites after 64 tries: too many runs at once, or stale locks in {LOCK_DIR}"
-                );
+        for _ in 0..64 {
+            if let Some(sites) = TwoSites::claim(random_slot()?)? {
+                return Ok(sites);
             }
-            let n = random_slot()?;
-            let path = Path::new(LOCK_DIR).join(format!("{n:04x}.lock"));
-            let f = File::options()
-                .create(true)
-                .truncate(false)
-                .write(true)
-                .open(&path)
-                .with_context(|| format!("cannot open {}", path.display()))?;
-            match f.try_lock() {
-                Ok(()) => break (n, f),
-                Err(std::fs::TryLockError::WouldBlock) => continue,
-                Err(std::fs::TryLockError::Error(e)) => {
-                    return Err(e).with_context(|| format!("cannot lock {}", path.display()));
-                }
+        }
+        bail!(
+            "no free slot for two sites after 64 tries: too many runs at once, or stale locks in {LOCK_DIR}"
+        )
+    }
+
+    /// Builds the sites of slot `n` unless another live run holds it.
+    fn claim(n: u16) -> Result<Option<TwoSites>> {
+        let path = Path::new(LOCK_DIR).join(format!("{n:04x}.lock"));
+        // Lock files are never removed: unlinking one while another run has it
+        // open would let two runs lock two files of the same name.
+        let lock = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => return Ok(None),
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(e).with_context(|| format!("cannot lock {}", path.display()));
             }
+        }
+        let sites = TwoSites {
+            slot: n,
+            _lock: Some(lock),
         };
-        let sites = TwoSites { slot, _lock: lock };
-        // A run that died in this slot may have left its namespaces.
+        // A run that died in this slot may have left its namespaces, and
+        // processes in them.
         for site in [SiteName::A, SiteName::B] {
             if sites.netns_path(site).exists() {
                 sites.remove(site);
             }
         }
+        // On failure `sites` drops and removes whatever was made.
         sites.build()?;
-        Ok(sites)
+        Ok(Some(sites))
     }
 
     fn build(&self) -> Result<()> {
@@ -442,6 +452,66 @@ fn ip(args: &[&str]) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    impl TwoSites {
+        /// Releases the slot and leaves namespaces and processes behind, as a
+        /// run killed with SIGKILL does.
+        fn die(mut self) {
+            let lock = self._lock.take();
+            std::mem::forget(self);
+            drop(lock);
+        }
+    }
+
+    #[test]
+    #[ignore = "needs root: network namespaces and a veth pair"]
+    fn a_run_that_died_is_cleaned_up_by_the_next_to_claim_its_slot() {
+        blockferry_testkit::privileged::require_root(
+            "a_run_that_died_is_cleaned_up_by_the_next_to_claim_its_slot",
+        );
+        let dead = TwoSites::new().expect("two sites");
+        let n = dead.slot();
+        let mut left_behind = dead
+            .command(SiteName::B, "sleep")
+            .expect("command")
+            .arg("600")
+            .spawn()
+            .expect("start sleep in site-b");
+        dead.die();
+        assert!(
+            Path::new(NETNS_DIR)
+                .join(netns_name(SiteName::B, n))
+                .exists(),
+            "the dead run left its namespace"
+        );
+        let next = TwoSites::claim(n)
+            .expect("claim")
+            .expect("a dead run's slot is free");
+        use std::os::unix::process::ExitStatusExt;
+        let status = left_behind.wait().expect("wait");
+        assert_eq!(
+            status.signal(),
+            Some(9),
+            "the dead run's process was killed: {status}"
+        );
+        assert!(
+            next.pids(SiteName::B).expect("pids").is_empty(),
+            "site-b starts empty"
+        );
+        let addrs = ip_addrs(&next, SiteName::B);
+        assert!(
+            addrs.contains(&format!("{}/30", next.addr(SiteName::B))),
+            "site-b has its address again: {addrs}"
+        );
+        assert!(
+            TwoSites::claim(n).expect("claim").is_none(),
+            "a live run's slot cannot be claimed"
+        );
+    }
+
+    fn ip_addrs(sites: &TwoSites, site: SiteName) -> String {
+        blockferry_testkit::privileged::run("ip", &["-n", &sites.netns(site), "-o", "addr", "show"])
+    }
 
     #[test]
     fn every_slot_has_its_own_30_with_two_host_addresses() {
