@@ -592,8 +592,9 @@ rpo_alert_seconds = 30
         Ok(serde_json::from_slice(&bytes)?)
     }
 
-    /// Waits until every disk is replicating with nothing left to ship and an
-    /// RPO of zero, as the agent reports it; fails after `timeout`.
+    /// Waits until every disk is replicating with nothing left to ship, an RPO
+    /// of zero, and everything the relay holds durable at the replica too, as
+    /// the agent reports it; fails after `timeout`.
     pub fn wait_caught_up(&mut self, timeout: Duration) -> Result<serde_json::Value> {
         let deadline = Instant::now() + timeout;
         // Only a snapshot taken after the wait began (with margin for the
@@ -610,11 +611,17 @@ rpo_alert_seconds = 30
                 let done = fresh
                     && !disks.is_empty()
                     && disks.iter().all(|d| {
-                        d["state"] == "replicating" && d["backlog_bytes"] == 0 && d["rpo_ms"] == 0
+                        d["state"] == "replicating"
+                            && d["backlog_bytes"] == 0
+                            && d["rpo_ms"] == 0
+                            && d["replica_seq"].as_u64() >= d["durable_seq"].as_u64()
                     });
                 if done {
                     // The agent's RPO runs until the replica has the write
-                    // durable: zero means the replica is whole.
+                    // durable, but it ages tracked writes only: the initial
+                    // sync's and a resync's chunks count as shipped once the
+                    // relay has them durable. The replica is whole when it
+                    // holds every sequence the relay acknowledged.
                     return Ok(st);
                 }
                 last = st;
