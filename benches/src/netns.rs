@@ -14,7 +14,10 @@
 //! Parallel runs do not collide: a run claims a number `n` by locking
 //! `/run/blockferry-two-sites/<n>.lock`, and `n` names both namespaces and
 //! picks the /30. The kernel drops the lock when the run dies, however it dies,
-//! so the next run to claim `n` removes what that run left behind.
+//! so the next run to claim `n` removes what that run left behind. A run that
+//! ends normally removes its lock file while it still holds the lock; a run
+//! that locked the file just before it went away sees that the name no longer
+//! leads to the file it locked, and tries another number.
 //!
 //! [`TwoSites`] is a guard: dropping it kills every process still inside either
 //! namespace and deletes both namespaces (the veth pair goes with them), also
@@ -160,7 +163,7 @@ pub fn parse_link_bytes(json: &str) -> Result<LinkBytes> {
 pub struct TwoSites {
     slot: u16,
     // Held for the guard's lifetime: it is the claim on `slot`.
-    _lock: Option<File>,
+    lock: Option<File>,
 }
 
 impl TwoSites {
@@ -182,9 +185,8 @@ impl TwoSites {
 
     /// Builds the sites of slot `n` unless another live run holds it.
     fn claim(n: u16) -> Result<Option<TwoSites>> {
-        let path = Path::new(LOCK_DIR).join(format!("{n:04x}.lock"));
-        // Lock files are never removed: unlinking one while another run has it
-        // open would let two runs lock two files of the same name.
+        use std::os::unix::fs::MetadataExt;
+        let path = lock_path(n);
         let lock = File::options()
             .create(true)
             .truncate(false)
@@ -198,9 +200,19 @@ impl TwoSites {
                 return Err(e).with_context(|| format!("cannot lock {}", path.display()));
             }
         }
+        // The run that held it may have removed the file between our open and
+        // our lock: then the lock guards nothing, and the slot is its next
+        // claimer's.
+        let locked = lock
+            .metadata()
+            .with_context(|| format!("cannot stat {}", path.display()))?;
+        match std::fs::metadata(&path) {
+            Ok(now) if (now.dev(), now.ino()) == (locked.dev(), locked.ino()) => {}
+            _ => return Ok(None),
+        }
         let sites = TwoSites {
             slot: n,
-            _lock: Some(lock),
+            lock: Some(lock),
         };
         // A run that died in this slot may have left its namespaces, and
         // processes in them.
@@ -409,7 +421,18 @@ impl Drop for TwoSites {
                 self.remove(site);
             }
         }
+        // Removed while still locked (see the module doc); the lock goes
+        // with the descriptor right after.
+        if self.lock.is_some()
+            && let Err(e) = std::fs::remove_file(lock_path(self.slot))
+        {
+            eprintln!("cannot remove {}: {e}", lock_path(self.slot).display());
+        }
     }
+}
+
+fn lock_path(n: u16) -> PathBuf {
+    Path::new(LOCK_DIR).join(format!("{n:04x}.lock"))
 }
 
 /// setns(2) into the network namespace `ns`; async-signal-safe (see
@@ -457,7 +480,7 @@ mod tests {
         /// Releases the slot and leaves namespaces and processes behind, as a
         /// run killed with SIGKILL does.
         fn die(mut self) {
-            let lock = self._lock.take();
+            let lock = self.lock.take();
             std::mem::forget(self);
             drop(lock);
         }
@@ -506,6 +529,11 @@ mod tests {
         assert!(
             TwoSites::claim(n).expect("claim").is_none(),
             "a live run's slot cannot be claimed"
+        );
+        drop(next);
+        assert!(
+            !lock_path(n).exists(),
+            "a run that ends removes its lock file"
         );
     }
 
