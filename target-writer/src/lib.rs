@@ -11,6 +11,7 @@ pub mod control;
 pub mod crashsafe;
 pub mod error;
 pub mod export;
+pub mod failover;
 pub mod feed;
 pub mod replica;
 pub mod retention;

@@ -141,6 +141,7 @@ async fn exports_through_the_control_socket_of_a_running_serve_equal_the_model()
         format: ExportFormat::VmdkSparse,
         out: out.clone(),
         parent: None,
+        force: false,
     };
     let socket = handle.control_socket.clone();
     let (files, seen) = tokio::task::spawn_blocking(move || {
