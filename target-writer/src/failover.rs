@@ -250,7 +250,7 @@ pub fn test_failover(
             });
         }
     }
-    let mut rec = TestFailover {
+    let rec = TestFailover {
         disk: disk.clone(),
         point: point.id,
         started_ms: now_ms,
@@ -266,15 +266,46 @@ pub fn test_failover(
     };
     // Durable before anything is made, so cleanup finds it after a crash.
     write_record(&dir, &rec)?;
+    match make(store, req, rec, &point, flat_src.as_deref(), now_ms, cancel) {
+        Ok(mut rec) => {
+            rec.ready_secs = Some(started.elapsed().as_secs_f64());
+            rec.state = TestState::Running;
+            write_record(&dir, &rec)?;
+            info!(disk, point = point.id, method = ?rec.method, secs = rec.ready_secs, "test failover running");
+            Ok(rec)
+        }
+        Err(e) => {
+            // Leave nothing half made; the record says what to remove.
+            if let Err(c) = cleanup_in(&dir, &disk, now_ms) {
+                warn!(disk, error = %c, "cannot remove a failed test failover; run failover --cleanup");
+            }
+            Err(e)
+        }
+    }
+}
+
+/// The copy (clone or export) and the loop device of a test failover whose
+/// record is written.
+fn make(
+    store: &Mutex<DiskStore>,
+    req: &TestFailoverRequest,
+    mut rec: TestFailover,
+    point: &PointMeta,
+    flat_src: Option<&Path>,
+    now_ms: u64,
+    cancel: &AtomicBool,
+) -> Result<TestFailover> {
+    let disk = &req.disk;
+    let (descriptor, flat) = (rec.descriptor.clone(), rec.flat.clone());
     crate::crashsafe::create_dir_all(&req.out)?;
-    let cloned = match &flat_src {
+    let cloned = match flat_src {
         Some(src) => clone_point(store, point.id, src, &flat)?,
         None => false,
     };
     if cloned {
         let (size, cid) = {
             let s = lock(store);
-            (point.size.unwrap_or(s.size()), s.point_cid(&point))
+            (point.size.unwrap_or(s.size()), s.point_cid(point))
         };
         let flat_name = crate::replica::flat_name_for(&format!("{disk}.vmdk"));
         let seed = format!("test-failover/{disk}/{now_ms}");
@@ -296,11 +327,10 @@ pub fn test_failover(
     }
     if req.attach {
         rec.loop_device = Some(attach_loop(&flat)?);
+        // Recorded at once: cleanup also finds it by its backing file.
+        let dir = lock(store).dir().to_path_buf();
+        write_record(&dir, &rec)?;
     }
-    rec.ready_secs = Some(started.elapsed().as_secs_f64());
-    rec.state = TestState::Running;
-    write_record(&dir, &rec)?;
-    info!(disk, point = point.id, method = ?rec.method, secs = rec.ready_secs, "test failover running");
     Ok(rec)
 }
 
@@ -413,8 +443,11 @@ fn loops_of(flat: &Path) -> Result<Vec<String>> {
 /// its files, its directory if it created it; then marks the record cleaned
 /// up, which releases the point. Works after a crash at any step, and again.
 pub fn cleanup(root: &Path, disk: &str, now_ms: u64) -> Result<TestFailover> {
-    let dir = disk_dir(root, disk)?;
-    let Some(mut rec) = read_record_in(&dir)? else {
+    cleanup_in(&disk_dir(root, disk)?, disk, now_ms)
+}
+
+fn cleanup_in(dir: &Path, disk: &str, now_ms: u64) -> Result<TestFailover> {
+    let Some(mut rec) = read_record_in(dir)? else {
         return Err(TargetError::Unsupported {
             what: format!("cleaning up disk {disk}"),
             hint: "it has no test failover; start one with `blockferry-target failover --test`"
@@ -451,7 +484,7 @@ pub fn cleanup(root: &Path, disk: &str, now_ms: u64) -> Result<TestFailover> {
     }
     rec.state = TestState::CleanedUp;
     rec.cleaned_ms = Some(now_ms);
-    write_record(&dir, &rec)?;
+    write_record(dir, &rec)?;
     info!(disk, point = rec.point, "test failover cleaned up");
     Ok(rec)
 }

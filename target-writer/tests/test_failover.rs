@@ -294,3 +294,38 @@ fn on_ext4_a_test_failover_is_an_export_attached_as_a_loop_device() {
         CopyMethod::Export
     );
 }
+
+#[test]
+fn a_failed_test_failover_leaves_nothing_behind_and_releases_its_point() {
+    let tmp = tempfile::tempdir().unwrap();
+    if shares_extents_here(tmp.path()) {
+        // A clone does not stop on the cancel flag; the export path is tested.
+        return;
+    }
+    let root = tmp.path().join("store");
+    let mut rng = StdRng::seed_from_u64(5);
+    let (store, point, _) = store_with_points(&root, &mut rng);
+    let mut req = TestFailoverRequest {
+        disk: DISK.into(),
+        point: PointChoice::Id(point),
+        out: tmp.path().join("tf"),
+        attach: false,
+        force: false,
+    };
+    // Cancelled (the service stopping) in the middle of the export.
+    let e = test_failover(&store, &req, now_ms(), &AtomicBool::new(true)).unwrap_err();
+    assert!(format!("{e:?}").contains("Cancelled"), "{e:?}");
+    assert!(
+        !req.out.exists(),
+        "the failed test failover left its directory"
+    );
+    let rec = read_record(&root, DISK).unwrap().unwrap();
+    assert_eq!(rec.state, TestState::CleanedUp);
+    let dropped = lock(&store).apply_retention(&keep_newest(), LATER).unwrap();
+    assert!(dropped.contains(&point), "the point is still held");
+    // And the next test failover may start.
+    req.point = PointChoice::Latest;
+    let rec = test_failover(&store, &req, now_ms(), &AtomicBool::new(false)).unwrap();
+    assert_eq!(rec.state, TestState::Running);
+    cleanup(&root, DISK, now_ms()).unwrap();
+}
