@@ -329,3 +329,51 @@ fn a_failed_test_failover_leaves_nothing_behind_and_releases_its_point() {
     assert_eq!(rec.state, TestState::Running);
     cleanup(&root, DISK, now_ms()).unwrap();
 }
+
+#[test]
+fn the_export_command_refuses_an_incomplete_point_with_advice_unless_forced() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("store");
+    let mut s = DiskStore::create(&root, DISK, SIZE, now_ms(), StoreOptions::default()).unwrap();
+    let mut rng = StdRng::seed_from_u64(2);
+    s.apply(&random_batch(&mut rng, 1, SIZE)).unwrap();
+    let p = s
+        .create_point(Consistency::NotConsistent, now_ms())
+        .unwrap();
+    s.close().unwrap();
+    let out = tmp.path().join("p.raw");
+    let export = |force: bool| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_blockferry-target"));
+        cmd.args(["export", "--format", "raw", "--disk", DISK])
+            .arg("--store")
+            .arg(&root)
+            .arg("--out")
+            .arg(&out)
+            .args(["--point", &p.id.to_string()]);
+        if force {
+            cmd.arg("--force");
+        }
+        cmd.output().unwrap()
+    };
+    let refused = export(false);
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        err.contains("incomplete") && err.contains("--force"),
+        "{err}"
+    );
+    assert!(!out.exists());
+    let forced = export(true);
+    assert!(
+        forced.status.success(),
+        "{}",
+        String::from_utf8_lossy(&forced.stderr)
+    );
+    assert_eq!(std::fs::metadata(&out).unwrap().len(), SIZE);
+    let points = std::process::Command::new(env!("CARGO_BIN_EXE_blockferry-target"))
+        .args(["points", "--disk", DISK, "--store"])
+        .arg(&root)
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&points.stdout).contains("incomplete"));
+}
