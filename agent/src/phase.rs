@@ -14,6 +14,12 @@
 //!   stream that cannot resume, the disk is compared by checksum with the
 //!   target; it replaces whatever initial sync was left;
 //! - **continuous**: tracked writes are read and shipped as they complete.
+//!
+//! Beside the phase, a disk may be **fenced** ([`DiskState::fenced`],
+//! persisted): the peer holds a newer generation because the replica was
+//! promoted. A fenced disk reads and ships nothing, starts no resync and
+//! cuts no point; the tracker keeps its dirty set, so nothing is lost. It
+//! stays fenced across restarts until the disk is protected again.
 
 use std::collections::VecDeque;
 use std::ops::Range;
@@ -21,7 +27,7 @@ use std::path::Path;
 
 use blockferry_proto::{Generation, Seq};
 
-use crate::state::{DiskState, SyncPhase};
+use crate::state::{DiskState, Fence, SyncPhase};
 
 /// Initial sync reads the disk in pieces of this size.
 pub const SYNC_PIECE: u64 = 16 << 20;
@@ -89,6 +95,7 @@ impl DiskPhase {
             generation: 1,
             phase: SyncPhase::InitialSync { next_offset: 0 },
             last_resync: None,
+            fenced: None,
         });
         let mut resync_wanted = None;
         if known && !was_clean {
@@ -180,11 +187,35 @@ impl DiskPhase {
         }
     }
 
+    /// The fence of this disk, if its replica was promoted.
+    pub fn fence(&self) -> Option<Fence> {
+        self.state.fenced
+    }
+
+    /// The peer refused our stream as stale: it holds generation `by`, newer
+    /// than ours, so the replica was promoted. Returns the fence if it is new
+    /// (to log and persist once); nothing is shipped from now on.
+    pub fn handle_fenced(&mut self, by: Generation, now_unix_s: u64) -> Option<Fence> {
+        if self.state.fenced.is_some() {
+            return None;
+        }
+        let fence = Fence {
+            by_generation: by.0,
+            since: now_unix_s,
+        };
+        self.state.fenced = Some(fence);
+        self.sync_next = None;
+        self.sync_shipped.clear();
+        self.resync_wanted = None;
+        Some(fence)
+    }
+
     /// The peer cannot resume the stream where it stopped and asks for a
     /// checksum resync. Unless one is already wanted or running, a resync is
     /// wanted and a new generation begins: returns it, for the channel to start.
+    /// A fenced disk starts nothing.
     pub fn handle_peer_resync(&mut self) -> Option<Generation> {
-        if self.resync_pending() {
+        if self.resync_pending() || self.state.fenced.is_some() {
             return None;
         }
         self.resync_wanted = Some("the stream cannot resume where it stopped");
@@ -221,7 +252,7 @@ impl DiskPhase {
     /// the comparison in this disk's generation. The initial sync, if any, is
     /// over: everything is compared.
     pub fn poll_resync_start(&mut self, connected: bool) -> Option<Reason> {
-        if self.resync_running || !connected {
+        if self.resync_running || !connected || self.state.fenced.is_some() {
             return None;
         }
         let why = self.resync_wanted.take()?;
@@ -248,7 +279,7 @@ impl DiskPhase {
     /// Whether tracked writes may be read now: not while a comparison runs,
     /// whose result covers them.
     pub fn may_read_dirty(&self) -> bool {
-        !self.resync_running
+        !self.resync_running && self.state.fenced.is_none()
     }
 
     /// The next piece of the initial sync to read, if any, while fewer than
@@ -256,7 +287,7 @@ impl DiskPhase {
     /// here on: report it with [`Self::handle_sync_shipped`].
     pub fn poll_sync_read(&mut self, in_reads: u64, window: u64) -> Option<Range<u64>> {
         let next = self.sync_next?;
-        if next >= self.state.size || in_reads >= window {
+        if self.state.fenced.is_some() || next >= self.state.size || in_reads >= window {
             return None;
         }
         let end = (next + SYNC_PIECE).min(self.state.size);
@@ -288,6 +319,7 @@ impl DiskPhase {
     /// used and would only cost the target undo data.
     pub fn points_allowed(&self) -> bool {
         self.sync_next.is_none()
+            && self.state.fenced.is_none()
             && self.sync_shipped.is_empty()
             && !self.resync_pending()
             && matches!(self.state.phase, SyncPhase::Continuous)
@@ -317,6 +349,7 @@ mod tests {
             generation: 4,
             phase,
             last_resync: None,
+            fenced: None,
         }
     }
 
@@ -579,6 +612,40 @@ mod tests {
         assert!(message.contains("grow the disk back"), "{message}");
         assert_eq!(p.size(), 4 * MIB);
         assert_eq!(p.resync_wanted(), Some("the disk changed size"));
+    }
+
+    #[test]
+    fn a_fenced_disk_reads_nothing_starts_no_resync_and_is_fenced_once() {
+        let mut p = fresh(40 * MIB);
+        assert!(p.poll_sync_read(0, u64::MAX).is_some());
+        let f = p.handle_fenced(Generation(2), 100).expect("a new fence");
+        assert_eq!((f.by_generation, f.since), (2, 100));
+        assert_eq!(p.handle_fenced(Generation(2), 101), None, "fenced once");
+        assert_eq!(p.poll_sync_read(0, u64::MAX), None);
+        assert!(!p.may_read_dirty());
+        assert!(!p.points_allowed());
+        assert_eq!(p.handle_peer_resync(), None, "no new generation");
+        p.handle_tracking_lost();
+        assert_eq!(p.poll_resync_start(true), None);
+        assert_eq!(p.generation(), Generation(1), "the wire generation stays");
+    }
+
+    #[test]
+    fn a_fenced_disk_stays_fenced_after_a_restart() {
+        let mut p = fresh(40 * MIB);
+        p.handle_fenced(Generation(2), 100);
+        let (p, _) = DiskPhase::start(
+            Some(p.state().clone()),
+            Path::new("/dev/vdb"),
+            40 * MIB,
+            false,
+            true,
+        );
+        assert_eq!(p.fence().map(|f| f.by_generation), Some(2));
+        let mut p = p;
+        assert_eq!(p.poll_sync_read(0, u64::MAX), None);
+        assert_eq!(p.poll_resync_start(true), None);
+        assert!(!p.may_read_dirty());
     }
 
     #[test]

@@ -5,6 +5,13 @@
 //! Written crash-safely with [`blockferry_durable::replace_file`], so a crash at any
 //! moment leaves either the old or the new state; a new state directory has its
 //! parent fsynced, so it survives a crash too.
+//!
+//! Beside it, each protected device's [`GenerationRecord`] (`<disk id>.generation`,
+//! a [`CopyRole::Source`]): its lineage in the DR cycle. A disk protected
+//! before records existed gets one when the service starts (a migration), in
+//! the wire generation its state holds. A fenced source (its replica was
+//! promoted elsewhere) detaches into a generation of its own, so that what it
+//! writes from then on is told apart from what the promoted copy holds.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -12,6 +19,9 @@ use std::path::PathBuf;
 use blockferry_durable::DurableError;
 
 use blockferry_proto::ids::DiskId;
+use blockferry_proto::{
+    CopyRole, Generation, GenerationEntry, GenerationId, GenerationRecord, Seq,
+};
 use serde::{Deserialize, Serialize};
 
 const FILE: &str = "agent-state.json";
@@ -30,6 +40,10 @@ pub enum StateError {
         "agent state {path} is damaged ({message}); move it away to start over with a checksum resync of every disk"
     )]
     Corrupt { path: PathBuf, message: String },
+    #[error(
+        "generation record {path} is damaged ({message}); move it away to adopt the disk's current generation (a later reprotect then compares by checksum)"
+    )]
+    CorruptRecord { path: PathBuf, message: String },
 }
 
 /// Where the initial copy of a disk stands.
@@ -53,6 +67,29 @@ pub struct DiskState {
     pub phase: SyncPhase,
     /// Unix seconds of the last completed resync, if any.
     pub last_resync: Option<u64>,
+    /// Set once the disk's replica was promoted elsewhere: nothing is shipped
+    /// (tracking goes on) until the disk is protected again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fenced: Option<Fence>,
+}
+
+/// Why and since when a disk is fenced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fence {
+    /// The generation the promoted copy holds: frames of ours are refused.
+    pub by_generation: u64,
+    /// Unix seconds when the refusal arrived.
+    pub since: u64,
+}
+
+impl Fence {
+    /// What the user should do, for `status` and the log.
+    pub fn advice(&self) -> String {
+        format!(
+            "fenced: the replica was promoted to generation {}; nothing is shipped (writes are still tracked). Fail back or reprotect from the promoted copy, or protect this disk as a new one",
+            self.by_generation
+        )
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -111,6 +148,66 @@ impl StateStore {
         }
     }
 
+    /// The generation record file of `disk`.
+    pub fn record_path(&self, disk: &DiskId) -> PathBuf {
+        self.dir.join(format!("{disk}.generation"))
+    }
+
+    /// The record of `disk`; a disk without one (protected before records
+    /// existed, or new) gets a source record in `generation`, saved now.
+    pub fn load_record(
+        &self,
+        disk: &DiskId,
+        generation: Generation,
+    ) -> Result<GenerationRecord, StateError> {
+        let path = self.record_path(disk);
+        match std::fs::read(&path) {
+            Ok(bytes) => {
+                let r =
+                    GenerationRecord::decode(&bytes).map_err(|e| StateError::CorruptRecord {
+                        path: path.clone(),
+                        message: e.to_string(),
+                    })?;
+                if r.disk() != *disk {
+                    return Err(StateError::CorruptRecord {
+                        path,
+                        message: format!("it names disk {}", r.disk()),
+                    });
+                }
+                Ok(r)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let r = GenerationRecord::new(
+                    *disk,
+                    CopyRole::Source,
+                    GenerationEntry {
+                        id: random_generation_id(),
+                        number: generation,
+                        seq: Seq::ZERO,
+                    },
+                );
+                self.save_record(&r)?;
+                Ok(r)
+            }
+            Err(source) => Err(StateError::Io {
+                op: "read",
+                path,
+                source,
+            }),
+        }
+    }
+
+    /// Replaces the record of its disk durably.
+    pub fn save_record(&self, record: &GenerationRecord) -> Result<(), StateError> {
+        blockferry_durable::create_dir_all(&self.dir)?;
+        blockferry_durable::replace_file(
+            &self.record_path(&record.disk()),
+            &record.encode(),
+            None,
+        )?;
+        Ok(())
+    }
+
     /// Replaces the state durably.
     pub fn save(&self, state: &AgentState) -> Result<(), StateError> {
         let bytes = serde_json::to_vec_pretty(state).map_err(|e| StateError::Corrupt {
@@ -123,9 +220,58 @@ impl StateStore {
     }
 }
 
+/// A fresh random generation id.
+pub fn random_generation_id() -> GenerationId {
+    GenerationId::from_bytes(rand::random())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_disk_without_a_record_gets_a_source_record_in_its_generation() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::new(dir.path());
+        let id = DiskId::from_bytes([7; 16]);
+        let r = store.load_record(&id, Generation(3)).unwrap();
+        assert_eq!(r.role(), CopyRole::Source);
+        assert_eq!(r.current().number, Generation(3));
+        assert!(store.record_path(&id).exists(), "the migration saves it");
+        assert_eq!(store.load_record(&id, Generation(9)).unwrap(), r);
+    }
+
+    #[test]
+    fn a_detached_record_persists() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::new(dir.path());
+        let id = DiskId::from_bytes([7; 16]);
+        let mut r = store.load_record(&id, Generation(1)).unwrap();
+        let old = r.current();
+        r.detach(random_generation_id()).unwrap();
+        store.save_record(&r).unwrap();
+        let again = store.load_record(&id, Generation(1)).unwrap();
+        assert_eq!(again, r);
+        assert_eq!(again.history()[0], old);
+        assert_eq!(again.current().number, Generation(2));
+    }
+
+    #[test]
+    fn a_damaged_record_says_what_to_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::new(dir.path());
+        let id = DiskId::from_bytes([7; 16]);
+        std::fs::write(store.record_path(&id), b"junk").unwrap();
+        let e = store.load_record(&id, Generation(1)).unwrap_err();
+        assert!(e.to_string().contains("move it away"), "{e}");
+    }
+
+    #[test]
+    fn state_without_a_fence_reads_as_not_fenced() {
+        let json = r#"{"clean_shutdown":true,"disks":{"d":{"path":"/dev/vdb","size":512,"generation":1,"phase":{"phase":"continuous"},"last_resync":null}}}"#;
+        let s: AgentState = serde_json::from_str(json).unwrap();
+        assert_eq!(s.disks["d"].fenced, None);
+    }
 
     #[test]
     fn missing_state_is_a_clean_first_start() {
@@ -149,6 +295,10 @@ mod tests {
                 generation: 3,
                 phase: SyncPhase::InitialSync { next_offset: 4096 },
                 last_resync: None,
+                fenced: Some(Fence {
+                    by_generation: 4,
+                    since: 17,
+                }),
             },
         );
         store.save(&s).unwrap();

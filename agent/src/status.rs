@@ -25,7 +25,7 @@ pub struct DiskStatus {
     pub device: String,
     pub size: u64,
     pub generation: u64,
-    /// initial-sync, resync, replicating, disconnected, or error.
+    /// initial-sync, resync, replicating, disconnected, fenced, or error.
     pub state: String,
     /// Percent of the initial sync done, while it runs.
     pub sync_percent: Option<f64>,
@@ -48,6 +48,8 @@ pub struct DiskStatus {
     /// ... and through this one at the replica.
     pub replica_seq: u64,
     pub last_error: Option<String>,
+    /// What the user should do, when the disk needs it (a fenced disk).
+    pub action: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -139,6 +141,9 @@ pub fn render(status: &Status, now_ms: u64) -> String {
             human(d.bytes_sent),
             d.generation
         ));
+        if let Some(a) = &d.action {
+            out.push_str(&format!("    {a}\n"));
+        }
         if let Some(e) = &d.last_error {
             out.push_str(&format!("    last error: {e}\n"));
         }

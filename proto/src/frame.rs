@@ -10,6 +10,11 @@
 //! for the payload, so an oversized frame is refused as soon as its header
 //! arrives, and it never panics: any input yields a frame, "need more bytes",
 //! or a typed [`DecodeError`] that maps to an [`ErrorCode`] for the peer.
+//!
+//! Why one file of about a thousand lines: it has one job, the byte layout,
+//! and each frame's type, encoder and decoder stand next to each other so a
+//! field added to one cannot be missed in the other two (the fuzz target and
+//! the round-trip proptests check the pair, this layout lets a reader do it).
 
 use bytes::{BufMut, Bytes, BytesMut};
 

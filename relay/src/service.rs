@@ -9,6 +9,13 @@
 //! proto's `SpoolCursor`, and a restart begins at `RelayRestore::from_spool`.
 //! These are the pieces `RelayDisk` joins in the simulation; this module only
 //! moves bytes between them, the spool and the sockets.
+//!
+//! **Fencing.** When the target answers a disk's stream with a newer
+//! generation (its replica was promoted), the forwarder marks the disk
+//! fenced, once, and the relay passes the typed refusal on to the agent: an
+//! open stream ends with `StaleGeneration` before anything more is spooled,
+//! and the next one starts at the target's generation, so the agent's frames
+//! are nacked as stale and its hello reply names the newer generation.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -19,7 +26,7 @@ use std::time::{Duration, Instant};
 use blockferry_proto::sender::sequenced;
 use blockferry_proto::{
     DiskId, DiskSender, ErrorCode, Frame, Generation, HashRangeReply, HashRangeRequest, Hello,
-    PushError, SenderConfig, Seq, SpoolCursor,
+    PushError, ResyncReason, SenderConfig, Seq, SpoolCursor,
 };
 use blockferry_transport::sink::{self, Accepted, DiskState, FrameSink, ServeOptions, SinkError};
 use blockferry_transport::{
@@ -82,12 +89,39 @@ struct Forwarder {
     channel: DiskChannel,
     /// Shared by the forward and release tasks of the disk.
     cursor: Mutex<SpoolCursor>,
+    /// The target's generation once it refused this disk's stream as stale:
+    /// its replica was promoted, and the agent is fenced.
+    fenced: Mutex<Option<Generation>>,
 }
 
 impl Forwarder {
     fn cursor(&self) -> std::sync::MutexGuard<'_, SpoolCursor> {
         self.cursor.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    fn fenced(&self) -> Option<Generation> {
+        *self.fenced.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether the fence is new.
+    fn fence(&self, by: Generation) -> bool {
+        let mut f = self.fenced.lock().unwrap_or_else(|e| e.into_inner());
+        let new = f.is_none_or(|g| g < by);
+        if new {
+            *f = Some(by);
+        }
+        new
+    }
+}
+
+/// The refusal passed on to the agent of a fenced disk.
+fn fenced_error(disk: DiskId, by: Generation) -> SinkError {
+    SinkError::new(
+        ErrorCode::StaleGeneration,
+        format!(
+            "disk {disk}: the replica was promoted to generation {by}; this source is fenced and its frames are refused (reprotect it from the promoted copy)"
+        ),
+    )
 }
 
 struct Shared {
@@ -272,6 +306,7 @@ impl Shared {
             wake: Arc::new(Notify::new()),
             channel,
             cursor: Mutex::new(SpoolCursor::restore(&restore)),
+            fenced: Mutex::new(None),
         });
         map.insert(disk, f.clone());
         let span = tracing::info_span!("forward", %disk);
@@ -408,6 +443,7 @@ async fn forward(shared: Arc<Shared>, disk: DiskId, fwd: Arc<Forwarder>) {
 async fn release(shared: Arc<Shared>, disk: DiskId, fwd: Arc<Forwarder>) {
     let mut progress = fwd.channel.progress();
     let mut connected = false;
+    let mut last_resync = None;
     loop {
         let (durable, now_connected, resync) = {
             let p = progress.borrow_and_update();
@@ -420,8 +456,19 @@ async fn release(shared: Arc<Shared>, disk: DiskId, fwd: Arc<Forwarder>) {
                 .target_connected
                 .store(u64::from(connected), Ordering::Relaxed);
         }
-        if let Some(r) = resync {
-            tracing::error!(reason = ?r, "the target cannot continue this disk from the spool: a checksum resync from the agent is needed");
+        // Once per reason, not on every progress change.
+        if resync != last_resync {
+            last_resync = resync;
+            match resync {
+                Some(ResyncReason::StaleGeneration { ours, peer }) if fwd.fence(peer) => {
+                    tracing::warn!(stream = %ours, target = %peer, "the target holds a newer generation of this disk: its replica was promoted; the agent is fenced and its frames refused");
+                }
+                Some(ResyncReason::StaleGeneration { .. }) => {}
+                Some(r) => {
+                    tracing::error!(reason = ?r, "the target cannot continue this disk from the spool: a checksum resync from the agent is needed");
+                }
+                None => {}
+            }
         }
         let through = {
             let mut cursor = fwd.cursor();
@@ -533,6 +580,16 @@ impl FrameSink for RelaySink {
             ));
         }
         let fwd = self.shared.forwarder(disk, Some(hello.generation));
+        if let Some(by) = fwd.fenced() {
+            // The agent's receiver starts at the promoted generation: it
+            // nacks the agent's frames as stale, and its hello reply tells
+            // the agent it was superseded.
+            tracing::info!(agent = %peer.name, %disk, generation = %by, "fenced disk reconnected: its frames are refused as stale");
+            return Ok(DiskState {
+                generation: by.max(restore.generation),
+                durable_seq: restore.spooled_through,
+            });
+        }
         if known.is_some_and(|k| size > k) {
             // The target learns the new size from the forwarder's next Hello,
             // before any frame that reaches past the old end is forwarded.
@@ -551,6 +608,11 @@ impl FrameSink for RelaySink {
 
     async fn apply(&self, disk: DiskId, frames: Vec<Accepted>) -> Result<(), SinkError> {
         let shared = &self.shared;
+        if let Some(by) = shared.forwarder(disk, None).fenced() {
+            // Learned while the agent's stream was open: nothing more is
+            // spooled (nor acked); the agent reconnects to the refusal.
+            return Err(fenced_error(disk, by));
+        }
         let bytes: u64 = frames.iter().map(|a| a.raw.len() as u64).sum();
         if shared.gate.is_full_for(bytes) {
             tracing::debug!(%disk, used = shared.gate.used(), "spool full: holding the agent back");

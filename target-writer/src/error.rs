@@ -107,6 +107,16 @@ pub enum TargetError {
     },
     #[error("disk {disk} has no recovery point {point}; list them with `blockferry-target points`")]
     NoSuchPoint { disk: String, point: u64 },
+    #[error(
+        "disk {disk} is already promoted (lineage {lineage}): it is the source now, nothing to do"
+    )]
+    AlreadyPromoted { disk: String, lineage: String },
+    #[error("disk {disk}: {source}")]
+    Generation {
+        disk: String,
+        #[source]
+        source: blockferry_proto::GenerationError,
+    },
     #[error("the store {path} is in use by another blockferry-target process")]
     Locked { path: PathBuf },
     #[error(

@@ -15,6 +15,7 @@ pub mod error;
 pub mod export;
 pub mod failover;
 pub mod feed;
+pub mod promote;
 pub mod replica;
 pub mod retention;
 pub mod segment;

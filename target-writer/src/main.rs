@@ -89,6 +89,18 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Promote the replica of a disk (the promote step of a failover): it
+    /// becomes the source in a new generation, and its former source is
+    /// fenced (its frames are refused). Run on the target host, with `serve`
+    /// stopped for this store.
+    Promote {
+        #[arg(long)]
+        store: PathBuf,
+        #[arg(long)]
+        disk: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Create the (all-zero) replica of a new disk.
     Create {
         #[arg(long)]
@@ -408,6 +420,34 @@ fn main() -> Result<()> {
                 if let Some(dev) = &rec.loop_device {
                     println!("{}", dev.display());
                 }
+            }
+        }
+        Cmd::Promote { store, disk, json } => {
+            let p = match blockferry_target::promote::promote(&store, &disk) {
+                Ok(p) => p,
+                Err(e @ TargetError::Locked { .. }) => {
+                    let served = socket_path(&store).exists();
+                    return Err(anyhow::Error::new(e).context(if served {
+                        format!(
+                            "cannot promote disk {disk} while `blockferry-target serve` holds the store {}: stop the service, run promote again, then start the service (it refuses the former source from then on)",
+                            store.display()
+                        )
+                    } else {
+                        format!(
+                            "cannot promote disk {disk}: another process holds the store {}; stop it and run promote again",
+                            store.display()
+                        )
+                    }));
+                }
+                Err(e) => return Err(e).context(format!("promotion of disk {disk} failed")),
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&p)?);
+            } else {
+                println!(
+                    "promoted disk {} to generation {} ({}): it is the source now; frames of its former source are refused",
+                    p.disk, p.generation, p.lineage
+                );
             }
         }
         Cmd::Create {

@@ -16,7 +16,9 @@ use super::{
 use crate::config::Config;
 use crate::phase::{Resize, SyncAdvance};
 use crate::resync::{self, ResyncError};
+use crate::state::{StateStore, random_generation_id};
 use crate::tracker::{DeviceId, Notice, Tracker};
+use blockferry_proto::ResyncReason;
 
 impl Service {
     fn disk_of(&mut self, dev: DeviceId) -> Option<&mut Disk> {
@@ -97,6 +99,7 @@ impl Service {
                 d.read_bytes -= r.range.end - r.range.start;
                 if ok {
                     d.rpo.handle_shipped(read, last_seq.0);
+                    d.unacked.push_back((last_seq, r.range.clone()));
                 } else {
                     // Not read: it goes back dirty and is read again later.
                     tracker.mark_dirty(d.dev, r.range.clone());
@@ -117,6 +120,7 @@ impl Service {
 
     pub(super) fn handle_tick(&mut self, tracker: &mut Tracker) -> Result<(), ServiceError> {
         let now = Instant::now();
+        let mut fenced = false;
         for d in &mut self.disks {
             let progress = d.channel.progress().borrow().clone();
             // The RPO runs until the write is durable at the replica, not at the relay.
@@ -124,9 +128,35 @@ impl Service {
             if let Some(err) = &progress.last_error {
                 d.error = Some(err.clone());
             }
+            while d
+                .unacked
+                .front()
+                .is_some_and(|(s, _)| *s <= progress.durable)
+            {
+                d.unacked.pop_front();
+            }
+            if let Some(ResyncReason::StaleGeneration { ours, peer }) = progress.resync
+                && let Some(fence) = d
+                    .phase
+                    .handle_fenced(peer, super::unix_ns() / 1_000_000_000)
+            {
+                // Once: the stream stays refused, and the fence is persisted
+                // below, so neither this run nor the next logs it again.
+                tracing::error!(disk = %d.cfg.id, stream = %ours, promoted = %peer, "{}", fence.advice());
+                // What the sender held unacked is dropped with the fence:
+                // it stays the source's, tracked as dirty.
+                for (_, range) in d.unacked.drain(..) {
+                    tracker.mark_dirty(d.dev, range);
+                }
+                Self::detach_record(d, &self.store);
+                fenced = true;
+            }
             if progress.resync.is_some()
                 && let Some(generation) = d.phase.handle_peer_resync()
             {
+                if d.record.current().number < generation {
+                    Self::detach_record(d, &self.store);
+                }
                 let channel = d.channel.clone();
                 tokio::spawn(async move { channel.start_generation(generation).await });
             }
@@ -148,7 +178,7 @@ impl Service {
                 tracing::info!(disk = %d.cfg.id, rpo_s = rpo.as_secs_f64(), "RPO back under the alert threshold");
             }
         }
-        if now.duration_since(self.last_save) >= SAVE_EVERY {
+        if fenced || now.duration_since(self.last_save) >= SAVE_EVERY {
             self.last_save = now;
             self.save_progress();
             self.store.save(&self.state)?;
@@ -158,6 +188,29 @@ impl Service {
             self.write_status(tracker);
         }
         Ok(())
+    }
+
+    /// The source goes on in a generation of its own (fenced, or a new wire
+    /// generation after a resync), so a later comparison with the replica
+    /// sees what it wrote since. A record that cannot be saved is logged: the
+    /// next start adopts the generation again.
+    fn detach_record(d: &mut Disk, store: &StateStore) {
+        let mut r = d.record.clone();
+        let held = r.current().seq.max(d.last_seq);
+        let detached = r
+            .set_seq(held)
+            .and_then(|()| r.detach(random_generation_id()));
+        match detached {
+            Ok(()) => match store.save_record(&r) {
+                Ok(()) => d.record = r,
+                Err(e) => {
+                    tracing::warn!(disk = %d.cfg.id, error = %e, "generation record not saved")
+                }
+            },
+            Err(e) => {
+                tracing::warn!(disk = %d.cfg.id, error = %e, "generation record not detached")
+            }
+        }
     }
 
     /// Moves the durable prefix of the initial sync forward and shows it.

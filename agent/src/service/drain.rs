@@ -26,6 +26,11 @@ impl Service {
             }
             let mut idle = true;
             for d in &mut self.disks {
+                if d.phase.fence().is_some() {
+                    // Nothing of it is shipped; the pinned tracker keeps its
+                    // dirty set over the stop.
+                    continue;
+                }
                 let progress = d.channel.progress().borrow().clone();
                 if !progress.connected {
                     // Nothing can become durable: stop now, resync at the next start.

@@ -121,6 +121,12 @@ struct Disk {
     resync_hash_bytes: u64,
     progress: SyncProgress,
     error: Option<String>,
+    /// The device's generation record (a source), saved beside the state.
+    record: blockferry_proto::GenerationRecord,
+    /// Ranges shipped in frames up to a sequence not yet durable at the
+    /// relay, oldest first (bounded by the send window). A fence drops the
+    /// sender's unacked frames, so these go back to the dirty set.
+    unacked: std::collections::VecDeque<(Seq, Range<u64>)>,
 }
 
 /// Runs the service until `cancel` fires, then stops cleanly.
@@ -168,6 +174,10 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), Servic
         } else if let Some(old) = old_size.filter(|&old| old != size) {
             tracing::warn!(disk = %dc.id, old, new = size, "disk shrank while the agent was down");
         }
+        let record = store.load_record(&dc.id, phase.generation())?;
+        if let Some(fence) = phase.fence() {
+            tracing::warn!(disk = %dc.id, lineage = %record.lineage(), "{}", fence.advice());
+        }
         let sender = DiskSender::new(
             SenderConfig::default(),
             agent_name.clone(),
@@ -206,6 +216,8 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), Servic
             resync_hash_bytes: 0,
             progress: SyncProgress::new(),
             error: None,
+            record,
+            unacked: std::collections::VecDeque::new(),
         });
     }
     drop(shipped_tx);

@@ -22,7 +22,10 @@ impl Service {
             st.connected |= progress.connected;
             let dirty = tracker.dirty(d.dev).map_or(0, |s| s.total_bytes());
             let sync_percent = d.phase.sync_percent();
-            let state = if !progress.connected {
+            let fence = d.phase.fence();
+            let state = if fence.is_some() {
+                "fenced"
+            } else if !progress.connected {
                 "disconnected"
             } else {
                 match d.phase.state().phase {
@@ -49,6 +52,7 @@ impl Service {
                 durable_seq: progress.durable.0,
                 replica_seq: progress.replica.0,
                 last_error: d.error.clone().or(progress.last_error),
+                action: fence.map(|f| f.advice()),
             });
         }
         if let Err(e) = status::write(&self.config.state_dir, &st) {

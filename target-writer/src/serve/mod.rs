@@ -10,6 +10,11 @@
 //! point, and answers to checksum-resync requests from a hash tree of the
 //! replica built on demand and cached until the next write.
 //!
+//! A promoted replica ([`DiskStore::promote`]) takes no frames: its streams
+//! start at the promoted generation, so the shared receiver nacks the former
+//! source's frames as `StaleGeneration` and its hello reply carries the newer
+//! generation; a frame that gets past it is refused before it is applied.
+//!
 //! And the local control socket `<store>/control.sock` ([`crate::control`]):
 //! the service holds every store it serves locked, so the command line asks
 //! it to export a point. The export reads the point in steps, taking the
@@ -40,6 +45,7 @@ use crate::batch::ApplyBatch;
 use crate::control::{self, ExportRequest};
 use crate::error::TargetError;
 use crate::export::export_point_live;
+use crate::promote::{Promoted, promote_store};
 use crate::retention::scheduled_point_due;
 use crate::store::{DiskStore, StoreOptions, lock};
 
@@ -183,6 +189,11 @@ impl TargetSink {
         // Runs of batches between barriers share one journal sync.
         let mut run = Vec::new();
         for a in frames {
+            // A promoted replica is fenced against its former source: the
+            // typed refusal travels back through the relay to the agent.
+            if let Some((_, generation, _)) = blockferry_proto::sender::sequenced(&a.frame) {
+                s.check_not_promoted(generation.0)?;
+            }
             match &a.frame {
                 Frame::Batch(b) => run.push(ApplyBatch::from_proto(&name, b)),
                 Frame::Barrier(b) => {
@@ -211,6 +222,23 @@ impl TargetSink {
             }
         }
         Ok(())
+    }
+
+    /// Promotes the replica of a served disk between two applies (the promote
+    /// step of a failover while the service runs). The live stream of its
+    /// former source is refused at its next frame and ends with
+    /// `StaleGeneration`; the next one starts at the promoted generation.
+    pub fn promote_blocking(&self, disk: &str) -> Result<Promoted, TargetError> {
+        let Ok(id) = disk.parse::<DiskId>() else {
+            return Err(TargetError::NoDisk {
+                disk: disk.to_string(),
+                path: self.cfg.store.clone(),
+            });
+        };
+        let store = self.store(id, None)?;
+        let r = promote_store(&mut lock(&store));
+        lock(&self.trees).remove(&id);
+        r
     }
 
     /// Exports a point for a control-socket client: from the disk's store as
@@ -305,6 +333,13 @@ impl FrameSink for TargetService {
         let (generation, seq) = tokio::task::spawn_blocking(move || {
             let store = this.store(disk, Some(size))?;
             let mut s = lock(&store);
+            if s.is_promoted() {
+                // Its receiver starts at the promoted generation, so every
+                // frame of the former source is nacked as stale, and the
+                // hello reply tells the sender it was superseded.
+                warn!(%disk, generation = s.generation(), "a sender of this promoted replica connected: its frames are refused as stale");
+                return Ok((s.generation(), s.applied_seq()));
+            }
             let have = s.size();
             if size > have {
                 let r = s.grow(size);

@@ -105,6 +105,7 @@ impl DiskStore {
                     got: batch.disk.clone(),
                 });
             }
+            self.check_not_promoted(batch.generation)?;
             if !next_in_sequence(&disk, (generation, applied), (batch.generation, batch.seq))? {
                 debug!(seq = batch.seq, "replayed batch ignored");
                 outcomes.push(ApplyOutcome::Duplicate);

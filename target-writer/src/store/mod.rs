@@ -1,6 +1,7 @@
 //! The per-disk replica store: one directory per protected disk holding the
 //! replica VMDK, the redo journal (`journal.wal`), the undo segments of the
-//! recovery points (`*.undo`) and the disk state (`state.json`).
+//! recovery points (`*.undo`), the disk state (`state.json`) and the
+//! replica's generation record (`generation.rec`).
 //!
 //! # Apply, and why a crash never tears a batch
 //! 1. Verify every chunk (range, zstd bound, blake3) — a bad chunk rejects
@@ -31,9 +32,11 @@
 //!
 //! By job: this file holds the disk state and opening; `apply` the apply path,
 //! checkpoint and growth; `recovery` the replay after a crash; `points` the
-//! recovery points, retention and pins; `view` reading a point.
+//! recovery points, retention and pins; `view` reading a point;
+//! `generation` the generation record and promotion.
 
 mod apply;
+pub mod generation;
 mod points;
 mod recovery;
 #[cfg(test)]
@@ -174,6 +177,8 @@ pub struct DiskStore {
     poisoned: bool,
     /// Exports reading points in steps; while non-zero no point is removed.
     pins: usize,
+    /// The replica's generation record, in step with `state.generation`.
+    record: blockferry_proto::GenerationRecord,
     _lock: File,
 }
 
@@ -353,7 +358,9 @@ impl DiskStore {
             points: Vec::new(),
             complete: false,
         };
-        // The state file is the commit point of creation.
+        // The record first: the state file is the commit point of creation.
+        let record = generation::migrated(&state);
+        generation::write(f, &dir, &record)?;
         f.write_atomic(&dir, STATE, &encode_state(&dir, &state)?)?;
         info!(disk, size, "created replica");
         Ok(DiskStore {
@@ -370,6 +377,7 @@ impl DiskStore {
             opts,
             poisoned: false,
             pins: 0,
+            record,
             _lock: lock,
         })
     }
@@ -384,7 +392,14 @@ impl DiskStore {
             });
         }
         let lock = lock_dir(&dir)?;
-        let state = read_state(&dir)?;
+        let mut state = read_state(&dir)?;
+        let (record, completed) = generation::open_record(&opts.faults, &dir, &state)?;
+        if let Some(st) = completed {
+            // A promotion committed its record but not yet the state.
+            opts.faults
+                .write_atomic(&dir, STATE, &encode_state(&dir, &st)?)?;
+            state = st;
+        }
         let replica: Box<dyn Replica> = if state.thin {
             Box::new(SparseReplica::open(&dir, &state.replica, state.size)?)
         } else {
@@ -418,9 +433,14 @@ impl DiskStore {
             opts,
             poisoned: false,
             pins: 0,
+            record,
             _lock: lock,
         };
         s.recover()?;
+        // The journal replay may have applied a newer wire generation.
+        if generation::in_step(&mut s.record, &s.state)? {
+            generation::write(&s.opts.faults, &s.dir, &s.record)?;
+        }
         Ok(s)
     }
 

@@ -1,0 +1,359 @@
+//! The replica's durable [`GenerationRecord`] (`generation.rec`, beside
+//! `state.json`) and promotion.
+//!
+//! The record is the replica's identity in the DR cycle: its disk id, role
+//! and lineage. The store already tracks the wire generation of the last
+//! applied frame (`state.json`); the record is kept in step with it: whenever
+//! the store is opened or promoted, a record whose wire number lags the
+//! state's follows it, and a store without a record (written before records
+//! existed) gets one on open (a migration, not an error).
+//!
+//! Until the hello carries the source's record, the replica does not learn
+//! the source's generation ids: a generation it follows by its wire number
+//! alone gets the id [`adopted_id`] derives from the disk and that number, so
+//! every replica of the disk names it alike.
+//!
+//! **Promotion** ([`DiskStore::promote`]) makes the replica the writable
+//! source in a new generation whose wire number is one more than the one it
+//! held. The record is written first (the commit point of the promotion),
+//! then the state's generation. From then on the store refuses every frame
+//! ([`DiskStore::check_not_promoted`]): frames of the older generation are
+//! refused by the sequence check anyway, and a frame that reaches the new
+//! number (a fenced source that detached on its own) must not write a copy
+//! that is now a source.
+
+use std::path::Path;
+
+use blockferry_proto::{
+    CopyRole, DiskId, Generation, GenerationEntry, GenerationId, GenerationRecord, Seq,
+};
+use tracing::info;
+
+use super::{DiskState, DiskStore};
+use crate::crashsafe::FaultPlan;
+use crate::error::{Result, TargetError};
+
+/// File name of the record in the disk's directory.
+pub const RECORD: &str = "generation.rec";
+
+/// The disk id of a store's disk name: the name itself where it is one (the
+/// serve path names stores by the wire id), else derived from the name.
+pub fn disk_id_of(name: &str) -> DiskId {
+    name.parse().unwrap_or_else(|_| {
+        let h = blake3::hash(name.as_bytes());
+        let mut b = [0u8; 16];
+        b.copy_from_slice(&h.as_bytes()[..16]);
+        DiskId::from_bytes(b)
+    })
+}
+
+/// The id a replica gives a generation it knows only by its wire number.
+pub fn adopted_id(disk: DiskId, number: Generation) -> GenerationId {
+    let mut h = blake3::Hasher::new();
+    h.update(b"blockferry adopted generation");
+    h.update(disk.as_bytes());
+    h.update(&number.0.to_be_bytes());
+    let mut b = [0u8; 16];
+    b.copy_from_slice(&h.finalize().as_bytes()[..16]);
+    GenerationId::from_bytes(b)
+}
+
+/// A fresh random generation id.
+pub fn random_id() -> GenerationId {
+    GenerationId::from_bytes(rand::random())
+}
+
+fn entry(disk: DiskId, number: u64, seq: u64) -> GenerationEntry {
+    GenerationEntry {
+        id: adopted_id(disk, Generation(number)),
+        number: Generation(number),
+        seq: Seq(seq),
+    }
+}
+
+/// The record of a store whose directory has none: a replica of the wire
+/// generation and sequence the state holds.
+pub(super) fn migrated(state: &DiskState) -> GenerationRecord {
+    let disk = disk_id_of(&state.disk);
+    GenerationRecord::new(
+        disk,
+        CopyRole::Replica,
+        entry(disk, state.generation, state.applied_seq),
+    )
+}
+
+/// Brings `record` in step with the state: the sequence it holds, and the
+/// wire generation of the last applied frame if that moved on. Returns
+/// whether the record changed in a way that must be written (a new
+/// generation; the sequence alone is restored from the state on open).
+pub(super) fn in_step(record: &mut GenerationRecord, state: &DiskState) -> Result<bool> {
+    let cur = record.current();
+    if state.generation > cur.number.0 {
+        // The replica followed a newer wire generation of its source.
+        let mut history = vec![cur];
+        history.extend_from_slice(record.history());
+        history.truncate(blockferry_proto::generation::MAX_HISTORY);
+        let next = entry(record.disk(), state.generation, state.applied_seq);
+        *record = GenerationRecord::from_parts(record.disk(), record.role(), next, history)
+            .map_err(|e| generation_error(&state.disk, e))?;
+        return Ok(true);
+    }
+    if state.applied_seq > cur.seq.0 {
+        record
+            .set_seq(Seq(state.applied_seq))
+            .map_err(|e| generation_error(&state.disk, e))?;
+    }
+    Ok(false)
+}
+
+fn generation_error(disk: &str, source: blockferry_proto::GenerationError) -> TargetError {
+    TargetError::Generation {
+        disk: disk.to_string(),
+        source,
+    }
+}
+
+/// Reads the record of the store in `dir`; `None` when there is none.
+pub(super) fn read(dir: &Path) -> Result<Option<GenerationRecord>> {
+    let path = dir.join(RECORD);
+    match std::fs::read(&path) {
+        Ok(bytes) => GenerationRecord::decode(&bytes)
+            .map(Some)
+            .map_err(|e| TargetError::corrupt(&path, None, e.to_string())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(TargetError::io(&path, None, e)),
+    }
+}
+
+/// Replaces the record durably (temp file, fsync, rename, fsync the directory).
+pub(super) fn write(f: &FaultPlan, dir: &Path, record: &GenerationRecord) -> Result<()> {
+    f.write_atomic(dir, RECORD, &record.encode())
+}
+
+/// The record of a store being opened: read, or migrated, and brought in
+/// step with the state. A promotion whose state write did not happen
+/// (a crash between the two writes) is completed here: the state takes the
+/// record's wire generation. Returns the record and the state to write, if
+/// the state must change.
+pub(super) fn open_record(
+    f: &FaultPlan,
+    dir: &Path,
+    state: &DiskState,
+) -> Result<(GenerationRecord, Option<DiskState>)> {
+    let (mut record, mut dirty) = match read(dir)? {
+        Some(r) => (r, false),
+        None => {
+            info!(disk = %state.disk, "no generation record: adopting the replica's generation {}", state.generation);
+            (migrated(state), true)
+        }
+    };
+    if record.disk() != disk_id_of(&state.disk) {
+        return Err(TargetError::corrupt(
+            dir.join(RECORD),
+            None,
+            format!(
+                "the record names disk {} but the store holds {}: move the record away to adopt the store's generation",
+                record.disk(),
+                state.disk
+            ),
+        ));
+    }
+    let mut new_state = None;
+    if record.current().number.0 > state.generation {
+        let mut st = state.clone();
+        st.generation = record.current().number.0;
+        new_state = Some(st);
+    }
+    dirty |= in_step(&mut record, new_state.as_ref().unwrap_or(state))?;
+    if dirty {
+        write(f, dir, &record)?;
+    }
+    Ok((record, new_state))
+}
+
+impl DiskStore {
+    /// The replica's generation record, holding the applied sequence.
+    pub fn generation_record(&self) -> &GenerationRecord {
+        &self.record
+    }
+
+    /// The replica was promoted: it is a source and takes no frames.
+    pub fn is_promoted(&self) -> bool {
+        self.record.role() == CopyRole::Source
+    }
+
+    /// Refuses a frame of wire generation `got` if the replica was promoted:
+    /// a copy that is now a source is written by its workload only.
+    pub fn check_not_promoted(&self, got: u64) -> Result<()> {
+        if self.is_promoted() {
+            return Err(TargetError::StaleGeneration {
+                disk: self.state.disk.clone(),
+                got,
+                current: self.record.current().number.0,
+            });
+        }
+        Ok(())
+    }
+
+    /// Promotes the replica (the promote step of a failover): everything it
+    /// holds becomes the writable source in the new generation `id`, whose
+    /// wire number is one more than the one held. Durable when it returns.
+    pub fn promote(&mut self, id: GenerationId) -> Result<GenerationRecord> {
+        self.checkpoint()?;
+        let mut record = self.record.clone();
+        in_step(&mut record, &self.state)?;
+        record
+            .promote(id)
+            .map_err(|e| generation_error(&self.state.disk, e))?;
+        let f = self.opts.faults.clone();
+        // The record is the commit point; open completes the state after a crash.
+        write(&f, &self.dir, &record)?;
+        self.record = record;
+        let mut st = self.state.clone();
+        st.generation = self.record.current().number.0;
+        self.guarded(|s| {
+            s.write_state(&st)?;
+            s.state = st;
+            let cid = s.cid();
+            s.replica.set_cid(&f, cid, true)
+        })?;
+        info!(
+            disk = %self.state.disk,
+            generation = %self.record.current().number,
+            lineage = %self.record.lineage(),
+            "replica promoted: frames of its former source are refused from now on"
+        );
+        Ok(self.record.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::StoreOptions;
+
+    const NAME: &str = "01234567-89ab-cdef-0011-223344556677";
+
+    fn store(root: &Path) -> DiskStore {
+        DiskStore::create(root, NAME, 1 << 20, 1, StoreOptions::default()).unwrap()
+    }
+
+    #[test]
+    fn a_store_without_a_record_gets_one_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        store(dir.path()).close().unwrap();
+        let path = dir.path().join(NAME).join(RECORD);
+        std::fs::remove_file(&path).unwrap();
+        let s = DiskStore::open(dir.path(), NAME, StoreOptions::default()).unwrap();
+        let r = s.generation_record();
+        assert_eq!(r.disk(), NAME.parse::<DiskId>().unwrap());
+        assert_eq!(r.role(), CopyRole::Replica);
+        assert_eq!(r.current().number, Generation(s.generation()));
+        assert!(path.exists(), "the migration writes the record");
+        assert_eq!(read(path.parent().unwrap()).unwrap().as_ref(), Some(r));
+    }
+
+    #[test]
+    fn a_promotion_survives_reopening_and_grows_the_wire_generation() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = store(dir.path());
+        let before = s.generation();
+        let id = GenerationId::from_bytes([9; 16]);
+        let r = s.promote(id).unwrap();
+        assert_eq!(r.role(), CopyRole::Source);
+        assert_eq!(r.current().id, id);
+        assert_eq!(r.current().number, Generation(before + 1));
+        assert_eq!(s.generation(), before + 1);
+        s.close().unwrap();
+        let s = DiskStore::open(dir.path(), NAME, StoreOptions::default()).unwrap();
+        assert!(s.is_promoted());
+        assert_eq!(s.generation_record(), &r);
+        assert_eq!(s.generation(), before + 1);
+    }
+
+    #[test]
+    fn a_promotion_whose_state_write_was_lost_is_completed_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = store(dir.path());
+        let state = std::fs::read(dir.path().join(NAME).join("state.json")).unwrap();
+        s.promote(GenerationId::from_bytes([5; 16])).unwrap();
+        drop(s);
+        // The crash came between the record and the state.
+        std::fs::write(dir.path().join(NAME).join("state.json"), state).unwrap();
+        let s = DiskStore::open(dir.path(), NAME, StoreOptions::default()).unwrap();
+        assert!(s.is_promoted());
+        assert_eq!(s.generation(), 1);
+        assert_eq!(s.generation_record().current().number, Generation(1));
+    }
+
+    #[test]
+    fn a_promoted_replica_refuses_frames_of_every_generation() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = store(dir.path());
+        assert!(s.check_not_promoted(0).is_ok());
+        s.promote(GenerationId::from_bytes([1; 16])).unwrap();
+        for got in [0, 1, 2] {
+            assert!(matches!(
+                s.check_not_promoted(got),
+                Err(TargetError::StaleGeneration { current: 1, .. })
+            ));
+        }
+        let mut b = crate::batch::ApplyBatch {
+            disk: NAME.to_string(),
+            generation: 0,
+            seq: 1,
+            chunks: Vec::new(),
+        };
+        assert!(matches!(
+            s.apply_many(std::slice::from_ref(&b)),
+            Err(TargetError::StaleGeneration { .. })
+        ));
+        b.generation = 1;
+        assert!(matches!(
+            s.apply_many(&[b]),
+            Err(TargetError::StaleGeneration { .. })
+        ));
+        assert_eq!(s.applied_seq(), 0, "nothing was applied");
+    }
+
+    #[test]
+    fn a_second_promotion_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = store(dir.path());
+        s.promote(GenerationId::from_bytes([1; 16])).unwrap();
+        let e = s.promote(GenerationId::from_bytes([2; 16])).unwrap_err();
+        assert!(e.to_string().contains("already the source"), "{e}");
+    }
+
+    #[test]
+    fn the_record_follows_a_newer_wire_generation() {
+        let disk = NAME.parse::<DiskId>().unwrap();
+        let mut r = GenerationRecord::new(disk, CopyRole::Replica, entry(disk, 1, 5));
+        let mut st = migrated_state(2, 9);
+        assert!(in_step(&mut r, &st).unwrap());
+        assert_eq!(r.current().number, Generation(2));
+        assert_eq!(r.current().seq, Seq(9));
+        assert_eq!(r.history()[0].number, Generation(1));
+        st.applied_seq = 12;
+        assert!(!in_step(&mut r, &st).unwrap());
+        assert_eq!(r.current().seq, Seq(12));
+    }
+
+    fn migrated_state(generation: u64, applied_seq: u64) -> DiskState {
+        DiskState {
+            format: super::super::STATE_FORMAT,
+            disk: NAME.to_string(),
+            size: 1 << 20,
+            generation,
+            applied_seq,
+            wal_epoch: 1,
+            created_ms: 1,
+            replica: "replica.vmdk".into(),
+            thin: false,
+            next_point_id: 1,
+            next_file_no: 1,
+            points: Vec::new(),
+            complete: false,
+        }
+    }
+}
