@@ -1,6 +1,7 @@
 //! The local control protocol of `serve`: a Unix socket `control.sock` in the
 //! store root through which the command line asks the running service for
-//! what needs the stores it holds locked (today: exporting a recovery point).
+//! what needs the stores it holds locked: exporting a recovery point, and
+//! making a test failover of one.
 //!
 //! Newline-delimited JSON, one request per connection:
 //!
@@ -8,7 +9,13 @@
 //! → {"export":{"disk":"…","point":3,"format":"vmdk-sparse","out":"/abs/p3.vmdk","parent":null}}
 //! ← {"progress":{"done":4194304,"total":1073741824}}      (rate-limited)
 //! ← {"done":{"files":["/abs/p3.vmdk"]}}  or  {"error":"…"}
+//!
+//! → {"test_failover":{"disk":"…","point":"latest","out":"/abs/dir","attach":true}}
+//! ← {"test_failover":{…the record, see crate::failover::TestFailover…}}  or  {"error":"…"}
 //! ```
+//!
+//! `force` (export and test failover, default false) allows a point cut
+//! while the replica was incomplete.
 //!
 //! Paths are absolute: the service runs in another directory than the
 //! client. This module holds the message types, the decoders (which never
@@ -24,6 +31,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::export::ExportFormat;
+use crate::failover::{TestFailover, TestFailoverRequest};
 
 /// File name of the control socket in the store root.
 pub const SOCKET: &str = "control.sock";
@@ -43,6 +51,7 @@ pub fn socket_path(root: &Path) -> PathBuf {
 #[serde(deny_unknown_fields, rename_all = "snake_case")]
 pub enum Request {
     Export(ExportRequest),
+    TestFailover(TestFailoverRequest),
 }
 
 /// Export point `point` of `disk` as `format` to `out` (absolute), as a
@@ -56,13 +65,17 @@ pub struct ExportRequest {
     pub out: PathBuf,
     #[serde(default)]
     pub parent: Option<PathBuf>,
+    /// Export a point cut while the replica was incomplete.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub force: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "snake_case")]
 pub enum Reply {
     Progress { done: u64, total: u64 },
     Done { files: Vec<PathBuf> },
+    TestFailover(TestFailover),
     Error(String),
 }
 
@@ -106,19 +119,23 @@ pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
 }
 
 /// Decodes and validates one request line (with or without its newline).
-pub fn decode_request(line: &[u8]) -> Result<ExportRequest, ControlError> {
+pub fn decode_request(line: &[u8]) -> Result<Request, ControlError> {
     if line.len() > MAX_REQUEST {
         return Err(ControlError::TooLong { max: MAX_REQUEST });
     }
-    let Request::Export(req) =
+    let req: Request =
         serde_json::from_slice(line).map_err(|e| ControlError::BadRequest(e.to_string()))?;
-    if !req.out.is_absolute() {
+    let (out, parent) = match &req {
+        Request::Export(r) => (&r.out, r.parent.as_ref()),
+        Request::TestFailover(r) => (&r.out, None),
+    };
+    if !out.is_absolute() {
         return Err(ControlError::NotAbsolute {
             what: "out",
-            path: req.out,
+            path: out.clone(),
         });
     }
-    if let Some(p) = &req.parent
+    if let Some(p) = parent
         && !p.is_absolute()
     {
         return Err(ControlError::NotAbsolute {
@@ -177,6 +194,34 @@ pub fn request_export(
     req: &ExportRequest,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<Vec<PathBuf>, ControlError> {
+    match request(socket, &Request::Export(req.clone()), progress)? {
+        Reply::Done { files } => Ok(files),
+        other => Err(ControlError::BadReply(format!(
+            "{other:?} as the answer to an export"
+        ))),
+    }
+}
+
+/// Asks the service listening at `socket` for a test failover; returns its record.
+pub fn request_test_failover(
+    socket: &Path,
+    req: &TestFailoverRequest,
+) -> Result<TestFailover, ControlError> {
+    match request(socket, &Request::TestFailover(req.clone()), &mut |_, _| {})? {
+        Reply::TestFailover(rec) => Ok(rec),
+        other => Err(ControlError::BadReply(format!(
+            "{other:?} as the answer to a test failover"
+        ))),
+    }
+}
+
+/// Sends one request and returns the final answer (not an error), calling
+/// `progress` for each progress reply.
+fn request(
+    socket: &Path,
+    req: &Request,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<Reply, ControlError> {
     let io = |source| ControlError::Io {
         path: socket.to_path_buf(),
         source,
@@ -185,9 +230,7 @@ pub fn request_export(
         path: socket.to_path_buf(),
         source,
     })?;
-    stream
-        .write_all(&encode(&Request::Export(req.clone())))
-        .map_err(io)?;
+    stream.write_all(&encode(req)).map_err(io)?;
     let mut r = BufReader::new(stream);
     let mut line = Vec::new();
     loop {
@@ -199,8 +242,8 @@ pub fn request_export(
         }
         match decode_reply(&line)? {
             Reply::Progress { done, total } => progress(done, total),
-            Reply::Done { files } => return Ok(files),
             Reply::Error(msg) => return Err(ControlError::Service(msg)),
+            last => return Ok(last),
         }
     }
 }
@@ -215,15 +258,16 @@ mod tests {
         let req = decode_request(line).unwrap();
         assert_eq!(
             req,
-            ExportRequest {
+            Request::Export(ExportRequest {
                 disk: "d".into(),
                 point: 3,
                 format: ExportFormat::VmdkSparse,
                 out: "/x/p3.vmdk".into(),
                 parent: None,
-            }
+                force: false,
+            })
         );
-        let again = encode(&Request::Export(req.clone()));
+        let again = encode(&req);
         assert_eq!(decode_request(&again).unwrap(), req);
         assert_eq!(
             encode(&Reply::Progress { done: 1, total: 2 }),
@@ -236,6 +280,30 @@ mod tests {
             }),
             b"{\"done\":{\"files\":[\"/a\"]}}\n"
         );
+    }
+
+    #[test]
+    fn a_test_failover_request_round_trips_and_matches_the_documented_form() {
+        use crate::failover::PointChoice;
+        let line =
+            br#"{"test_failover":{"disk":"d","point":"latest","out":"/abs/dir","attach":true}}"#;
+        let req = decode_request(line).unwrap();
+        assert_eq!(
+            req,
+            Request::TestFailover(TestFailoverRequest {
+                disk: "d".into(),
+                point: PointChoice::Latest,
+                out: "/abs/dir".into(),
+                attach: true,
+                force: false,
+            })
+        );
+        assert_eq!(decode_request(&encode(&req)).unwrap(), req);
+        let by_id = br#"{"test_failover":{"disk":"d","point":"7","out":"/o","force":true}}"#;
+        let Request::TestFailover(r) = decode_request(by_id).unwrap() else {
+            panic!("not a test failover");
+        };
+        assert_eq!((r.point, r.force), (PointChoice::Id(7), true));
     }
 
     #[test]
@@ -255,6 +323,10 @@ mod tests {
             br#"{"export":{"disk":"d","point":1,"format":"qcow2","out":"/o"}}"#,
             br#"{"export":{"disk":"d","point":1,"format":"raw","out":"rel/o"}}"#,
             br#"{"export":{"disk":"d","point":1,"format":"raw","out":"/o","parent":"p.vmdk"}}"#,
+            br#"{"test_failover":{"disk":"d","point":"newest","out":"/o"}}"#,
+            br#"{"test_failover":{"disk":"d","point":"latest","out":"o"}}"#,
+            br#"{"test_failover":{"disk":"d","point":"latest"}}"#,
+            br#"{"test_failover":{"disk":"d","point":"1","out":"/o","force":1}}"#,
         ];
         for line in bad {
             assert!(

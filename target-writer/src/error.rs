@@ -145,6 +145,18 @@ pub enum TargetError {
     Cancelled,
     #[error(transparent)]
     Vmdk(#[from] crate::vmdk::VmdkError),
+    #[error(
+        "point {point} of disk {disk} was cut while the replica was incomplete (initial sync or resync) and may not restore: {}",
+        match latest_complete {
+            Some(p) => format!("use point {p}, the newest one that is complete, or pass --force"),
+            None => "no point of this disk is complete yet; wait for the sync to finish, or pass --force".to_string(),
+        }
+    )]
+    IncompletePoint {
+        disk: String,
+        point: u64,
+        latest_complete: Option<u64>,
+    },
     #[error("{what} is not supported yet: {hint}")]
     Unsupported { what: String, hint: String },
 }

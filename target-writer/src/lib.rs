@@ -4,13 +4,16 @@
 //! Where a block goes: [`batch`] verifies it, [`store::DiskStore::apply`]
 //! journals ([`wal`]) and writes it to the [`replica`], saving what it
 //! overwrites into the open recovery point's undo [`segment`]; [`retention`]
-//! decides which points stay; [`export`] writes any point out as a disk.
+//! decides which points stay; [`export`] writes any point out as a disk, and
+//! [`failover`] makes a writable test copy of one (a reflink clone where the
+//! file system shares extents).
 
 pub mod batch;
 pub mod control;
 pub mod crashsafe;
 pub mod error;
 pub mod export;
+pub mod failover;
 pub mod feed;
 pub mod promote;
 pub mod replica;

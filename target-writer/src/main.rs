@@ -7,8 +7,11 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
 use blockferry_target::TargetError;
-use blockferry_target::control::{ControlError, ExportRequest, request_export, socket_path};
+use blockferry_target::control::{
+    ControlError, ExportRequest, request_export, request_test_failover, socket_path,
+};
 use blockferry_target::export::{ExportFormat, export_point};
+use blockferry_target::failover::{PointChoice, TestFailover, TestFailoverRequest};
 use blockferry_target::feed::{FeedItem, decode_all};
 use blockferry_target::store::{DiskStore, StoreOptions, label_name, list_points};
 use clap::{Parser, Subcommand};
@@ -53,6 +56,38 @@ enum Cmd {
         /// An earlier export of the same disk to chain to (sparse delta).
         #[arg(long)]
         parent: Option<PathBuf>,
+        /// Export a point cut while the replica was incomplete.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Test failover: a writable copy of a point (a VMDK in --out, and with
+    /// --attach a loop device) while replication goes on; or, with
+    /// --cleanup, remove everything a test failover made.
+    Failover {
+        #[arg(long)]
+        store: PathBuf,
+        #[arg(long)]
+        disk: String,
+        /// Make a test failover (the only failover this command makes yet).
+        #[arg(long, required_unless_present = "cleanup", conflicts_with = "cleanup")]
+        test: bool,
+        /// Remove the disk's test failover: loop device, files, directory.
+        #[arg(long)]
+        cleanup: bool,
+        /// latest, latest-consistent or a point id.
+        #[arg(long, default_value = "latest")]
+        point: PointChoice,
+        /// The directory to write the disk to.
+        #[arg(long, required_unless_present = "cleanup")]
+        out: Option<PathBuf>,
+        /// Attach the disk as a loop device on this host (needs root).
+        #[arg(long)]
+        attach: bool,
+        /// Use a point cut while the replica was incomplete.
+        #[arg(long)]
+        force: bool,
+        #[arg(long)]
+        json: bool,
     },
     /// Promote the replica of a disk (the promote step of a failover): it
     /// becomes the source in a new generation, and its former source is
@@ -144,6 +179,51 @@ fn fmt_utc(ms: u64) -> String {
     )
 }
 
+/// A test failover of the store, in this process or through the service
+/// that holds it.
+fn test_failover(store: &Path, req: &TestFailoverRequest) -> Result<TestFailover> {
+    let failed = || format!("test failover of disk {} failed", req.disk);
+    match DiskStore::open(store, &req.disk, StoreOptions::default()) {
+        Ok(s) => {
+            let s = std::sync::Mutex::new(s);
+            let stop = std::sync::atomic::AtomicBool::new(false);
+            let rec = blockferry_target::failover::test_failover(&s, req, now_ms(), &stop)
+                .with_context(failed)?;
+            s.into_inner().unwrap_or_else(|p| p.into_inner()).close()?;
+            Ok(rec)
+        }
+        Err(TargetError::Locked { .. }) => {
+            let socket = socket_path(store);
+            tracing::info!(socket = %socket.display(), "the store is served; asking the service for the test failover");
+            request_test_failover(&socket, req).map_err(|e| match e {
+                e @ ControlError::Connect { .. } => anyhow::Error::new(e).context(format!(
+                    "the store {} is locked by another process",
+                    store.display()
+                )),
+                e => anyhow::Error::new(e).context(failed()),
+            })
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// A test failover as `--json` and `points --json` show it.
+fn test_json(t: &TestFailover) -> serde_json::Value {
+    serde_json::json!({
+        "disk": t.disk,
+        "point": t.point,
+        "state": t.state.name(),
+        "started": fmt_utc(t.started_ms),
+        "started_ms": t.started_ms,
+        "cleaned_up": t.cleaned_ms.map(fmt_utc),
+        "method": t.method,
+        "descriptor": t.descriptor,
+        "flat": t.flat,
+        "loop_device": t.loop_device,
+        "ready_secs": t.ready_secs,
+    })
+}
+
 async fn serve(cfg: blockferry_target::serve::ServeConfig) -> Result<()> {
     let cancel = tokio_util::sync::CancellationToken::new();
     let handle = blockferry_target::serve::start(cfg, cancel.clone()).await?;
@@ -168,6 +248,15 @@ fn main() -> Result<()> {
     match cli.cmd {
         Cmd::Points { store, disk, json } => {
             let points = list_points(&store, &disk)?;
+            let test = blockferry_target::failover::read_record(&store, &disk)?;
+            let tested = |id: u64| test.as_ref().filter(|t| t.point == id);
+            let label = |p: &blockferry_target::PointMeta| {
+                if p.incomplete {
+                    "incomplete"
+                } else {
+                    label_name(p.label)
+                }
+            };
             if json {
                 let v: Vec<_> = points
                     .iter()
@@ -176,25 +265,31 @@ fn main() -> Result<()> {
                             "id": p.id,
                             "time": fmt_utc(p.time_ms),
                             "time_ms": p.time_ms,
-                            "label": label_name(p.label),
+                            "label": label(p),
+                            "consistency": label_name(p.label),
+                            "incomplete": p.incomplete,
                             "generation": p.generation,
                             "seq": p.seq,
                             "size": p.segment_len,
+                            "test_failover": tested(p.id).map(test_json),
                         })
                     })
                     .collect();
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 println!(
-                    "{:>6}  {:<20}  {:<16}  {:>12}",
+                    "{:>6}  {:<20}  {:<16}  {:>12}  TEST FAILOVER",
                     "ID", "TIME", "LABEL", "SIZE"
                 );
                 for p in &points {
+                    let t = tested(p.id).map_or(String::new(), |t| {
+                        format!("{} since {}", t.state.name(), fmt_utc(t.started_ms))
+                    });
                     println!(
-                        "{:>6}  {:<20}  {:<16}  {:>12}",
+                        "{:>6}  {:<20}  {:<16}  {:>12}  {t}",
                         p.id,
                         fmt_utc(p.time_ms),
-                        label_name(p.label),
+                        label(p),
                         p.segment_len
                     );
                 }
@@ -207,6 +302,7 @@ fn main() -> Result<()> {
             format,
             out,
             parent,
+            force,
         } => {
             let bar = std::io::stderr().is_terminal().then(|| {
                 let b = indicatif::ProgressBar::new(0);
@@ -235,6 +331,7 @@ fn main() -> Result<()> {
             let failed = || format!("export of point {point} of disk {disk} failed");
             let files = match DiskStore::open(&store, &disk, StoreOptions::default()) {
                 Ok(mut s) => {
+                    s.usable_point(point, force)?;
                     let files = export_point(
                         &mut s,
                         point,
@@ -260,6 +357,7 @@ fn main() -> Result<()> {
                         format,
                         out: abs(&out)?,
                         parent: parent.as_deref().map(abs).transpose()?,
+                        force,
                     };
                     tracing::info!(socket = %socket.display(), "the store is served; asking the service to export");
                     match request_export(&socket, &req, &mut progress) {
@@ -280,6 +378,48 @@ fn main() -> Result<()> {
             }
             for f in files {
                 println!("{}", f.display());
+            }
+        }
+        Cmd::Failover {
+            store,
+            disk,
+            test: _,
+            cleanup,
+            point,
+            out,
+            attach,
+            force,
+            json,
+        } => {
+            let rec = if cleanup {
+                blockferry_target::failover::cleanup(&store, &disk, now_ms())?
+            } else {
+                let Some(out) = out else {
+                    bail!("--out DIR is needed: the directory to write the disk to");
+                };
+                let out = std::path::absolute(&out)
+                    .with_context(|| format!("cannot resolve {}", out.display()))?;
+                let req = TestFailoverRequest {
+                    disk: disk.clone(),
+                    point,
+                    out,
+                    attach,
+                    force,
+                };
+                test_failover(&store, &req)?
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&test_json(&rec))?);
+            } else if cleanup {
+                println!(
+                    "test failover of disk {} (point {}) cleaned up",
+                    rec.disk, rec.point
+                );
+            } else {
+                println!("{}", rec.descriptor.display());
+                if let Some(dev) = &rec.loop_device {
+                    println!("{}", dev.display());
+                }
             }
         }
         Cmd::Promote { store, disk, json } => {

@@ -1,6 +1,7 @@
 //! The one place the target writer calls libc directly: preallocation of the
 //! flat extent, so in-place writes of applied batches can never hit ENOSPC,
-//! early writeback of those writes, and finding never-written ranges.
+//! early writeback of those writes, finding never-written ranges, and
+//! reflink clones of the flat extent for test failovers.
 
 use std::fs::File;
 use std::io;
@@ -55,5 +56,20 @@ pub fn seek_data(file: &File, offset: u64) -> io::Result<Option<u64>> {
         Ok(None)
     } else {
         Err(e)
+    }
+}
+
+/// Makes `dst` share all of `src`'s extents (`FICLONE`, a reflink): O(1) in
+/// the file's size on XFS and btrfs. Fails with EOPNOTSUPP, EXDEV or EINVAL
+/// where the file system cannot, and the caller copies instead. The kernel
+/// writes `src`'s dirty pages back before sharing them.
+pub fn ficlone(dst: &File, src: &File) -> io::Result<()> {
+    // SAFETY: both fds are owned by their `File`s and open for the call;
+    // FICLONE takes the source fd as its integer argument, no pointers.
+    let rc = unsafe { libc::ioctl(dst.as_raw_fd(), libc::FICLONE, src.as_raw_fd()) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }

@@ -141,6 +141,7 @@ async fn exports_through_the_control_socket_of_a_running_serve_equal_the_model()
         format: ExportFormat::VmdkSparse,
         out: out.clone(),
         parent: None,
+        force: false,
     };
     let socket = handle.control_socket.clone();
     let (files, seen) = tokio::task::spawn_blocking(move || {
@@ -345,4 +346,120 @@ fn the_cli_says_what_to_do_when_the_store_is_locked_and_no_service_answers() {
     );
     assert!(!tmp.path().join("p.raw").exists());
     s.close().unwrap();
+}
+
+/// Runs the binary to completion, asserting success; returns its stdout as JSON.
+async fn cli_json(args: &[&str]) -> serde_json::Value {
+    let out = tokio::process::Command::new(BIN)
+        .args(args)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "blockferry-target {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_test_failover_through_a_running_serve_equals_the_point_shows_in_points_and_cleans_up() {
+    if !have_qemu_img() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let cancel = CancellationToken::new();
+    let handle = start(config(dir), cancel.clone()).await.unwrap();
+    let disk = DiskId::from_bytes([6; 16]);
+    let ch = Arc::new(relay_channel(
+        &dir.join("pki"),
+        "relay",
+        handle.listen_addr,
+        disk,
+        SIZE,
+        &cancel,
+    ));
+    let mut rng = StdRng::seed_from_u64(0x7f);
+    let mut model = vec![0u8; SIZE as usize];
+    let at_point = fill(&ch, &mut rng, &mut model).await;
+    let model_raw = dir.join("model-at-point.raw");
+    std::fs::write(&model_raw, &at_point).unwrap();
+    let store = dir.join("store");
+    let (store_s, disk_s) = (store.to_str().unwrap(), disk.to_string());
+    let out = dir.join("tf");
+
+    // The relay keeps sending while the test failover is made.
+    let stop = CancellationToken::new();
+    let pusher = tokio::spawn({
+        let (ch, stop) = (ch.clone(), stop.clone());
+        async move {
+            let mut sent = 0u32;
+            let mut last = None;
+            while !stop.is_cancelled() || sent < 5 {
+                last = Some(push_random(&ch, &mut rng, &mut model).await);
+                sent += 1;
+            }
+            if let Some(seq) = last {
+                ch.wait_durable(seq).await.unwrap();
+            }
+        }
+    });
+    let rec = cli_json(&[
+        "failover",
+        "--test",
+        "--store",
+        store_s,
+        "--disk",
+        &disk_s,
+        "--point",
+        "latest-consistent",
+        "--out",
+        out.to_str().unwrap(),
+        "--json",
+    ])
+    .await;
+    stop.cancel();
+    pusher.await.unwrap();
+    assert_eq!(rec["state"], "running");
+    let descriptor = Path::new(rec["descriptor"].as_str().unwrap()).to_path_buf();
+    assert!(
+        qemu_same(&model_raw, &descriptor),
+        "the test failover differs from the point"
+    );
+
+    let points = cli_json(&["points", "--store", store_s, "--disk", &disk_s, "--json"]).await;
+    let tested: Vec<_> = points
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| !p["test_failover"].is_null())
+        .collect();
+    assert_eq!(tested.len(), 1);
+    assert_eq!(tested[0]["id"], rec["point"]);
+    assert_eq!(tested[0]["test_failover"]["state"], "running");
+
+    let done = cli_json(&[
+        "failover",
+        "--cleanup",
+        "--store",
+        store_s,
+        "--disk",
+        &disk_s,
+        "--json",
+    ])
+    .await;
+    assert_eq!(done["state"], "cleaned-up");
+    assert!(!out.exists(), "cleanup left {}", out.display());
+    let points = cli_json(&["points", "--store", store_s, "--disk", &disk_s, "--json"]).await;
+    assert!(
+        points
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["test_failover"]["state"] == "cleaned-up")
+    );
+    cancel.cancel();
+    handle.serve.await.unwrap();
 }

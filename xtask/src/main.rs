@@ -1,5 +1,6 @@
 //! Developer tasks: `cargo xtask build-and-load | demo | ci | bench <what>`.
 
+mod bench_dr;
 mod bench_e2e;
 mod bench_target;
 mod bench_tracker;
@@ -59,6 +60,8 @@ enum Bench {
     Target,
     /// Initial sync, delta resync and RPO end to end.
     E2e,
+    /// Disaster recovery: time to a writable disk for a test failover of a 4 GiB replica on XFS.
+    Dr,
 }
 
 fn main() -> Result<()> {
@@ -76,6 +79,7 @@ fn main() -> Result<()> {
             Bench::Transport => bench_transport::run(),
             Bench::Target => bench_target::run(),
             Bench::E2e => bench_e2e::run(),
+            Bench::Dr => bench_dr::run(),
         },
     }
 }

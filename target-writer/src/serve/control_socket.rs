@@ -1,5 +1,6 @@
 //! The local control socket `<store>/control.sock` ([`crate::control`]): one
-//! request line, progress lines, one answer; exports run on the blocking pool.
+//! request line, progress lines, one answer; exports and test failovers run
+//! on the blocking pool.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -11,7 +12,8 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, warn};
 
-use crate::control::{self, ExportRequest, ProgressThrottle, Reply};
+use crate::control::{self, ExportRequest, ProgressThrottle, Reply, Request};
+use crate::failover::TestFailoverRequest;
 
 use super::{ServeError, TargetSink};
 
@@ -135,10 +137,18 @@ async fn control_conn(stream: UnixStream, sink: Arc<TargetSink>, cancel: Cancell
             return;
         }
     };
-    let span = tracing::info_span!("export", disk = %req.disk, point = req.point);
-    let reply = run_export(req, &mut wr, sink, &cancel)
-        .instrument(span)
-        .await;
+    let reply = match req {
+        Request::Export(req) => {
+            let span = tracing::info_span!("export", disk = %req.disk, point = req.point);
+            run_export(req, &mut wr, sink, &cancel)
+                .instrument(span)
+                .await
+        }
+        Request::TestFailover(req) => {
+            let span = tracing::info_span!("test_failover", disk = %req.disk);
+            run_test_failover(req, sink, &cancel).instrument(span).await
+        }
+    };
     answer_and_close(rd.into_inner().into_inner(), wr, &reply, &cancel).await;
 }
 
@@ -230,5 +240,45 @@ async fn run_export(
             warn!(error = %e, "export task failed");
             Reply::Error(format!("export task failed: {e}"))
         }
+    }
+}
+
+/// Makes a test failover on the blocking pool (the copy reads the store in
+/// locked steps, so applies go on); returns the record or the error.
+async fn run_test_failover(
+    req: TestFailoverRequest,
+    sink: Arc<TargetSink>,
+    cancel: &CancellationToken,
+) -> Reply {
+    info!(point = ?req.point, out = %req.out.display(), "test failover requested on the control socket");
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut job = {
+        let stop = stop.clone();
+        tokio::task::spawn_blocking(move || {
+            let Ok(disk) = req.disk.parse::<blockferry_proto::DiskId>() else {
+                return Err(crate::error::TargetError::NoDisk {
+                    disk: req.disk.clone(),
+                    path: sink.cfg.store.clone(),
+                });
+            };
+            let store = sink.store(disk, None)?;
+            crate::failover::test_failover(&store, &req, super::now_ms(), &stop)
+        })
+    };
+    let r = tokio::select! {
+        r = &mut job => r,
+        _ = cancel.cancelled() => {
+            stop.store(true, Ordering::Relaxed);
+            job.await
+        }
+    };
+    match r {
+        Ok(Ok(rec)) => Reply::TestFailover(rec),
+        Ok(Err(e)) => {
+            let msg = error_chain(&e);
+            warn!(error = %msg, "test failover failed");
+            Reply::Error(msg)
+        }
+        Err(e) => Reply::Error(format!("test failover task failed: {e}")),
     }
 }

@@ -257,6 +257,7 @@ impl TargetSink {
             });
         };
         let store = self.store(disk, None)?;
+        lock(&store).usable_point(req.point, req.force)?;
         export_point_live(
             &store,
             req.point,
@@ -273,7 +274,10 @@ impl TargetSink {
             TargetError::NoDisk { .. } => SinkError::new(ErrorCode::UnknownDisk, e.to_string()),
             e => sink_error(&e),
         })?;
-        let s = lock(&store);
+        let mut s = lock(&store);
+        // Hash requests mean a checksum resync runs: points are incomplete
+        // until the agent's next barrier.
+        s.mark_incomplete().map_err(|e| sink_error(&e))?;
         let applied = s.applied_seq();
         let mut trees = lock(&self.trees);
         let fresh = trees.get(&req.disk).is_some_and(|(seq, _)| *seq == applied);

@@ -353,6 +353,7 @@ mod tests {
             next_point_id: 1,
             next_file_no: 1,
             points: Vec::new(),
+            complete: false,
         }
     }
 }

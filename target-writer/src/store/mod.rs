@@ -115,6 +115,11 @@ pub struct PointMeta {
     /// (the disk's size then).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub size: Option<u64>,
+    /// Cut while the replica was incomplete (before the initial sync or a
+    /// resync finished): its data is a mix of old and new blocks, so it is
+    /// neither exported nor failed over to without `--force`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub incomplete: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -133,6 +138,12 @@ struct DiskState {
     next_point_id: u64,
     next_file_no: u64,
     points: Vec<PointMeta>,
+    /// The replica holds a whole copy of the source: a barrier arrived since
+    /// the disk was created or a resync last began (the agent sends barriers
+    /// only once its initial sync or resync is done). States written before
+    /// this existed read as incomplete until the next barrier.
+    #[serde(default)]
+    complete: bool,
 }
 
 /// What `apply` did with a batch.
@@ -345,6 +356,7 @@ impl DiskStore {
             next_point_id: 1,
             next_file_no: 1,
             points: Vec::new(),
+            complete: false,
         };
         // The record first: the state file is the commit point of creation.
         let record = generation::migrated(&state);
@@ -453,6 +465,12 @@ impl DiskStore {
         &self.state.points
     }
 
+    /// Whether the replica holds a whole copy of the source (see
+    /// [`PointMeta::incomplete`]).
+    pub fn is_complete(&self) -> bool {
+        self.state.complete
+    }
+
     /// Reads the replica (the newest state) at `offset`.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.replica.read_at(buf, offset)
@@ -465,6 +483,14 @@ impl DiskStore {
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The raw flat extent of a vmfs replica (`None` for a thin one).
+    pub fn flat_extent_path(&self) -> Option<PathBuf> {
+        (!self.state.thin).then(|| {
+            self.dir
+                .join(crate::replica::flat_name_for(&self.state.replica))
+        })
     }
 
     pub fn cid(&self) -> u32 {

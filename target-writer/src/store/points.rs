@@ -115,12 +115,16 @@ impl DiskStore {
                 segment: name,
                 segment_len: segment::HEADER_LEN,
                 size: Some(s.state.size),
+                // The agent sends barriers only for a complete replica; a
+                // scheduled point knows only what the last barrier proved.
+                incomplete: marker.is_none() && !s.state.complete,
             };
             let mut st = s.state.clone();
             if let Some((generation, seq)) = marker {
                 // The barrier's sequence number becomes durable with the point.
                 st.generation = generation;
                 st.applied_seq = seq;
+                st.complete = true;
             }
             st.next_point_id += 1;
             st.next_file_no += 1;
@@ -132,6 +136,51 @@ impl DiskStore {
             info!(disk = %s.state.disk, point = id, seq = p.seq, label = label_name(label), "recovery point");
             Ok(p)
         })
+    }
+
+    /// Records durably that the replica is incomplete again (a resync began):
+    /// scheduled points are labelled incomplete until the next barrier.
+    pub fn mark_incomplete(&mut self) -> Result<()> {
+        self.check_usable()?;
+        if !self.state.complete {
+            return Ok(());
+        }
+        self.guarded(|s| {
+            let mut st = s.state.clone();
+            st.complete = false;
+            s.write_state(&st)?;
+            s.state = st;
+            info!(disk = %s.state.disk, "replica incomplete until the resync ends");
+            Ok(())
+        })
+    }
+
+    /// Point `id`, refused if it is incomplete and `force` is not given; the
+    /// error names the newest point that is not incomplete.
+    pub fn usable_point(&self, id: u64, force: bool) -> Result<&PointMeta> {
+        let p = self
+            .state
+            .points
+            .iter()
+            .find(|p| p.id == id)
+            .ok_or_else(|| TargetError::NoSuchPoint {
+                disk: self.state.disk.clone(),
+                point: id,
+            })?;
+        if p.incomplete && !force {
+            return Err(TargetError::IncompletePoint {
+                disk: self.state.disk.clone(),
+                point: id,
+                latest_complete: self
+                    .state
+                    .points
+                    .iter()
+                    .rev()
+                    .find(|p| !p.incomplete)
+                    .map(|p| p.id),
+            });
+        }
+        Ok(p)
     }
 
     /// Drops the points the policy does not keep; returns their ids.
@@ -153,7 +202,9 @@ impl DiskStore {
                 label: p.label,
             })
             .collect();
-        let keep = retain(&stamps, policy, now_ms);
+        let mut keep = retain(&stamps, policy, now_ms);
+        // A running test failover holds its point (a durable pin).
+        keep.extend(crate::failover::pinned_points(&self.dir)?);
         let drop: Vec<u64> = stamps
             .iter()
             .map(|p| p.id)

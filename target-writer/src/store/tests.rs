@@ -122,3 +122,80 @@ fn the_state_file_keeps_label_text() {
     let points = list_points(tmp.path(), "d").unwrap();
     assert_eq!(points[0].label, Consistency::AppConsistent);
 }
+
+#[test]
+fn scheduled_points_are_incomplete_until_a_barrier_and_again_once_a_resync_begins() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut s = store(tmp.path());
+    s.apply(&batch(1, 1)).unwrap();
+    let first = s.create_point(Consistency::NotConsistent, 2).unwrap();
+    assert!(
+        first.incomplete,
+        "the first point precedes the initial sync"
+    );
+    s.apply(&batch(1, 2)).unwrap();
+    let b = s.barrier(&barrier(1, 3), 3).unwrap().unwrap();
+    assert!(!b.incomplete, "the agent sends barriers only when complete");
+    s.apply(&batch(1, 4)).unwrap();
+    let after = s.create_point(Consistency::NotConsistent, 4).unwrap();
+    assert!(!after.incomplete);
+    s.mark_incomplete().unwrap();
+    s.apply(&batch(1, 5)).unwrap();
+    let during = s.create_point(Consistency::NotConsistent, 5).unwrap();
+    assert!(during.incomplete, "a resync began");
+    // The labels and the completeness survive a reopen.
+    drop(s);
+    let s = DiskStore::open(tmp.path(), "d", StoreOptions::default()).unwrap();
+    let incomplete: Vec<bool> = s.points().iter().map(|p| p.incomplete).collect();
+    assert_eq!(incomplete, [true, false, false, true]);
+    assert!(!s.is_complete());
+}
+
+#[test]
+fn an_incomplete_point_is_refused_naming_the_newest_complete_one_unless_forced() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut s = store(tmp.path());
+    s.apply(&batch(1, 1)).unwrap();
+    let p1 = s.create_point(Consistency::NotConsistent, 2).unwrap();
+    match s.usable_point(p1.id, false).unwrap_err() {
+        e @ TargetError::IncompletePoint {
+            latest_complete: None,
+            ..
+        } => assert!(e.to_string().contains("--force"), "{e}"),
+        e => panic!("{e:?}"),
+    }
+    assert_eq!(s.usable_point(p1.id, true).unwrap().id, p1.id);
+    let p2 = s.barrier(&barrier(1, 2), 3).unwrap().unwrap();
+    s.mark_incomplete().unwrap();
+    s.apply(&batch(1, 3)).unwrap();
+    let p3 = s.create_point(Consistency::NotConsistent, 4).unwrap();
+    let e = s.usable_point(p3.id, false).unwrap_err();
+    assert!(
+        matches!(e, TargetError::IncompletePoint { latest_complete: Some(id), .. } if id == p2.id),
+        "{e:?}"
+    );
+    assert!(
+        e.to_string().contains(&format!("use point {}", p2.id)),
+        "{e}"
+    );
+    assert_eq!(s.usable_point(p2.id, false).unwrap().id, p2.id);
+}
+
+#[test]
+fn a_state_without_the_completeness_field_reads_as_incomplete() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = store(tmp.path());
+    drop(s);
+    let path = tmp.path().join("d").join(STATE);
+    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    v.as_object_mut().unwrap().remove("complete");
+    std::fs::write(&path, serde_json::to_vec(&v).unwrap()).unwrap();
+    let mut s = DiskStore::open(tmp.path(), "d", StoreOptions::default()).unwrap();
+    assert!(!s.is_complete());
+    s.apply(&batch(1, 1)).unwrap();
+    assert!(
+        s.create_point(Consistency::NotConsistent, 2)
+            .unwrap()
+            .incomplete
+    );
+}
