@@ -1,6 +1,9 @@
 //! Data generations: every comparison outcome, bounded histories, split-brain
 //! resolution, repeated failover/failback and the whole DR cycle as a sequence
 //! of records on two copies, and the durable encoding.
+//!
+//! One file of about 900 lines on purpose: the scenarios share the record
+//! builders at the top, and the DR cycle reads as one story.
 
 use blockferry_proto::generation::{
     Lineage, MAX_HISTORY, Resolution, Side, SplitBrainReport, Unrelated, resolve_split_brain,

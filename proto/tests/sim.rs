@@ -4,6 +4,9 @@
 //! had not made durable. At the end the replica equals the source disk, and
 //! the target applied every sequence number exactly once, in order.
 //!
+//! One file of about 900 lines on purpose: the model of each party and the
+//! scenarios that drive it are read together, and a scenario is a few lines.
+//!
 //! Every frame crosses the links encoded and decoded, so the codec is part of
 //! what is simulated. Seeds are fixed; `SIM_SEEDS=n` runs more of them.
 //!
