@@ -52,6 +52,14 @@ pub fn socket_path(root: &Path) -> PathBuf {
 pub enum Request {
     Export(ExportRequest),
     TestFailover(TestFailoverRequest),
+    Promote(PromoteRequest),
+}
+
+/// Promote the replica of `disk` (the promote step of a failover).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PromoteRequest {
+    pub disk: String,
 }
 
 /// Export point `point` of `disk` as `format` to `out` (absolute), as a
@@ -76,6 +84,7 @@ pub enum Reply {
     Progress { done: u64, total: u64 },
     Done { files: Vec<PathBuf> },
     TestFailover(TestFailover),
+    Promoted(crate::promote::Promoted),
     Error(String),
 }
 
@@ -128,6 +137,7 @@ pub fn decode_request(line: &[u8]) -> Result<Request, ControlError> {
     let (out, parent) = match &req {
         Request::Export(r) => (&r.out, r.parent.as_ref()),
         Request::TestFailover(r) => (&r.out, None),
+        Request::Promote(_) => return Ok(req),
     };
     if !out.is_absolute() {
         return Err(ControlError::NotAbsolute {
@@ -211,6 +221,19 @@ pub fn request_test_failover(
         Reply::TestFailover(rec) => Ok(rec),
         other => Err(ControlError::BadReply(format!(
             "{other:?} as the answer to a test failover"
+        ))),
+    }
+}
+
+/// Asks the service listening at `socket` to promote a disk it holds.
+pub fn request_promote(
+    socket: &Path,
+    req: &PromoteRequest,
+) -> Result<crate::promote::Promoted, ControlError> {
+    match request(socket, &Request::Promote(req.clone()), &mut |_, _| {})? {
+        Reply::Promoted(p) => Ok(p),
+        other => Err(ControlError::BadReply(format!(
+            "{other:?} as the answer to a promotion"
         ))),
     }
 }

@@ -91,8 +91,8 @@ enum Cmd {
     },
     /// Promote the replica of a disk (the promote step of a failover): it
     /// becomes the source in a new generation, and its former source is
-    /// fenced (its frames are refused). Run on the target host, with `serve`
-    /// stopped for this store.
+    /// fenced (its frames are refused). Run on the target host; while `serve`
+    /// holds the store, it asks the service through its control socket.
     Promote {
         #[arg(long)]
         store: PathBuf,
@@ -426,18 +426,23 @@ fn main() -> Result<()> {
             let p = match blockferry_target::promote::promote(&store, &disk) {
                 Ok(p) => p,
                 Err(e @ TargetError::Locked { .. }) => {
-                    let served = socket_path(&store).exists();
-                    return Err(anyhow::Error::new(e).context(if served {
-                        format!(
-                            "cannot promote disk {disk} while `blockferry-target serve` holds the store {}: stop the service, run promote again, then start the service (it refuses the former source from then on)",
-                            store.display()
-                        )
-                    } else {
-                        format!(
+                    let socket = socket_path(&store);
+                    if !socket.exists() {
+                        return Err(anyhow::Error::new(e).context(format!(
                             "cannot promote disk {disk}: another process holds the store {}; stop it and run promote again",
                             store.display()
-                        )
-                    }));
+                        )));
+                    }
+                    // The service holds the store: it promotes between two applies.
+                    let req = blockferry_target::control::PromoteRequest { disk: disk.clone() };
+                    blockferry_target::control::request_promote(&socket, &req).with_context(
+                        || {
+                            format!(
+                                "the service at {} could not promote disk {disk}",
+                                socket.display()
+                            )
+                        },
+                    )?
                 }
                 Err(e) => return Err(e).context(format!("promotion of disk {disk} failed")),
             };

@@ -5,22 +5,22 @@
 //! to the agent, which stops shipping the disk and reports it `fenced`.
 //!
 //! The promotion needs the store's lock. While `serve` holds it, the command
-//! refuses with advice (stop the service, promote, start it again). Inside
-//! the service, [`crate::serve::TargetSink::promote_blocking`] promotes a
-//! served disk between two applies (for a control request to call).
+//! asks the service through its control socket, and
+//! [`crate::serve::TargetSink::promote_blocking`] promotes the disk between
+//! two applies.
 
 use blockferry_proto::GenerationRecord;
 
 use std::path::Path;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, TargetError};
 use crate::store::generation::random_id;
 use crate::store::{DiskStore, StoreOptions};
 
 /// What a promotion did, as `promote --json` prints it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Promoted {
     pub disk: String,
     /// The role the copy now has (`source`).

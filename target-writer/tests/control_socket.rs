@@ -463,3 +463,45 @@ async fn a_test_failover_through_a_running_serve_equals_the_point_shows_in_point
     cancel.cancel();
     handle.serve.await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn promote_through_a_running_serve_starts_a_new_generation_once_and_stays_after_a_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let cancel = CancellationToken::new();
+    let handle = start(config(dir), cancel.clone()).await.unwrap();
+    let disk = DiskId::from_bytes([7; 16]);
+    let ch = relay_channel(
+        &dir.join("pki"),
+        "relay",
+        handle.listen_addr,
+        disk,
+        SIZE,
+        &cancel,
+    );
+    let mut rng = StdRng::seed_from_u64(0x70);
+    let mut model = vec![0u8; SIZE as usize];
+    fill(&ch, &mut rng, &mut model).await;
+    let store = dir.join("store");
+    let (store_s, disk_s) = (store.to_str().unwrap(), disk.to_string());
+
+    let promoted = cli_json(&["promote", "--store", store_s, "--disk", &disk_s, "--json"]).await;
+    assert_eq!(promoted["disk"], disk_s);
+    assert_eq!(promoted["role"], "source");
+    let generation = promoted["generation"].as_u64().unwrap();
+    assert!(generation >= 2, "promotion kept generation {generation}");
+
+    // A second promotion is refused: the copy is already the source.
+    let again = tokio::process::Command::new(BIN)
+        .args(["promote", "--store", store_s, "--disk", &disk_s])
+        .output()
+        .await
+        .unwrap();
+    assert!(!again.status.success(), "a second promotion succeeded");
+
+    cancel.cancel();
+    handle.serve.await.unwrap();
+    let s = DiskStore::open(&store, &disk_s, StoreOptions::default()).unwrap();
+    assert!(s.is_promoted(), "the promotion did not reach the store");
+    assert_eq!(s.generation_record().current().number.0, generation);
+}

@@ -148,6 +148,19 @@ async fn control_conn(stream: UnixStream, sink: Arc<TargetSink>, cancel: Cancell
             let span = tracing::info_span!("test_failover", disk = %req.disk);
             run_test_failover(req, sink, &cancel).instrument(span).await
         }
+        Request::Promote(req) => {
+            info!(disk = %req.disk, "promotion requested on the control socket");
+            let disk = req.disk.clone();
+            match tokio::task::spawn_blocking(move || sink.promote_blocking(&req.disk)).await {
+                Ok(Ok(p)) => Reply::Promoted(p),
+                Ok(Err(e)) => {
+                    let msg = error_chain(&e);
+                    warn!(disk = %disk, error = %msg, "promotion failed");
+                    Reply::Error(msg)
+                }
+                Err(e) => Reply::Error(format!("promotion task failed: {e}")),
+            }
+        }
     };
     answer_and_close(rd.into_inner().into_inner(), wr, &reply, &cancel).await;
 }
