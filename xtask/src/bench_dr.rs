@@ -7,9 +7,7 @@
 //! runs it as root in a scratch directory under the target dir, removed
 //! after: the harness makes its own XFS on a loop device there.
 
-use std::process::Command;
-
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 
 use crate::util;
 
@@ -19,28 +17,5 @@ pub fn run() -> Result<()> {
     }
     util::ensure_packages()?;
     util::ensure_loop_support()?;
-    util::run(
-        Command::new(env!("CARGO"))
-            .current_dir(util::workspace_root())
-            .args(["build", "--release", "--locked", "-p", "blockferry-benches"])
-            .args(["--bin", "bench-dr"]),
-    )?;
-    let bins = util::target_dir().join("release");
-    let scratch = util::target_dir().join("bench-dr");
-    // A leftover of an interrupted run is only scratch data.
-    if scratch.exists() {
-        std::fs::remove_dir_all(&scratch)
-            .with_context(|| format!("cannot clear {}", scratch.display()))?;
-    }
-    std::fs::create_dir_all(&scratch)
-        .with_context(|| format!("cannot create {}", scratch.display()))?;
-    let result = util::run(
-        Command::new(bins.join("bench-dr"))
-            .arg("--dir")
-            .arg(&scratch)
-            .env("RUST_LOG", "warn"),
-    );
-    let cleanup = std::fs::remove_dir_all(&scratch)
-        .with_context(|| format!("cannot remove {}", scratch.display()));
-    result.and(cleanup)
+    util::run_bench_harness("bench-dr")
 }

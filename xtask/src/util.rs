@@ -155,3 +155,27 @@ pub fn ensure_loop_support() -> Result<()> {
     }
     Ok(())
 }
+
+/// Builds the release harness `bin` of `blockferry-benches` and runs it with
+/// `--dir` a fresh scratch directory under the target dir, removed after
+/// (a leftover of an interrupted run is only scratch data).
+pub fn run_bench_harness(bin: &str) -> Result<()> {
+    run(Command::new(env!("CARGO"))
+        .current_dir(workspace_root())
+        .args(["build", "--release", "--locked", "-p", "blockferry-benches"])
+        .args(["--bin", bin]))?;
+    let scratch = target_dir().join(bin);
+    if scratch.exists() {
+        std::fs::remove_dir_all(&scratch)
+            .with_context(|| format!("cannot clear {}", scratch.display()))?;
+    }
+    std::fs::create_dir_all(&scratch)
+        .with_context(|| format!("cannot create {}", scratch.display()))?;
+    let result = run(Command::new(target_dir().join("release").join(bin))
+        .arg("--dir")
+        .arg(&scratch)
+        .env("RUST_LOG", "warn"));
+    let cleanup = std::fs::remove_dir_all(&scratch)
+        .with_context(|| format!("cannot remove {}", scratch.display()));
+    result.and(cleanup)
+}

@@ -363,7 +363,24 @@ impl DiskStore {
         generation::write(f, &dir, &record)?;
         f.write_atomic(&dir, STATE, &encode_state(&dir, &state)?)?;
         info!(disk, size, "created replica");
-        Ok(DiskStore {
+        Ok(DiskStore::assemble(
+            dir, state, replica, wal, wal_path, opts, record, lock,
+        ))
+    }
+
+    /// A store over its opened parts, with nothing journalled or pending yet.
+    #[allow(clippy::too_many_arguments)]
+    fn assemble(
+        dir: PathBuf,
+        state: DiskState,
+        replica: Box<dyn Replica>,
+        wal: File,
+        wal_path: PathBuf,
+        opts: StoreOptions,
+        record: blockferry_proto::GenerationRecord,
+        lock: File,
+    ) -> DiskStore {
+        DiskStore {
             dir,
             state,
             replica,
@@ -379,7 +396,7 @@ impl DiskStore {
             pins: 0,
             record,
             _lock: lock,
-        })
+        }
     }
 
     /// Opens an existing replica, replaying the journal after a crash.
@@ -419,23 +436,7 @@ impl DiskStore {
             .open(&wal_path)
             .map_err(|e| TargetError::io(&wal_path, None, e))?;
         preallocate_journal(&wal, &wal_path, opts.checkpoint_bytes)?;
-        let mut s = DiskStore {
-            dir,
-            state,
-            replica,
-            wal,
-            wal_path,
-            wal_pos: 0,
-            open_seg: None,
-            cover: ExtentSet::new(),
-            journal_undo: Vec::new(),
-            wal_buf: Vec::new(),
-            opts,
-            poisoned: false,
-            pins: 0,
-            record,
-            _lock: lock,
-        };
+        let mut s = DiskStore::assemble(dir, state, replica, wal, wal_path, opts, record, lock);
         s.recover()?;
         // The journal replay may have applied a newer wire generation.
         if generation::in_step(&mut s.record, &s.state)? {
