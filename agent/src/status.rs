@@ -87,8 +87,13 @@ pub fn write(state_dir: &Path, status: &Status) -> Result<(), StatusError> {
         source,
     };
     let bytes = serde_json::to_vec_pretty(status).map_err(|e| err(e.into()))?;
-    std::fs::write(&tmp, bytes).map_err(err)?;
-    std::fs::rename(&tmp, &dst).map_err(err)
+    let written = std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, &dst));
+    if written.is_err() {
+        // Each write has a temp file of its own: do not leave it behind
+        // (a full disk would otherwise collect one five times a second).
+        let _ignored = std::fs::remove_file(&tmp);
+    }
+    written.map_err(err)
 }
 
 pub fn read(state_dir: &Path) -> Result<Status, StatusError> {

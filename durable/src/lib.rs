@@ -11,6 +11,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// An I/O step of a durable operation that failed, with the path it was on.
 #[derive(Debug, thiserror::Error)]
@@ -97,13 +98,18 @@ pub fn replace_file(path: &Path, bytes: &[u8], mode: Option<u32>) -> Result<(), 
     sync_dir(&parent_dir(path))
 }
 
-/// `.NAME.tmp` beside `path`: hidden, and never mistaken for the file itself.
+/// `.NAME.PID-N.tmp` beside `path`: hidden, never mistaken for the file
+/// itself, and unique to this writer, so two writers of the same file (a
+/// command beside the service, two threads) never write into one temp file;
+/// the last rename wins whole.
 pub fn temp_path(path: &Path) -> PathBuf {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    parent_dir(path).join(format!(".{name}.tmp"))
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    parent_dir(path).join(format!(".{name}.{}-{n}.tmp", std::process::id()))
 }
 
 /// True when every byte is zero. Checks a block at a time: OR-folding a fixed
@@ -149,6 +155,19 @@ mod tests {
         let e = replace_file(&p, b"x", None).unwrap_err();
         assert_eq!(e.op, "create");
         assert!(e.to_string().contains("missing"), "{e}");
+    }
+
+    #[test]
+    fn temp_paths_of_one_file_differ_between_writers() {
+        let p = Path::new("/store/d/state.json");
+        let (a, b) = (temp_path(p), temp_path(p));
+        assert_ne!(a, b);
+        assert_eq!(a.parent(), p.parent());
+        let name = a.file_name().unwrap().to_string_lossy().into_owned();
+        assert!(
+            name.starts_with(".state.json.") && name.ends_with(".tmp"),
+            "{name}"
+        );
     }
 
     #[test]

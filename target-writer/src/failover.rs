@@ -215,7 +215,7 @@ pub fn test_failover(
     let started = std::time::Instant::now();
     // Pinned first: the point cannot go while it is chosen and copied.
     let _pins = DiskStore::pin_points(store);
-    let (dir, point, flat_src) = {
+    let (dir, point, flat_src, rec) = {
         let s = lock(store);
         if let Some(r) = read_record_in(s.dir())?
             && r.state != TestState::CleanedUp
@@ -234,38 +234,40 @@ pub fn test_failover(
                 ),
             });
         }
-        let p = choose_point(&s, req.point, req.force)?;
-        (s.dir().to_path_buf(), p, s.flat_extent_path())
+        let point = choose_point(&s, req.point, req.force)?;
+        let dir = s.dir().to_path_buf();
+        let descriptor = req.out.join(format!("{}.vmdk", req.disk));
+        let flat = req
+            .out
+            .join(crate::replica::flat_name_for(&format!("{}.vmdk", req.disk)));
+        for f in [&descriptor, &flat] {
+            if f.exists() {
+                return Err(TargetError::Exists {
+                    disk: req.disk.clone(),
+                    path: f.clone(),
+                });
+            }
+        }
+        let rec = TestFailover {
+            disk: req.disk.clone(),
+            point: point.id,
+            started_ms: now_ms,
+            state: TestState::Preparing,
+            out: req.out.clone(),
+            created_out: !req.out.exists(),
+            descriptor,
+            flat,
+            method: None,
+            loop_device: None,
+            ready_secs: None,
+            cleaned_ms: None,
+        };
+        // Durable before anything is made, so cleanup finds it after a
+        // crash; written under the store's lock, so a second request sees it.
+        write_record(&dir, &rec)?;
+        (dir, point, s.flat_extent_path(), rec)
     };
     let disk = req.disk.clone();
-    let descriptor = req.out.join(format!("{disk}.vmdk"));
-    let flat = req
-        .out
-        .join(crate::replica::flat_name_for(&format!("{disk}.vmdk")));
-    for f in [&descriptor, &flat] {
-        if f.exists() {
-            return Err(TargetError::Exists {
-                disk: disk.clone(),
-                path: f.clone(),
-            });
-        }
-    }
-    let rec = TestFailover {
-        disk: disk.clone(),
-        point: point.id,
-        started_ms: now_ms,
-        state: TestState::Preparing,
-        out: req.out.clone(),
-        created_out: !req.out.exists(),
-        descriptor: descriptor.clone(),
-        flat: flat.clone(),
-        method: None,
-        loop_device: None,
-        ready_secs: None,
-        cleaned_ms: None,
-    };
-    // Durable before anything is made, so cleanup finds it after a crash.
-    write_record(&dir, &rec)?;
     match make(store, req, rec, &point, flat_src.as_deref(), now_ms, cancel) {
         Ok(mut rec) => {
             rec.ready_secs = Some(started.elapsed().as_secs_f64());
@@ -428,6 +430,12 @@ fn attach_loop(flat: &Path) -> Result<PathBuf> {
 /// Loop devices whose backing file is `flat` (`losetup -j`).
 fn loops_of(flat: &Path) -> Result<Vec<String>> {
     if !flat.exists() {
+        return Ok(Vec::new());
+    }
+    // Without losetup nothing can have been attached (--attach needs it too),
+    // and a cleanup must not fail for a tool it does not need.
+    let probe = Command::new("losetup").arg("--version").output();
+    if probe.is_err() {
         return Ok(Vec::new());
     }
     let out = run("losetup", &["-j", path_str(flat)?])?;

@@ -97,10 +97,12 @@ impl Service {
                     return;
                 };
                 d.read_bytes -= r.range.end - r.range.start;
-                if ok {
+                if ok && d.phase.fence().is_none() {
                     d.rpo.handle_shipped(read, last_seq.0);
                     d.unacked.push_back((last_seq, r.range.clone()));
                 } else {
+                    // A read that finished after the fence was refused with
+                    // the stream: it stays the source's, dirty, like the rest.
                     // Not read: it goes back dirty and is read again later.
                     tracker.mark_dirty(d.dev, r.range.clone());
                     d.rpo.handle_returned(read);
@@ -128,10 +130,14 @@ impl Service {
             if let Some(err) = &progress.last_error {
                 d.error = Some(err.clone());
             }
+            // A range is forgotten only once the replica holds it: what the
+            // relay spooled but the target has not applied may still be
+            // refused (a promoted replica fences this source), and must then
+            // go back to the dirty set.
             while d
                 .unacked
                 .front()
-                .is_some_and(|(s, _)| *s <= progress.durable)
+                .is_some_and(|(s, _)| *s <= progress.replica)
             {
                 d.unacked.pop_front();
             }

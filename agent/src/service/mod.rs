@@ -124,8 +124,9 @@ struct Disk {
     /// The device's generation record (a source), saved beside the state.
     record: blockferry_proto::GenerationRecord,
     /// Ranges shipped in frames up to a sequence not yet durable at the
-    /// relay, oldest first (bounded by the send window). A fence drops the
-    /// sender's unacked frames, so these go back to the dirty set.
+    /// replica, oldest first (bounded by the relay's spool: a few bytes per
+    /// read). A fence means the replica refuses what it has not applied,
+    /// including what the relay spooled, so these go back to the dirty set.
     unacked: std::collections::VecDeque<(Seq, Range<u64>)>,
 }
 

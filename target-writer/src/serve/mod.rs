@@ -238,6 +238,11 @@ impl TargetSink {
         let store = self.store(id, None)?;
         let r = promote_store(&mut lock(&store));
         lock(&self.trees).remove(&id);
+        if r.is_err() {
+            // The record may be on disk while the store in memory is not
+            // promoted: reopen from disk before anything more is applied.
+            self.drop_store(id);
+        }
         r
     }
 
