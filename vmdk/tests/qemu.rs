@@ -8,6 +8,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use blockferry_testkit::qemu::have_qemu_img;
 use blockferry_vmdk::check::{Problem, check};
 use blockferry_vmdk::export::{ExportOptions, export_delta, export_flat, export_sparse};
 use blockferry_vmdk::image::ParentLink;
@@ -18,21 +19,6 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 const GRAIN: u64 = 64 << 10;
-
-fn have_qemu_img() -> bool {
-    let ok = Command::new("qemu-img")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "qemu-img is required in CI"
-        );
-        eprintln!("skipping: qemu-img not installed");
-    }
-    ok
-}
 
 fn qemu(args: &[&str], paths: &[&Path]) -> std::process::Output {
     Command::new("qemu-img")
