@@ -919,3 +919,52 @@ fn a_seed_never_keeps_its_changes_over_another_copy() {
         }
     ));
 }
+
+#[test]
+fn a_source_and_a_replica_made_by_the_stream_start_in_the_same_root_generation() {
+    let root = GenerationId::root(DISK);
+    assert_eq!(root, GenerationId::root(DISK), "the same at every copy");
+    assert_ne!(root, GenerationId::root(DiskId([8; 16])), "one per disk");
+    let first = |role| {
+        GenerationRecord::new(
+            DISK,
+            role,
+            GenerationEntry {
+                id: root,
+                number: Generation(1),
+                seq: Seq::ZERO,
+            },
+        )
+    };
+    let source = at(first(CopyRole::Source), 40);
+    let replica = at(first(CopyRole::Replica), 30);
+    assert!(matches!(
+        source.compare(&replica),
+        Comparison::InSync { .. }
+    ));
+}
+
+#[test]
+fn a_restarted_stream_keeps_its_generation_under_a_newer_number() {
+    let (mut source, mut replica) = protected(10);
+    source.renumber(Generation(3)).unwrap();
+    replica.renumber(Generation(3)).unwrap();
+    assert_eq!(source.current().id, gid(1), "the id stays");
+    assert_eq!(source.current().number, Generation(3));
+    assert!(matches!(
+        source.compare(&replica),
+        Comparison::InSync { .. }
+    ));
+    assert_eq!(
+        source.renumber(Generation(2)),
+        Err(GenerationError::NumberOrder {
+            id: gid(1),
+            number: Generation(2),
+            newer: Generation(3),
+        }),
+        "a number never goes back"
+    );
+    // A promotion after a renumbered stream continues above its number.
+    replica.promote(gid(2)).unwrap();
+    assert_eq!(replica.current().number, Generation(4));
+}

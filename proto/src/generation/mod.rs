@@ -114,6 +114,19 @@ impl GenerationId {
     pub const fn as_bytes(&self) -> &[u8; 16] {
         &self.0
     }
+
+    /// The first generation of `disk`, the same at every copy: a source's
+    /// first record and a new replica's both start in it, so a replica made
+    /// by the stream shares its source's lineage without the ids travelling.
+    /// Only forks (promotion, an unplanned detach) draw random ids.
+    pub fn root(disk: DiskId) -> Self {
+        let mut h = blake3::Hasher::new();
+        h.update(b"blockferry root generation");
+        h.update(disk.as_bytes());
+        let mut b = [0u8; 16];
+        b.copy_from_slice(&h.finalize().as_bytes()[..16]);
+        GenerationId(b)
+    }
 }
 
 impl fmt::Display for GenerationId {
@@ -311,6 +324,21 @@ impl GenerationRecord {
             });
         }
         self.current.seq = seq;
+        Ok(())
+    }
+
+    /// The stream of the current generation restarted under a newer wire
+    /// number (a checksum resync, a resize): the data generation is the same,
+    /// so the id stays and only its number grows. A smaller number is refused.
+    pub fn renumber(&mut self, number: Generation) -> Result<(), GenerationError> {
+        if number < self.current.number {
+            return Err(GenerationError::NumberOrder {
+                id: self.current.id,
+                number,
+                newer: self.current.number,
+            });
+        }
+        self.current.number = number;
         Ok(())
     }
 
