@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use blockferry_relay::Config;
+use blockferry_relay::spool::{Spool, SpoolOptions};
 use blockferry_transport::pki;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
@@ -26,6 +27,21 @@ enum Cmd {
         /// Path of relay.toml.
         #[arg(long)]
         config: PathBuf,
+    },
+    /// Drop everything the spool holds of a disk (frames not yet delivered,
+    /// its position and size), with the relay stopped. Part of reprotect and
+    /// re-enable: after a failover the promoted copy's stream starts a new
+    /// count, and the frames the fenced source left here must never reach
+    /// the new replica.
+    Forget {
+        /// Path of relay.toml.
+        #[arg(long)]
+        config: PathBuf,
+        /// The disk id.
+        #[arg(long)]
+        disk: blockferry_proto::DiskId,
+        #[arg(long)]
+        json: bool,
     },
     /// Certificates for relay, target and agents.
     Pki {
@@ -87,6 +103,36 @@ fn main() -> Result<()> {
                 Ok(())
             }
         },
+        Cmd::Forget { config, disk, json } => {
+            let cfg = Config::load(&config)?;
+            let mut spool = Spool::open(
+                &cfg.spool_dir,
+                SpoolOptions {
+                    segment_bytes: cfg.spool_segment_bytes,
+                    fsync: true,
+                },
+            )
+            .with_context(|| format!("cannot open the spool {}", cfg.spool_dir.display()))?;
+            let f = spool.forget(disk)?;
+            let through = f.through.map(|(g, s)| (g.0, s.0));
+            if json {
+                let v = serde_json::json!({
+                    "disk": disk.to_string(),
+                    "frames": f.frames,
+                    "bytes": f.bytes,
+                    "through": through.map(|(g, s)| serde_json::json!({"generation": g, "seq": s})),
+                });
+                println!("{v}");
+            } else if let Some((g, s)) = through {
+                println!(
+                    "disk {disk}: forgotten through generation {g} #{s}; {} frames ({} bytes) that were waiting for the target dropped",
+                    f.frames, f.bytes
+                );
+            } else {
+                println!("disk {disk}: the spool held nothing of it");
+            }
+            Ok(())
+        }
         Cmd::Serve { config } => {
             let cfg = Config::load(&config)?;
             let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;

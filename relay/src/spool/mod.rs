@@ -7,6 +7,8 @@
 //! ```text
 //! seg-0000000000000001.log   records, appended; a new segment past `segment_bytes`
 //! positions                  per disk: the last (generation, seq) the target acked
+//! forgotten                  per disk forgotten: everything at or below (generation, seq) is dead
+//! lock                       held (flock) while the spool is open: one process at a time
 //! ```
 //!
 //! A record is `magic u32 | payload len u32 | disk 16 | generation u64 | seq u64 |
@@ -17,6 +19,12 @@
 //! `positions` is rewritten (temp file, fsync, rename, directory fsync) before
 //! any segment is deleted, so after a restart the relay still knows how far each
 //! disk got even when nothing of it is left in the spool.
+//!
+//! `forgotten` holds what [`Spool::forget`] dropped: after a failover the disk's
+//! stream runs in a new lineage with a new count, and the frames spooled from the
+//! fenced source (an older generation) are never to be delivered. They may sit in
+//! segments shared with other disks, so instead of rewriting segments the spool
+//! remembers the newest dead position and skips everything at or below it on open.
 //!
 //! This module does blocking file I/O; the async shell calls it from a blocking
 //! thread.
@@ -36,7 +44,21 @@ use blockferry_durable::DurableError;
 use blockferry_proto::{DiskId, Generation, RelayRestore, Seq, SeqOrder, seq_order};
 use bytes::Bytes;
 
-use positions::{POSITIONS, read_positions};
+use positions::{FORGOTTEN, POSITIONS, read_positions};
+
+const LOCK: &str = "lock";
+
+/// What [`Spool::forget`] dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Forgotten {
+    /// Frames that were waiting for the target.
+    pub frames: u64,
+    /// Their payload bytes.
+    pub bytes: u64,
+    /// The newest position the spool knew of the disk; `None` for a disk it
+    /// never held.
+    pub through: Option<Position>,
+}
 use record::{MAX_RECORD_PAYLOAD, RECORD_HEADER_LEN, encode_record, parse_record};
 
 /// Errors of the spool.
@@ -56,6 +78,10 @@ pub enum SpoolError {
         "spool positions file {path} is corrupt: {detail}; move it away to rebuild from the target"
     )]
     BadPositions { path: PathBuf, detail: String },
+    #[error(
+        "spool {path} is in use by another process (a running `blockferry-relay serve`?): stop it first"
+    )]
+    Busy { path: PathBuf },
     #[error(
         "spool refused frame {seq} ({generation}) of disk {disk}: {order:?} after what it holds; the receiving loop let it through, which is a bug to report"
     )]
@@ -157,8 +183,12 @@ pub struct Spool {
     acked: HashMap<DiskId, Position>,
     /// Size of each disk as its agent announced it (persisted).
     sizes: HashMap<DiskId, u64>,
+    /// Disks forgotten: every record at or below the position is dead (persisted).
+    forgotten: HashMap<DiskId, Position>,
     /// Payload bytes of unreleased records.
     live_bytes: u64,
+    /// Held (flock) while open.
+    _lock: File,
     /// An append failed for lack of space: start a fresh segment as soon as
     /// the active one is fully released, so its space can be given back.
     starved: bool,
@@ -175,7 +205,24 @@ impl Spool {
             source,
         };
         blockferry_durable::create_dir_all(dir)?;
+        let lock_path = dir.join(LOCK);
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| io("open", &lock_path, e))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => {
+                return Err(SpoolError::Busy {
+                    path: dir.to_path_buf(),
+                });
+            }
+            Err(fs::TryLockError::Error(e)) => return Err(io("lock", &lock_path, e)),
+        }
         let (acked, sizes) = read_positions(&dir.join(POSITIONS))?;
+        let forgotten = positions::read_forgotten(&dir.join(FORGOTTEN))?;
         let mut ids = Vec::new();
         for entry in fs::read_dir(dir).map_err(|e| io("list", dir, e))? {
             let entry = entry.map_err(|e| io("list", dir, e))?;
@@ -197,7 +244,9 @@ impl Spool {
             records: HashMap::new(),
             acked,
             sizes,
+            forgotten,
             live_bytes: 0,
+            _lock: lock,
             starved: false,
         };
         for id in ids {
@@ -234,7 +283,10 @@ impl Spool {
             let rec = RecordRef { segment: id, ..rec };
             pos = next;
             let acked = self.acked.get(&rec.disk).copied();
-            if acked.is_some_and(|a| rec.position() <= a) {
+            let dead = self.forgotten.get(&rec.disk).copied();
+            if acked.is_some_and(|a| rec.position() <= a)
+                || dead.is_some_and(|d| rec.position() <= d)
+            {
                 continue;
             }
             self.live_bytes += u64::from(rec.len);
@@ -595,6 +647,43 @@ impl Spool {
         }
         blockferry_durable::sync_dir(&self.dir)?;
         Ok(())
+    }
+
+    /// Drops everything the spool holds of `disk` — frames not yet delivered,
+    /// the acked position and the size — so that the disk starts afresh: after
+    /// a failover, the stream of the promoted copy runs in a new lineage with
+    /// a new count, and the frames of the fenced source must never reach the
+    /// new replica. Durable when it returns: the dead position is written
+    /// before anything is dropped, so a crash leaves the disk forgotten or
+    /// untouched, never half.
+    pub fn forget(&mut self, disk: DiskId) -> Result<Forgotten, SpoolError> {
+        let records = self.records.remove(&disk).unwrap_or_default();
+        let newest = records
+            .back()
+            .map(RecordRef::position)
+            .max(self.acked.get(&disk).copied())
+            .max(self.forgotten.get(&disk).copied());
+        let out = Forgotten {
+            frames: records.len() as u64,
+            bytes: records.iter().map(|r| u64::from(r.len)).sum(),
+            through: newest,
+        };
+        if let Some(dead) = newest {
+            self.forgotten.insert(disk, dead);
+            let text = positions::render_forgotten(&self.forgotten);
+            blockferry_durable::replace_file(&self.dir.join(FORGOTTEN), text.as_bytes(), None)?;
+        }
+        for r in &records {
+            if let Some(seg) = self.segments.get_mut(&r.segment) {
+                seg.live = seg.live.saturating_sub(1);
+            }
+        }
+        self.live_bytes = self.live_bytes.saturating_sub(out.bytes);
+        self.acked.remove(&disk);
+        self.sizes.remove(&disk);
+        self.write_positions()?;
+        self.delete_empty_segments()?;
+        Ok(out)
     }
 
     /// Bytes of segment files on disk.

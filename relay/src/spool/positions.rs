@@ -11,6 +11,7 @@ use blockferry_proto::{DiskId, Generation, Seq};
 use super::{Position, SpoolError};
 
 pub(super) const POSITIONS: &str = "positions";
+pub(super) const FORGOTTEN: &str = "forgotten";
 
 pub(super) type Positions = (HashMap<DiskId, Position>, HashMap<DiskId, u64>);
 
@@ -73,4 +74,46 @@ pub(super) fn render(acked: &HashMap<DiskId, Position>, sizes: &HashMap<DiskId, 
         text.push_str(&format!("{disk} - - {size}\n"));
     }
     text
+}
+
+/// The `forgotten` file: `DISK GEN SEQ` per line, every record of DISK at or
+/// below that position is dead. A missing file forgets nothing.
+pub(super) fn read_forgotten(path: &Path) -> Result<HashMap<DiskId, Position>, SpoolError> {
+    let text = match fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(HashMap::new()),
+        Err(source) => {
+            return Err(SpoolError::Io {
+                action: "read",
+                path: path.to_path_buf(),
+                offset: 0,
+                source,
+            });
+        }
+    };
+    let mut out = HashMap::new();
+    for (i, line) in text.lines().enumerate() {
+        let mut it = line.split_whitespace();
+        let parsed = (|| {
+            let disk: DiskId = it.next()?.parse().ok()?;
+            let g: u64 = it.next()?.parse().ok()?;
+            let s: u64 = it.next()?.parse().ok()?;
+            Some((disk, (Generation(g), Seq(s))))
+        })();
+        let (disk, pos) = parsed.ok_or_else(|| SpoolError::BadPositions {
+            path: path.to_path_buf(),
+            detail: format!("line {}", i + 1),
+        })?;
+        out.insert(disk, pos);
+    }
+    Ok(out)
+}
+
+pub(super) fn render_forgotten(forgotten: &HashMap<DiskId, Position>) -> String {
+    let mut disks: Vec<_> = forgotten.iter().collect();
+    disks.sort_unstable_by_key(|(d, _)| **d);
+    disks
+        .into_iter()
+        .map(|(disk, (g, s))| format!("{disk} {} {}\n", g.0, s.0))
+        .collect()
 }

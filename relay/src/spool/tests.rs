@@ -238,3 +238,51 @@ fn restore_after_reopen_forwards_from_the_first_unacked_frame() {
     );
     assert_eq!(r.spool_first, None);
 }
+
+#[test]
+fn a_forgotten_disk_starts_afresh_and_its_dead_frames_never_come_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Spool::open(dir.path(), small()).unwrap();
+    // Disk 1's frames share segments with disk 2's.
+    for seq in 1..=10 {
+        s.append(&[entry(1, seq, 500), entry(2, seq, 500)]).unwrap();
+    }
+    s.release(disk(1), Seq(4)).unwrap();
+    let f = s.forget(disk(1)).unwrap();
+    assert_eq!(f.frames, 6, "frames 5..=10 were waiting");
+    assert_eq!(f.bytes, 6 * 500);
+    assert_eq!(f.through, Some((Generation(1), Seq(10))));
+    assert_eq!(s.pending_count(disk(1)), 0);
+    assert_eq!(s.durable_position(disk(1)), None, "nothing is known of it");
+    assert_eq!(s.disk_size(disk(1)), None);
+    // The new lineage counts from 1 again, in a newer generation.
+    let fresh = Entry {
+        generation: Generation(3),
+        ..entry(1, 1, 100)
+    };
+    s.append(&[fresh]).unwrap();
+    drop(s);
+    let s = Spool::open(dir.path(), small()).unwrap();
+    let p = s.pending(disk(1), Seq::ZERO, 100);
+    assert_eq!(
+        p.iter().map(RecordRef::position).collect::<Vec<_>>(),
+        vec![(Generation(3), Seq(1))],
+        "after a reopen only the new lineage is live"
+    );
+    assert_eq!(
+        s.pending_count(disk(2)),
+        10,
+        "the other disk keeps everything"
+    );
+}
+
+#[test]
+fn a_spool_is_opened_by_one_process_at_a_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Spool::open(dir.path(), small()).unwrap();
+    let err = Spool::open(dir.path(), small()).unwrap_err();
+    assert!(matches!(err, SpoolError::Busy { .. }), "{err}");
+    assert!(err.to_string().contains("stop it first"), "{err}");
+    drop(s);
+    Spool::open(dir.path(), small()).expect("free once closed");
+}
