@@ -1,0 +1,741 @@
+//! The whole DR cycle on two sites, as root, with an ext4 file system holding
+//! a SQLite database written throughout: protect → test failover → unplanned
+//! failover while the source still writes (its agent fenced) → the workload
+//! on site B → reprotect onto the original disk (refused as split brain until
+//! the original's changes are named as discarded; then only differing chunks
+//! travel) → planned failback (zero loss) → re-enable (nothing but hashes
+//! travel). Every stage is checked on the data that arrived: `qemu-img
+//! compare`, `e2fsck -fn` after journal replay, SQLite's `integrity_check`
+//! and its last committed row.
+//!
+//! Everything runs through the documented commands of the three binaries:
+//! `blockferry-target failover|reprotect`, `blockferry-agent reprotect|handoff`,
+//! `blockferry-relay forget`.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use blockferry_benches::netns::{SiteName, TwoSites};
+use blockferry_benches::site::{Binaries, Placement, ProtectedDisk, Role, Site, SiteOptions};
+use blockferry_testkit::devices::{LoopDev, Mounted};
+use blockferry_testkit::privileged::{require_root, run};
+use serde_json::Value;
+
+const MIB: u64 = 1 << 20;
+const DISK_SIZE: u64 = 128 * MIB;
+const CHUNK: usize = 64 * 1024;
+const BLOCK: usize = 4096;
+const CATCH_UP: Duration = Duration::from_secs(180);
+
+/// A SQLite writer: one `sqlite3` process, each row its own committed
+/// transaction; the id of the last row whose commit returned is kept.
+struct Workload {
+    stop: Arc<AtomicBool>,
+    last: Arc<AtomicU64>,
+    thread: Option<JoinHandle<()>>,
+    child: Child,
+}
+
+impl Workload {
+    fn start(db: &Path) -> Workload {
+        let mut child = Command::new("stdbuf")
+            .args(["-oL", "sqlite3"])
+            .arg(db)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start sqlite3 (install the sqlite3 package)");
+        let mut stdin = child.stdin.take().expect("stdin");
+        let mut out = BufReader::new(child.stdout.take().expect("stdout"));
+        let stop = Arc::new(AtomicBool::new(false));
+        let last = Arc::new(AtomicU64::new(0));
+        writeln!(
+            stdin,
+            "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; \
+             CREATE TABLE IF NOT EXISTS t(id INTEGER PRIMARY KEY, at INTEGER, p BLOB);"
+        )
+        .expect("create the table");
+        let mut mode = String::new();
+        out.read_line(&mut mode).expect("journal mode");
+        let thread = {
+            let (stop, last) = (stop.clone(), last.clone());
+            std::thread::spawn(move || {
+                let mut line = String::new();
+                while !stop.load(Ordering::Relaxed) {
+                    let sent = writeln!(
+                        stdin,
+                        "INSERT INTO t(at, p) VALUES(strftime('%s','now'), randomblob(3000)); \
+                         SELECT max(id) FROM t;"
+                    )
+                    .and_then(|()| stdin.flush());
+                    line.clear();
+                    if sent.is_err() || out.read_line(&mut line).unwrap_or(0) == 0 {
+                        break;
+                    }
+                    if let Ok(id) = line.trim().parse() {
+                        last.store(id, Ordering::Relaxed);
+                    }
+                }
+                drop(stdin);
+                let mut rest = String::new();
+                let _ = out.read_to_string(&mut rest);
+            })
+        };
+        Workload {
+            stop,
+            last,
+            thread: Some(thread),
+            child,
+        }
+    }
+
+    fn last_committed(&self) -> u64 {
+        self.last.load(Ordering::Relaxed)
+    }
+
+    /// Waits until `n` more rows are committed.
+    fn wait_rows(&self, n: u64) {
+        let goal = self.last_committed() + n;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while self.last_committed() < goal {
+            assert!(Instant::now() < deadline, "the workload stalled");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Stops after the row being written; returns the last committed id.
+    fn stop(mut self) -> u64 {
+        self.finish()
+    }
+
+    fn finish(&mut self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            t.join().expect("the workload thread");
+        }
+        let _ = self.child.wait();
+        self.last_committed()
+    }
+}
+
+impl Drop for Workload {
+    fn drop(&mut self) {
+        if self.thread.is_some() {
+            let _ = self.child.kill();
+            self.finish();
+        }
+    }
+}
+
+/// A loop device a command of the product attached; detached on drop.
+struct Attached(PathBuf);
+
+impl Drop for Attached {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
+    }
+}
+
+/// `fsfreeze -f` until dropped.
+struct Frozen(PathBuf);
+
+impl Frozen {
+    fn new(mnt: &Path) -> Frozen {
+        run("fsfreeze", &["-f", mnt.to_str().expect("utf-8")]);
+        Frozen(mnt.to_owned())
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        let _ = Command::new("fsfreeze").arg("-u").arg(&self.0).status();
+    }
+}
+
+fn cmd(bin: &Path, args: &[&str]) -> Command {
+    let mut c = Command::new(bin);
+    c.args(args);
+    c
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().expect("utf-8 path")
+}
+
+/// Runs a command that must succeed; returns its stdout.
+fn ok(mut c: Command) -> String {
+    let shown = format!("{c:?}");
+    let out = c.output().unwrap_or_else(|e| panic!("{shown}: {e}"));
+    assert!(
+        out.status.success(),
+        "{shown} failed with {}:\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs a command that must succeed with `--json` output; returns it parsed.
+fn json(c: Command) -> Value {
+    let shown = format!("{c:?}");
+    let text = ok(c);
+    let last = text.lines().rev().find(|l| l.starts_with('{'));
+    serde_json::from_str(last.unwrap_or("")).unwrap_or_else(|e| panic!("{shown}: {e}: {text}"))
+}
+
+/// Runs a command that must fail; returns its stderr and stdout.
+fn refused(mut c: Command) -> String {
+    let shown = format!("{c:?}");
+    let out = c.output().unwrap_or_else(|e| panic!("{shown}: {e}"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(!out.status.success(), "{shown} must be refused: {text}");
+    text
+}
+
+fn logs(site: &Site) -> String {
+    let mut out = String::new();
+    for role in [Role::Agent, Role::Relay, Role::Target] {
+        if let Ok(text) = std::fs::read_to_string(site.log_file(role)) {
+            let tail: Vec<&str> = text.lines().rev().take(30).collect();
+            out.push_str(&format!("--- {} ---\n", role.name()));
+            for l in tail.into_iter().rev() {
+                out.push_str(l);
+                out.push('\n');
+            }
+        }
+    }
+    out
+}
+
+fn caught_up(site: &mut Site) -> Value {
+    site.wait_caught_up(CATCH_UP)
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", logs(site)))
+}
+
+/// Polls the agent's status until `pred` holds for the disk.
+fn wait_disk(site: &Site, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + CATCH_UP;
+    loop {
+        if let Ok(st) = site.agent_status()
+            && let Some(d) = st["disks"].as_array().and_then(|a| a.first())
+            && pred(d)
+        {
+            return d.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the agent never reported {what}: {:?}\n{}",
+            site.agent_status().ok(),
+            logs(site)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `qemu-img compare` of two raw images (devices or flat extents).
+fn identical(a: &Path, b: &Path) -> Result<(), String> {
+    let out = Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "raw"])
+        .arg(a)
+        .arg(b)
+        .output()
+        .expect("qemu-img");
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{} and {} differ: {}{}",
+            a.display(),
+            b.display(),
+            String::from_utf8_lossy(&out.stdout).trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// 64 KiB chunks and 4 KiB blocks that differ between two images.
+fn differing(a: &Path, b: &Path) -> (u64, u64) {
+    let mut fa = std::fs::File::open(a).expect("open");
+    let mut fb = std::fs::File::open(b).expect("open");
+    let (mut ca, mut cb) = (vec![0u8; CHUNK], vec![0u8; CHUNK]);
+    let (mut chunks, mut blocks) = (0, 0);
+    for _ in 0..DISK_SIZE / CHUNK as u64 {
+        fa.read_exact(&mut ca).expect("read");
+        fb.read_exact(&mut cb).expect("read");
+        if ca != cb {
+            chunks += 1;
+            blocks += ca
+                .chunks(BLOCK)
+                .zip(cb.chunks(BLOCK))
+                .filter(|(x, y)| x != y)
+                .count() as u64;
+        }
+    }
+    (chunks, blocks)
+}
+
+/// The integrity check and the last row of the database at `db`.
+fn check_db(db: &Path) -> u64 {
+    let out = run(
+        "sqlite3",
+        &[p(db), "PRAGMA integrity_check; SELECT max(id) FROM t;"],
+    );
+    let mut lines = out.lines();
+    assert_eq!(lines.next(), Some("ok"), "integrity_check of {db:?}: {out}");
+    lines
+        .next()
+        .and_then(|l| l.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no rows in {db:?}: {out}"))
+}
+
+/// `e2fsck -fn`: clean (after a mount replayed the journal).
+fn fsck_clean(dev: &Path) {
+    let out = Command::new("e2fsck")
+        .args(["-fn"])
+        .arg(dev)
+        .output()
+        .expect("e2fsck");
+    assert!(
+        out.status.success(),
+        "e2fsck -fn {} found problems: {}",
+        dev.display(),
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+fn mount(dev: &Path, dir: &Path) -> Mounted {
+    std::fs::create_dir_all(dir).expect("mount point");
+    Mounted::new(&["-t", "ext4", p(dev)], dir)
+}
+
+fn store_state(store: &Path, disk: &str) -> Value {
+    let bytes = std::fs::read(store.join(disk).join("state.json")).expect("state.json");
+    serde_json::from_slice(&bytes).expect("state json")
+}
+
+#[test]
+#[ignore = "needs root: network namespaces, loop devices, mounts, eBPF and the three binaries"]
+fn the_whole_dr_cycle_on_two_sites_loses_no_committed_row_and_moves_only_what_differs() {
+    require_root(
+        "the_whole_dr_cycle_on_two_sites_loses_no_committed_row_and_moves_only_what_differs",
+    );
+    let started = Instant::now();
+    let stage = |name: &str| eprintln!("[{:6.1}s] {name}", started.elapsed().as_secs_f64());
+    let sites = Arc::new(TwoSites::new().unwrap_or_else(|e| panic!("{e:#}")));
+    let bins = Binaries::of_this_build().expect("binaries");
+    let work = tempfile::tempdir().expect("tempdir");
+    let w = work.path();
+    let quiet = std::env::var_os("BLOCKFERRY_E2E_VERBOSE").is_none();
+
+    // --- protect: ext4 + SQLite on the original disk in site-a ---
+    stage("protect");
+    let dev_a = LoopDev::new(DISK_SIZE, true);
+    run("mkfs.ext4", &["-q", "-F", dev_a.path_str()]);
+    let mnt_a = w.join("mnt-a");
+    let mut a_fs = Some(mount(&dev_a.path, &mnt_a));
+    let mut writer_a = Some(Workload::start(&mnt_a.join("app.db")));
+    let disk = ProtectedDisk {
+        id: blockferry_benches::site::new_disk_id().expect("id"),
+        device: dev_a.path.clone(),
+    };
+    let id = disk.id.to_string();
+    let opts = |source| SiteOptions {
+        quiet,
+        placement: Placement::across(&sites, source),
+        ..SiteOptions::default()
+    };
+    let mut forward = Site::start(
+        bins.clone(),
+        &w.join("forward"),
+        vec![disk.clone()],
+        opts(SiteName::A),
+    )
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    let store_b = forward.target_store();
+    forward.start_agent().expect("agent");
+    wait_disk(&forward, "replicating", |d| d["state"] == "replicating");
+    writer_a.as_ref().expect("writer").wait_rows(200);
+
+    // --- test failover while replication goes on ---
+    stage("test failover");
+    let tf = w.join("test-failover");
+    let before = wait_disk(&forward, "a replica", |d| {
+        d["replica_seq"].as_u64() > Some(0)
+    });
+    let t = json(cmd(
+        &bins.target(),
+        &[
+            "failover",
+            "--test",
+            "--store",
+            p(&store_b),
+            "--disk",
+            &id,
+            "--point",
+            "latest",
+            "--out",
+            p(&tf),
+            "--attach",
+            "--json",
+        ],
+    ));
+    let tdev = PathBuf::from(t["loop_device"].as_str().expect("loop device"));
+    let _tdev_guard = Attached(tdev.clone());
+    let exported = w.join("tested-point.raw");
+    let point = t["point"].as_u64().expect("point id").to_string();
+    ok(cmd(
+        &bins.target(),
+        &[
+            "export",
+            "--store",
+            p(&store_b),
+            "--disk",
+            &id,
+            "--point",
+            &point,
+            "--format",
+            "raw",
+            "--out",
+            p(&exported),
+        ],
+    ));
+    identical(&exported, &tdev).expect("the test failover disk is its point");
+    std::fs::remove_file(&exported).expect("rm export");
+    {
+        let m = mount(&tdev, &w.join("mnt-test"));
+        check_db(&m.path().join("app.db"));
+    }
+    fsck_clean(&tdev);
+    json(cmd(
+        &bins.target(),
+        &[
+            "failover",
+            "--cleanup",
+            "--store",
+            p(&store_b),
+            "--disk",
+            &id,
+            "--json",
+        ],
+    ));
+    let seq0 = before["replica_seq"].as_u64().unwrap_or(0);
+    wait_disk(&forward, "replication going on past the test", |d| {
+        d["replica_seq"].as_u64() > Some(seq0) && d["state"] == "replicating"
+    });
+
+    // --- unplanned failover while the source still writes ---
+    stage("unplanned failover");
+    writer_a.as_ref().expect("writer").wait_rows(100);
+    let fo = w.join("failover");
+    let f = json(cmd(
+        &bins.target(),
+        &[
+            "failover",
+            "--store",
+            p(&store_b),
+            "--disk",
+            &id,
+            "--point",
+            "latest",
+            "--out",
+            p(&fo),
+            "--attach",
+            "--json",
+        ],
+    ));
+    let dev_b = PathBuf::from(f["loop_device"].as_str().expect("loop device"));
+    let _dev_b_guard = Attached(dev_b.clone());
+    let promoted_id = f["generation_id"]
+        .as_str()
+        .expect("generation id")
+        .to_owned();
+    let fenced = wait_disk(&forward, "fenced", |d| d["state"] == "fenced");
+    assert!(
+        fenced.to_string().contains("reprotect") || fenced.to_string().contains("Fail back"),
+        "the fenced status says what to do: {fenced}"
+    );
+    // Fencing: the old agent restarted, its disk written: nothing reaches
+    // the promoted copy.
+    let held = store_state(&store_b, &id)["applied_seq"].clone();
+    forward.stop_agent().expect("stop the old agent");
+    forward.start_agent().expect("restart the old agent");
+    writer_a.as_ref().expect("writer").wait_rows(100);
+    wait_disk(&forward, "fenced after a restart", |d| {
+        d["state"] == "fenced"
+    });
+    assert_eq!(
+        store_state(&store_b, &id)["applied_seq"],
+        held,
+        "the promoted copy took nothing of the fenced source"
+    );
+    // Site A goes down with writes made after the chosen point.
+    let last_a = writer_a.take().expect("writer").stop();
+    drop(a_fs.take());
+    forward.stop_agent().expect("stop the old agent");
+
+    // --- the workload goes on on site B ---
+    stage("workload on site B");
+    let mnt_b = w.join("mnt-b");
+    let b_fs = mount(&dev_b, &mnt_b);
+    let first_b = check_db(&mnt_b.join("app.db"));
+    assert!(first_b <= last_a, "site B starts from a point of site A");
+    let writer_b = Workload::start(&mnt_b.join("app.db"));
+    writer_b.wait_rows(100);
+    json(cmd(
+        &bins.target(),
+        &[
+            "failover",
+            "--commit",
+            "--store",
+            p(&store_b),
+            "--disk",
+            &id,
+            "--json",
+        ],
+    ));
+
+    // --- reprotect onto the original disk ---
+    stage("reprotect");
+    let reverse_disk = ProtectedDisk {
+        id: disk.id,
+        device: dev_b.clone(),
+    };
+    let mut reverse = Site::start(
+        bins.clone(),
+        &w.join("reverse"),
+        vec![reverse_disk],
+        opts(SiteName::B),
+    )
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    let store_a = reverse.target_store();
+    // The promoted copy's record travels to site A as a file.
+    let promoted_record = w.join("promoted.generation");
+    std::fs::copy(store_b.join(&id).join("generation.rec"), &promoted_record).expect("copy");
+    let old_source_record = forward.agent_state_dir().join(format!("{id}.generation"));
+    let reprotect = |extra: &[&str]| {
+        let mut args = vec![
+            "reprotect",
+            "--store",
+            p(&store_a),
+            "--disk",
+            &id,
+            "--seed",
+            dev_a.path_str(),
+            "--seed-record",
+            p(&old_source_record),
+            "--source-record",
+            p(&promoted_record),
+        ];
+        args.extend_from_slice(extra);
+        cmd(&bins.target(), &args)
+    };
+    let split = refused(reprotect(&["--json"]));
+    assert!(
+        split.contains("split brain") && split.contains("--discard-changes-of"),
+        "reprotect reports the divergence and what to do: {split}"
+    );
+    assert!(
+        split.contains(&promoted_id[..8]),
+        "both histories are shown (the promoted generation {promoted_id}): {split}"
+    );
+    let dry = json(reprotect(&[
+        "--discard-changes-of",
+        "seed",
+        "--dry-run",
+        "--json",
+    ]));
+    assert_eq!(dry["mode"], "checksum-compare", "{dry}");
+    assert!(
+        !store_a.join(&id).exists(),
+        "a dry run changes nothing: {dry}"
+    );
+    json(reprotect(&["--discard-changes-of", "seed", "--json"]));
+    reverse
+        .write_agent_config(reverse.relay_addr().expect("relay"))
+        .expect("agent config");
+    json(cmd(
+        &bins.agent(),
+        &[
+            "reprotect",
+            "--config",
+            p(&reverse.agent_config()),
+            "--disk",
+            &id,
+            "--record",
+            p(&store_b.join(&id).join("generation.rec")),
+            "--json",
+        ],
+    ));
+    let (chunks, blocks) = {
+        let _frozen = Frozen::new(&mnt_b);
+        let diff = differing(&dev_a.path, &dev_b);
+        let link0 = sites.link_bytes(SiteName::B).expect("counters");
+        reverse.start_agent().expect("reverse agent");
+        let st = caught_up(&mut reverse);
+        identical(&dev_a.path, &dev_b).expect("reprotect made the original disk the copy");
+        let link1 = sites.link_bytes(SiteName::B).expect("counters");
+        let sent = st["disks"][0]["bytes_sent"].as_u64().unwrap_or(0);
+        let wire = (link1.tx - link0.tx) + (link1.rx - link0.rx);
+        let differ = diff.0 * CHUNK as u64;
+        // Hash traffic: a 32-byte hash per 64 KiB chunk, and the levels above.
+        let hashes = DISK_SIZE / CHUNK as u64 * 32 * 2;
+        eprintln!(
+            "reprotect: {} chunks ({} KiB) and {} 4 KiB blocks differ; agent sent {sent} bytes, the veth carried {wire} bytes; \
+             reprotect_bytes_ratio={:.3}",
+            diff.0,
+            differ / 1024,
+            diff.1,
+            sent as f64 / differ.max(1) as f64
+        );
+        assert!(diff.0 > 0, "the copies differed before the reprotect");
+        assert!(
+            sent as f64 <= 1.1 * differ as f64,
+            "reprotect sent {sent} bytes for {differ} differing bytes"
+        );
+        assert!(
+            (wire as f64) <= 1.1 * differ as f64 + hashes as f64 + 4.0 * MIB as f64,
+            "the veth carried {wire} bytes for {differ} differing bytes and {hashes} of hashes: not the whole disk"
+        );
+        diff
+    };
+    eprintln!("reprotect: {chunks} chunks / {blocks} blocks differed");
+    writer_b.wait_rows(100);
+
+    // --- planned failback to the original disk ---
+    stage("planned failback");
+    let last_b = writer_b.stop();
+    drop(b_fs);
+    caught_up(&mut reverse);
+    reverse.stop_agent().expect("stop the reverse agent");
+    let h = json(cmd(
+        &bins.agent(),
+        &[
+            "handoff",
+            "--config",
+            p(&reverse.agent_config()),
+            "--disk",
+            &id,
+            "--json",
+        ],
+    ));
+    eprintln!("handoff: {h}");
+    reverse.kill_target().expect("stop the target of site A");
+    let back = json(cmd(
+        &bins.target(),
+        &[
+            "failover",
+            "--planned",
+            "--store",
+            p(&store_a),
+            "--disk",
+            &id,
+            "--point",
+            "latest",
+            "--json",
+        ],
+    ));
+    eprintln!("failback: {back}");
+    identical(&dev_a.path, &dev_b).expect("the original disk holds what site B wrote");
+    let a_fs = mount(&dev_a.path, &mnt_a);
+    let last_on_a = check_db(&mnt_a.join("app.db"));
+    assert_eq!(
+        last_on_a, last_b,
+        "the last row committed on site B is on site A: zero loss"
+    );
+
+    // --- re-enable: forward again, the recovery copy as the seed ---
+    stage("re-enable");
+    drop(a_fs);
+    fsck_clean(&dev_a.path);
+    let seed_b = fo.join(format!("{id}.vmdk"));
+    let seed_b_flat = fo.join(format!("{id}-flat.vmdk"));
+    run("losetup", &["-d", p(&dev_b)]);
+    forward.kill_relay().expect("stop the relay of site B");
+    json(cmd(
+        &bins.relay(),
+        &[
+            "forget",
+            "--config",
+            p(&forward.server_dir().join("relay.toml")),
+            "--disk",
+            &id,
+            "--json",
+        ],
+    ));
+    forward.start_relay().expect("relay");
+    forward.kill_target().expect("stop the target of site B");
+    let failback_record = w.join("failback.generation");
+    std::fs::copy(store_a.join(&id).join("generation.rec"), &failback_record).expect("copy");
+    let r = json(cmd(
+        &bins.target(),
+        &[
+            "reprotect",
+            "--store",
+            p(&store_b),
+            "--disk",
+            &id,
+            "--seed",
+            p(&seed_b),
+            "--seed-record",
+            p(&reverse.agent_state_dir().join(format!("{id}.generation"))),
+            "--source-record",
+            p(&failback_record),
+            "--json",
+        ],
+    ));
+    assert!(
+        r["retired"].is_string(),
+        "the old promoted replica is kept aside: {r}"
+    );
+    forward.start_target().expect("target");
+    json(cmd(
+        &bins.agent(),
+        &[
+            "reprotect",
+            "--config",
+            p(&forward.agent_config()),
+            "--disk",
+            &id,
+            "--record",
+            p(&store_a.join(&id).join("generation.rec")),
+            "--json",
+        ],
+    ));
+    assert_eq!(
+        differing(&dev_a.path, &seed_b_flat).0,
+        0,
+        "the copies are equal"
+    );
+    let link0 = sites.link_bytes(SiteName::A).expect("counters");
+    forward.start_agent().expect("agent");
+    let st = caught_up(&mut forward);
+    let link1 = sites.link_bytes(SiteName::A).expect("counters");
+    let sent = st["disks"][0]["bytes_sent"].as_u64().unwrap_or(0);
+    let wire = (link1.tx - link0.tx) + (link1.rx - link0.rx);
+    eprintln!("re-enable: agent sent {sent} bytes, the veth carried {wire} bytes");
+    assert!(
+        wire < DISK_SIZE / 8,
+        "re-enable moved {wire} bytes: hashes, not the disk"
+    );
+    // Forward replication goes on: new writes on site A reach site B.
+    let a_fs = mount(&dev_a.path, &mnt_a);
+    let writer = Workload::start(&mnt_a.join("app.db"));
+    writer.wait_rows(100);
+    let last = writer.stop();
+    drop(a_fs);
+    caught_up(&mut forward);
+    identical(&dev_a.path, &seed_b_flat).expect("forward replication resumed into the seed");
+    assert!(last > last_b);
+    stage("done");
+}
