@@ -77,6 +77,8 @@ pub const PACKAGES: &[(&str, &str)] = &[
     ("rsync", "/usr/bin/rsync"),
     ("qemu-utils", "/usr/bin/qemu-img"),
     ("iproute2", "/sbin/ip"),
+    // The SQLite workload of the DR cycle test.
+    ("sqlite3", "/usr/bin/sqlite3"),
 ];
 
 /// Installs the packages of [`PACKAGES`] that are missing (needs root and apt).
