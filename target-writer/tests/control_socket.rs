@@ -429,7 +429,8 @@ async fn a_test_failover_through_a_running_serve_equals_the_point_shows_in_point
         "the test failover differs from the point"
     );
 
-    let points = cli_json(&["points", "--store", store_s, "--disk", &disk_s, "--json"]).await;
+    let listing = cli_json(&["points", "--store", store_s, "--disk", &disk_s, "--json"]).await;
+    let points = &listing["points"];
     let tested: Vec<_> = points
         .as_array()
         .unwrap()
@@ -439,6 +440,7 @@ async fn a_test_failover_through_a_running_serve_equals_the_point_shows_in_point
     assert_eq!(tested.len(), 1);
     assert_eq!(tested[0]["id"], rec["point"]);
     assert_eq!(tested[0]["test_failover"]["state"], "running");
+    assert_eq!(listing["state"], "test-failover");
 
     let done = cli_json(&[
         "failover",
@@ -452,7 +454,8 @@ async fn a_test_failover_through_a_running_serve_equals_the_point_shows_in_point
     .await;
     assert_eq!(done["state"], "cleaned-up");
     assert!(!out.exists(), "cleanup left {}", out.display());
-    let points = cli_json(&["points", "--store", store_s, "--disk", &disk_s, "--json"]).await;
+    let listing = cli_json(&["points", "--store", store_s, "--disk", &disk_s, "--json"]).await;
+    let points = &listing["points"];
     assert!(
         points
             .as_array()
@@ -460,6 +463,7 @@ async fn a_test_failover_through_a_running_serve_equals_the_point_shows_in_point
             .iter()
             .any(|p| p["test_failover"]["state"] == "cleaned-up")
     );
+    assert_eq!(listing["state"], "protected");
     cancel.cancel();
     handle.serve.await.unwrap();
 }
