@@ -12,8 +12,6 @@
 //!
 //! → {"test_failover":{"disk":"…","point":"latest","out":"/abs/dir","attach":true}}
 //! ← {"test_failover":{…the record, see crate::failover::TestFailover…}}  or  {"error":"…"}
-//! ```
-//!
 //!
 //! → {"failover":{"disk":"…","point":"latest","out":"/abs/dir","attach":false,
 //!                "force":false,"planned":false,"discard_writes":false}}

@@ -16,11 +16,13 @@ use std::sync::atomic::AtomicBool;
 use blockferry_proto::{Barrier, CopyRole, DiskId, Generation, Seq};
 use blockferry_target::export::{ExportFormat, export_point_live};
 use blockferry_target::failover::{
-    DrState, Failover, FailoverError, FailoverRequest, FailoverState, PointChoice,
+    CopyMethod, DrState, Failover, FailoverError, FailoverRequest, FailoverState, PointChoice,
     TestFailoverRequest, cleanup, commit, dr_status, failover, real, test_failover,
 };
 use blockferry_target::retention::RetentionPolicy;
 use blockferry_target::{Consistency, DiskStore, StoreOptions, TargetError};
+use blockferry_testkit::devices::{LoopDev, Mounted};
+use blockferry_testkit::privileged::{require_root, run};
 use common::*;
 use rand::{SeedableRng, rngs::StdRng};
 
@@ -568,4 +570,61 @@ fn the_failover_command_prints_its_outcome_and_points_shows_the_disks_state() {
     let cleanup = cli(&[&["failover", "--cleanup"][..], &base].concat());
     assert!(!cleanup.status.success());
     assert!(String::from_utf8_lossy(&cleanup.stderr).contains("test failover"));
+}
+
+/// An XFS file system with reflinks on a loop device, mounted for this test.
+fn mounted_xfs() -> (LoopDev, tempfile::TempDir, Mounted) {
+    let dev = LoopDev::new(512 << 20, false);
+    run("mkfs.xfs", &["-q", "-f", "-m", "reflink=1", dev.path_str()]);
+    let mnt = tempfile::tempdir().unwrap();
+    let m = Mounted::new(&["-t", "xfs", dev.path_str()], mnt.path());
+    (dev, mnt, m)
+}
+
+/// Loop devices backed by `file`.
+fn loops_of(file: &Path) -> Vec<String> {
+    run("losetup", &["-j", file.to_str().unwrap()])
+        .lines()
+        .filter_map(|l| l.split(':').next())
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+#[ignore = "needs root: loop device, mkfs.xfs, mount, losetup"]
+fn on_xfs_a_failover_is_a_reflink_clone_on_a_loop_device_and_a_change_of_point_detaches_it() {
+    require_root(
+        "on_xfs_a_failover_is_a_reflink_clone_on_a_loop_device_and_a_change_of_point_detaches_it",
+    );
+    let (_dev, _mnt, m) = mounted_xfs();
+    let root = m.path().join("store");
+    let (store, older, newer) = store_with_points(&root);
+    let stop = AtomicBool::new(false);
+    let mut req = request(older, &m.path().join("fo"));
+    req.attach = true;
+    let first = failover(&store, &req, now_ms(), &stop).unwrap();
+    assert_eq!(first.method, Some(CopyMethod::Reflink));
+    let dev = first.loop_device.clone().unwrap();
+    let want = export_raw(&store, older, &m.path().join("older.raw"));
+    assert_eq!(first_diff(&std::fs::read(&dev).unwrap(), &want), None);
+
+    req.point = PointChoice::Id(newer);
+    req.out = m.path().join("fo2");
+    req.discard_writes = true;
+    let second = failover(&store, &req, now_ms(), &stop).unwrap();
+    assert!(!first.flat.exists());
+    let backing = run("losetup", &["-l", "-n", "-O", "BACK-FILE"]);
+    assert!(
+        !backing.contains(first.flat.to_str().unwrap()),
+        "the first point's loop device is still attached:\n{backing}"
+    );
+    let dev2 = second.loop_device.clone().unwrap();
+    assert_eq!(
+        loops_of(&second.flat),
+        vec![dev2.to_str().unwrap().to_string()]
+    );
+    let want = export_raw(&store, newer, &m.path().join("newer.raw"));
+    assert_eq!(first_diff(&std::fs::read(&dev2).unwrap(), &want), None);
+    run("losetup", &["-d", dev2.to_str().unwrap()]);
+    drop(store);
 }

@@ -7,7 +7,7 @@
 //!   and the replica is promoted at the point ([`crate::DiskStore::promote_at`]):
 //!   its former source is fenced. The point can change until `--commit`.
 //!
-//! Both make the disk alike ([`make_disk`]): on XFS or btrfs a reflink clone
+//! Both make the disk alike (`make_disk`): on XFS or btrfs a reflink clone
 //! of the replica's flat extent (`FICLONE`) with the undo of the newer points
 //! written over it, so it costs the changes since the point, not the disk;
 //! elsewhere, and for thin replicas, an export of the point. Each keeps a
@@ -386,7 +386,7 @@ fn loops_of(flat: &Path) -> Result<Vec<String>> {
 }
 
 /// Detaches the loop devices of `flat` and removes `descriptor` and `flat`
-/// (either may be missing); the directory is synced by the caller.
+/// (either may be missing), durably.
 fn remove_disk(disk: &str, descriptor: &Path, flat: &Path) -> Result<()> {
     for dev in loops_of(flat)? {
         run("losetup", &["-d", &dev])?;
@@ -398,6 +398,11 @@ fn remove_disk(disk: &str, descriptor: &Path, flat: &Path) -> Result<()> {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(TargetError::io(f, None, e)),
         }
+    }
+    if let Some(dir) = flat.parent()
+        && dir.exists()
+    {
+        blockferry_durable::sync_dir(dir).map_err(crate::crashsafe::from_durable)?;
     }
     Ok(())
 }
