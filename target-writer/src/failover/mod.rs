@@ -1,7 +1,7 @@
 //! Failover: a writable disk made of a recovery point (a vmfs VMDK that ESXi
 //! or qemu runs, optionally attached as a loop device on this host).
 //!
-//! - [`test`]: the non-disruptive drill. The copy is thrown away by
+//! - [`test`](mod@test): the non-disruptive drill. The copy is thrown away by
 //!   `failover --cleanup`; replication goes on untouched.
 //! - [`real`]: the failover. The copy becomes the disk the workload runs on,
 //!   and the replica is promoted at the point ([`crate::DiskStore::promote_at`]):
