@@ -1,7 +1,7 @@
 //! The local control protocol of `serve`: a Unix socket `control.sock` in the
 //! store root through which the command line asks the running service for
 //! what needs the stores it holds locked: exporting a recovery point, and
-//! making a test failover of one.
+//! making a test failover of one, failing one over and committing that.
 //!
 //! Newline-delimited JSON, one request per connection:
 //!
@@ -12,10 +12,17 @@
 //!
 //! → {"test_failover":{"disk":"…","point":"latest","out":"/abs/dir","attach":true}}
 //! ← {"test_failover":{…the record, see crate::failover::TestFailover…}}  or  {"error":"…"}
+//!
+//! → {"failover":{"disk":"…","point":"latest","out":"/abs/dir","attach":false,
+//!                "force":false,"planned":false,"discard_writes":false}}
+//! ← {"failover":{…the record, see crate::failover::Failover…}}  or  {"error":"…"}
+//!
+//! → {"commit":{"disk":"…"}}
+//! ← {"failover":{…the committed record…}}  or  {"error":"…"}
 //! ```
 //!
-//! `force` (export and test failover, default false) allows a point cut
-//! while the replica was incomplete.
+//! `force` (export, test failover and failover, default false) allows a
+//! point cut while the replica was incomplete.
 //!
 //! Paths are absolute: the service runs in another directory than the
 //! client. This module holds the message types, the decoders (which never
@@ -31,7 +38,9 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::export::ExportFormat;
-use crate::failover::{TestFailover, TestFailoverRequest};
+use crate::failover::{
+    CommitRequest, Failover, FailoverRequest, TestFailover, TestFailoverRequest,
+};
 
 /// File name of the control socket in the store root.
 pub const SOCKET: &str = "control.sock";
@@ -53,6 +62,8 @@ pub enum Request {
     Export(ExportRequest),
     TestFailover(TestFailoverRequest),
     Promote(PromoteRequest),
+    Failover(FailoverRequest),
+    Commit(CommitRequest),
 }
 
 /// Promote the replica of `disk` (the promote step of a failover).
@@ -85,6 +96,7 @@ pub enum Reply {
     Done { files: Vec<PathBuf> },
     TestFailover(TestFailover),
     Promoted(crate::promote::Promoted),
+    Failover(Failover),
     Error(String),
 }
 
@@ -137,7 +149,8 @@ pub fn decode_request(line: &[u8]) -> Result<Request, ControlError> {
     let (out, parent) = match &req {
         Request::Export(r) => (&r.out, r.parent.as_ref()),
         Request::TestFailover(r) => (&r.out, None),
-        Request::Promote(_) => return Ok(req),
+        Request::Failover(r) => (&r.out, None),
+        Request::Promote(_) | Request::Commit(_) => return Ok(req),
     };
     if !out.is_absolute() {
         return Err(ControlError::NotAbsolute {
@@ -238,6 +251,27 @@ pub fn request_promote(
     }
 }
 
+/// Asks the service listening at `socket` to fail a disk it holds over
+/// (or to finish or move that failover); returns its record.
+pub fn request_failover(socket: &Path, req: &FailoverRequest) -> Result<Failover, ControlError> {
+    match request(socket, &Request::Failover(req.clone()), &mut |_, _| {})? {
+        Reply::Failover(rec) => Ok(rec),
+        other => Err(ControlError::BadReply(format!(
+            "{other:?} as the answer to a failover"
+        ))),
+    }
+}
+
+/// Asks the service listening at `socket` to commit a disk's failover.
+pub fn request_commit(socket: &Path, req: &CommitRequest) -> Result<Failover, ControlError> {
+    match request(socket, &Request::Commit(req.clone()), &mut |_, _| {})? {
+        Reply::Failover(rec) => Ok(rec),
+        other => Err(ControlError::BadReply(format!(
+            "{other:?} as the answer to a commit"
+        ))),
+    }
+}
+
 /// Sends one request and returns the final answer (not an error), calling
 /// `progress` for each progress reply.
 fn request(
@@ -327,6 +361,43 @@ mod tests {
             panic!("not a test failover");
         };
         assert_eq!((r.point, r.force), (PointChoice::Id(7), true));
+    }
+
+    #[test]
+    fn failover_and_commit_requests_round_trip_and_match_the_documented_form() {
+        use crate::failover::PointChoice;
+        let line = br#"{"failover":{"disk":"d","point":"3","out":"/abs/dir","attach":false,"force":false,"planned":true,"discard_writes":true}}"#;
+        let req = decode_request(line).unwrap();
+        assert_eq!(
+            req,
+            Request::Failover(FailoverRequest {
+                disk: "d".into(),
+                point: PointChoice::Id(3),
+                out: "/abs/dir".into(),
+                attach: false,
+                force: false,
+                planned: true,
+                discard_writes: true,
+            })
+        );
+        assert_eq!(decode_request(&encode(&req)).unwrap(), req);
+        let short = br#"{"failover":{"disk":"d","point":"latest","out":"/o"}}"#;
+        let Request::Failover(r) = decode_request(short).unwrap() else {
+            panic!("not a failover");
+        };
+        assert!(!r.planned && !r.discard_writes && !r.attach && !r.force);
+        let commit = br#"{"commit":{"disk":"d"}}"#;
+        assert_eq!(
+            decode_request(commit).unwrap(),
+            Request::Commit(CommitRequest { disk: "d".into() })
+        );
+        for bad in [
+            &br#"{"failover":{"disk":"d","point":"latest","out":"rel"}}"#[..],
+            br#"{"failover":{"disk":"d","point":"latest"}}"#,
+            br#"{"commit":{"disk":"d","point":1}}"#,
+        ] {
+            assert!(decode_request(bad).is_err());
+        }
     }
 
     #[test]

@@ -159,6 +159,8 @@ pub enum TargetError {
     },
     #[error("{what} is not supported yet: {hint}")]
     Unsupported { what: String, hint: String },
+    #[error(transparent)]
+    Failover(#[from] crate::failover::FailoverError),
 }
 
 impl TargetError {

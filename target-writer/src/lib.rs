@@ -5,8 +5,9 @@
 //! journals ([`wal`]) and writes it to the [`replica`], saving what it
 //! overwrites into the open recovery point's undo [`segment`]; [`retention`]
 //! decides which points stay; [`export`] writes any point out as a disk, and
-//! [`failover`] makes a writable test copy of one (a reflink clone where the
-//! file system shares extents).
+//! [`failover`] makes a writable disk of one (a reflink clone where the file
+//! system shares extents): a test copy, or the failover that promotes the
+//! replica at the point.
 
 pub mod batch;
 pub mod control;

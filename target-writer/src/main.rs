@@ -8,10 +8,14 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result, bail};
 use blockferry_target::TargetError;
 use blockferry_target::control::{
-    ControlError, ExportRequest, request_export, request_test_failover, socket_path,
+    ControlError, ExportRequest, request_commit, request_export, request_failover,
+    request_test_failover, socket_path,
 };
 use blockferry_target::export::{ExportFormat, export_point};
-use blockferry_target::failover::{PointChoice, TestFailover, TestFailoverRequest};
+use blockferry_target::failover::{
+    CommitRequest, CopyMethod, DrState, DrStatus, Failover, FailoverRequest, FailoverState,
+    PointChoice, TestFailover, TestFailoverRequest, dr_status,
+};
 use blockferry_target::feed::{FeedItem, decode_all};
 use blockferry_target::store::{DiskStore, StoreOptions, label_name, list_points};
 use clap::{Parser, Subcommand};
@@ -60,25 +64,41 @@ enum Cmd {
         #[arg(long)]
         force: bool,
     },
-    /// Test failover: a writable copy of a point (a VMDK in --out, and with
-    /// --attach a loop device) while replication goes on; or, with
-    /// --cleanup, remove everything a test failover made.
+    /// Failover of a disk on the target host: the writable disk of a point
+    /// (a VMDK in --out, and with --attach a loop device), and the replica
+    /// promoted at that point (its former source is fenced). Run again with
+    /// another --point (and --discard-writes) to change the point, until
+    /// --commit. With --test, a throw-away copy while replication goes on,
+    /// removed with --cleanup. Through the running service when `serve`
+    /// holds the store.
     Failover {
         #[arg(long)]
         store: PathBuf,
         #[arg(long)]
         disk: String,
-        /// Make a test failover (the only failover this command makes yet).
-        #[arg(long, required_unless_present = "cleanup", conflicts_with = "cleanup")]
+        /// Make a test failover: replication goes on, nothing is promoted.
+        #[arg(long, conflicts_with_all = ["cleanup", "commit", "planned", "discard_writes"])]
         test: bool,
         /// Remove the disk's test failover: loop device, files, directory.
-        #[arg(long)]
+        #[arg(long, conflicts_with_all = ["commit", "planned", "discard_writes"])]
         cleanup: bool,
+        /// Make the disk's failover final: its point cannot change any more.
+        #[arg(long, conflicts_with_all = ["planned", "discard_writes"])]
+        commit: bool,
+        /// Only to the final point of a source that stopped (after the
+        /// agent's `handoff`): refused unless the point is complete, the
+        /// latest, and the replica holds nothing after it.
+        #[arg(long)]
+        planned: bool,
+        /// Move a failover to another point although its writable disk may
+        /// have been written: that disk is removed and made anew.
+        #[arg(long)]
+        discard_writes: bool,
         /// latest, latest-consistent or a point id.
         #[arg(long, default_value = "latest")]
         point: PointChoice,
         /// The directory to write the disk to.
-        #[arg(long, required_unless_present = "cleanup")]
+        #[arg(long, required_unless_present_any = ["cleanup", "commit"])]
         out: Option<PathBuf>,
         /// Attach the disk as a loop device on this host (needs root).
         #[arg(long)]
@@ -207,6 +227,129 @@ fn test_failover(store: &Path, req: &TestFailoverRequest) -> Result<TestFailover
     }
 }
 
+/// Runs `f` on the store opened here, or, while `serve` holds it, asks the
+/// service with `remote` through its control socket.
+fn with_store<T>(
+    store: &Path,
+    disk: &str,
+    what: &str,
+    f: impl FnOnce(&std::sync::Mutex<DiskStore>) -> std::result::Result<T, TargetError>,
+    remote: impl FnOnce(&Path) -> std::result::Result<T, ControlError>,
+) -> Result<T> {
+    let failed = || format!("{what} of disk {disk} failed");
+    match DiskStore::open(store, disk, StoreOptions::default()) {
+        Ok(s) => {
+            let s = std::sync::Mutex::new(s);
+            let r = f(&s);
+            let closed = s.into_inner().unwrap_or_else(|p| p.into_inner()).close();
+            let r = r.with_context(failed)?;
+            closed?;
+            Ok(r)
+        }
+        Err(TargetError::Locked { .. }) => {
+            let socket = socket_path(store);
+            tracing::info!(socket = %socket.display(), "the store is served; asking the service for the {what}");
+            remote(&socket).map_err(|e| match e {
+                e @ ControlError::Connect { .. } => anyhow::Error::new(e).context(format!(
+                    "the store {} is locked by another process",
+                    store.display()
+                )),
+                e => anyhow::Error::new(e).context(failed()),
+            })
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// A failover of the store, in this process or through the service.
+fn real_failover(store: &Path, req: &FailoverRequest) -> Result<Failover> {
+    with_store(
+        store,
+        &req.disk,
+        "failover",
+        |s| {
+            let stop = std::sync::atomic::AtomicBool::new(false);
+            blockferry_target::failover::failover(s, req, now_ms(), &stop)
+        },
+        |socket| request_failover(socket, req),
+    )
+}
+
+fn commit_failover(store: &Path, disk: &str) -> Result<Failover> {
+    let req = CommitRequest {
+        disk: disk.to_string(),
+    };
+    with_store(
+        store,
+        disk,
+        "failover commit",
+        |s| blockferry_target::failover::commit(s, now_ms()),
+        |socket| request_commit(socket, &req),
+    )
+}
+
+fn print_failover(store: &Path, rec: &Failover) {
+    let method = match rec.method {
+        Some(CopyMethod::Reflink) => "reflink clone",
+        Some(CopyMethod::Export) => "export",
+        None => "not made",
+    };
+    println!(
+        "disk {} failed over to point {} (#{}, {method}) in {:.3} s",
+        rec.disk,
+        rec.point,
+        rec.seq,
+        rec.ready_secs.unwrap_or(0.0)
+    );
+    println!("writable disk: {}", rec.descriptor.display());
+    if let Some(dev) = &rec.loop_device {
+        println!("loop device: {}", dev.display());
+    }
+    println!(
+        "replica promoted: generation {} ({}); frames of its former source are refused",
+        rec.generation.unwrap_or(0),
+        rec.lineage.as_deref().unwrap_or("")
+    );
+    if rec.state == FailoverState::FailedOver {
+        println!(
+            "to change the point, fail over again with another --point and --discard-writes; to make it final: blockferry-target failover --commit --store {} --disk {}",
+            store.display(),
+            rec.disk
+        );
+    }
+}
+
+/// The status line above the points: role and state of the disk.
+fn status_line(st: &DrStatus) -> String {
+    let role = st.role.as_deref().unwrap_or("replica");
+    let since = st
+        .since_ms
+        .map_or(String::new(), |t| format!(" since {}", fmt_utc(t)));
+    let point = st.point.map_or(String::new(), |p| format!(" point {p}"));
+    match st.state {
+        DrState::Protected => format!("disk {}: {role}, protected", st.disk),
+        DrState::TestFailover => {
+            format!(
+                "disk {}: {role}, test failover of{point} running{since}",
+                st.disk
+            )
+        }
+        DrState::FailingOver => format!(
+            "disk {}: {role}, failover to{point} unfinished (started{since}): run the failover again to finish it",
+            st.disk
+        ),
+        DrState::FailedOver => format!(
+            "disk {}: {role}, failed over to{point}{since}; not committed (the point can still change)",
+            st.disk
+        ),
+        DrState::Committed => format!(
+            "disk {}: {role}, failed over to{point}, committed{since}",
+            st.disk
+        ),
+        DrState::Promoted => format!("disk {}: {role}, promoted (without a failover)", st.disk),
+    }
+}
+
 /// A test failover as `--json` and `points --json` show it.
 fn test_json(t: &TestFailover) -> serde_json::Value {
     serde_json::json!({
@@ -248,8 +391,10 @@ fn main() -> Result<()> {
     match cli.cmd {
         Cmd::Points { store, disk, json } => {
             let points = list_points(&store, &disk)?;
-            let test = blockferry_target::failover::read_record(&store, &disk)?;
-            let tested = |id: u64| test.as_ref().filter(|t| t.point == id);
+            let status = dr_status(&store, &disk)?;
+            let test = status.test_failover.as_ref();
+            let tested = |id: u64| test.filter(|t| t.point == id);
+            let failed_over = |id: u64| status.failover.as_ref().filter(|f| f.point == id);
             let label = |p: &blockferry_target::PointMeta| {
                 if p.incomplete {
                     "incomplete"
@@ -272,19 +417,37 @@ fn main() -> Result<()> {
                             "seq": p.seq,
                             "size": p.segment_len,
                             "test_failover": tested(p.id).map(test_json),
+                            "failover": failed_over(p.id).map(|f| f.summary()),
                         })
                     })
                     .collect();
-                println!("{}", serde_json::to_string_pretty(&v)?);
+                let out = serde_json::json!({
+                    "disk": disk,
+                    "role": status.role,
+                    "state": status.state.name(),
+                    "state_point": status.point,
+                    "since": status.since_ms.map(fmt_utc),
+                    "since_ms": status.since_ms,
+                    "failover": status.failover.as_ref().map(|f| f.summary()),
+                    "points": v,
+                });
+                println!("{}", serde_json::to_string_pretty(&out)?);
             } else {
+                println!("{}", status_line(&status));
                 println!(
-                    "{:>6}  {:<20}  {:<16}  {:>12}  TEST FAILOVER",
+                    "{:>6}  {:<20}  {:<16}  {:>12}  FAILOVER",
                     "ID", "TIME", "LABEL", "SIZE"
                 );
                 for p in &points {
-                    let t = tested(p.id).map_or(String::new(), |t| {
-                        format!("{} since {}", t.state.name(), fmt_utc(t.started_ms))
+                    let mut t = tested(p.id).map_or(String::new(), |t| {
+                        format!("test {} since {}", t.state.name(), fmt_utc(t.started_ms))
                     });
+                    if failed_over(p.id).is_some() {
+                        if !t.is_empty() {
+                            t.push_str("; ");
+                        }
+                        t.push_str(status.state.name());
+                    }
                     println!(
                         "{:>6}  {:<20}  {:<16}  {:>12}  {t}",
                         p.id,
@@ -383,14 +546,57 @@ fn main() -> Result<()> {
         Cmd::Failover {
             store,
             disk,
-            test: _,
+            test,
             cleanup,
+            commit,
+            planned,
+            discard_writes,
             point,
             out,
             attach,
             force,
             json,
         } => {
+            if commit {
+                let rec = commit_failover(&store, &disk)?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&rec.summary())?);
+                } else {
+                    println!(
+                        "failover of disk {} to point {} committed: the point cannot change any more",
+                        rec.disk, rec.point
+                    );
+                }
+                return Ok(());
+            }
+            if !cleanup && !test {
+                let Some(out) = out else {
+                    bail!("--out DIR is needed: the directory to write the disk to");
+                };
+                let out = std::path::absolute(&out)
+                    .with_context(|| format!("cannot resolve {}", out.display()))?;
+                let req = FailoverRequest {
+                    disk: disk.clone(),
+                    point,
+                    out,
+                    attach,
+                    force,
+                    planned,
+                    discard_writes,
+                };
+                // SEED REPLICAS: a store whose replica is a seed (a block
+                // device taken as the replica) fails over in place, the
+                // device itself being the writable disk. Dispatch here,
+                // before `real_failover`, e.g.:
+                //     if store is a seed store { failover_in_place(&store, &req) ... }
+                let rec = real_failover(&store, &req)?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&rec.summary())?);
+                } else {
+                    print_failover(&store, &rec);
+                }
+                return Ok(());
+            }
             let rec = if cleanup {
                 blockferry_target::failover::cleanup(&store, &disk, now_ms())?
             } else {

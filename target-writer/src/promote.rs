@@ -3,6 +3,8 @@
 //! ([`DiskStore::promote`]); from then on every frame of its former source is
 //! refused as `StaleGeneration`, and that refusal travels through the relay
 //! to the agent, which stops shipping the disk and reports it `fenced`.
+//! A failover ([`crate::failover::real`]) promotes at a chosen point
+//! instead ([`DiskStore::promote_at`]) and makes its writable disk.
 //!
 //! The promotion needs the store's lock. While `serve` holds it, the command
 //! asks the service through its control socket, and

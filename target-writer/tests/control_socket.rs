@@ -429,7 +429,8 @@ async fn a_test_failover_through_a_running_serve_equals_the_point_shows_in_point
         "the test failover differs from the point"
     );
 
-    let points = cli_json(&["points", "--store", store_s, "--disk", &disk_s, "--json"]).await;
+    let listing = cli_json(&["points", "--store", store_s, "--disk", &disk_s, "--json"]).await;
+    let points = &listing["points"];
     let tested: Vec<_> = points
         .as_array()
         .unwrap()
@@ -439,6 +440,7 @@ async fn a_test_failover_through_a_running_serve_equals_the_point_shows_in_point
     assert_eq!(tested.len(), 1);
     assert_eq!(tested[0]["id"], rec["point"]);
     assert_eq!(tested[0]["test_failover"]["state"], "running");
+    assert_eq!(listing["state"], "test-failover");
 
     let done = cli_json(&[
         "failover",
@@ -452,7 +454,8 @@ async fn a_test_failover_through_a_running_serve_equals_the_point_shows_in_point
     .await;
     assert_eq!(done["state"], "cleaned-up");
     assert!(!out.exists(), "cleanup left {}", out.display());
-    let points = cli_json(&["points", "--store", store_s, "--disk", &disk_s, "--json"]).await;
+    let listing = cli_json(&["points", "--store", store_s, "--disk", &disk_s, "--json"]).await;
+    let points = &listing["points"];
     assert!(
         points
             .as_array()
@@ -460,6 +463,7 @@ async fn a_test_failover_through_a_running_serve_equals_the_point_shows_in_point
             .iter()
             .any(|p| p["test_failover"]["state"] == "cleaned-up")
     );
+    assert_eq!(listing["state"], "protected");
     cancel.cancel();
     handle.serve.await.unwrap();
 }
@@ -504,4 +508,72 @@ async fn promote_through_a_running_serve_starts_a_new_generation_once_and_stays_
     let s = DiskStore::open(&store, &disk_s, StoreOptions::default()).unwrap();
     assert!(s.is_promoted(), "the promotion did not reach the store");
     assert_eq!(s.generation_record().current().number.0, generation);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failover_through_a_running_serve_is_the_point_promotes_at_it_and_commits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let cancel = CancellationToken::new();
+    let handle = start(config(dir), cancel.clone()).await.unwrap();
+    let disk = DiskId::from_bytes([8; 16]);
+    let ch = relay_channel(
+        &dir.join("pki"),
+        "relay",
+        handle.listen_addr,
+        disk,
+        SIZE,
+        &cancel,
+    );
+    let mut rng = StdRng::seed_from_u64(0xf0);
+    let mut model = vec![0u8; SIZE as usize];
+    // Batches after the point: the failover goes back to it.
+    let at_point = fill(&ch, &mut rng, &mut model).await;
+    let store = dir.join("store");
+    let (store_s, disk_s) = (store.to_str().unwrap(), disk.to_string());
+    let out = dir.join("failed-over");
+
+    let fo = cli_json(&[
+        "failover",
+        "--store",
+        store_s,
+        "--disk",
+        &disk_s,
+        "--point",
+        "latest",
+        "--out",
+        out.to_str().unwrap(),
+        "--json",
+    ])
+    .await;
+    assert_eq!(fo["state"], "failed-over");
+    let flat = std::fs::read(fo["flat"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        first_diff(&flat, &at_point),
+        None,
+        "the failed-over disk differs from the point"
+    );
+    let seq = fo["seq"].as_u64().unwrap();
+    let generation = fo["generation"].as_u64().unwrap();
+
+    let done = cli_json(&[
+        "failover", "--commit", "--store", store_s, "--disk", &disk_s, "--json",
+    ])
+    .await;
+    assert_eq!(done["state"], "committed");
+    let listing = cli_json(&["points", "--store", store_s, "--disk", &disk_s, "--json"]).await;
+    assert_eq!(listing["state"], "committed");
+    assert_eq!(listing["role"], "source");
+
+    cancel.cancel();
+    handle.serve.await.unwrap();
+    let s = DiskStore::open(&store, &disk_s, StoreOptions::default()).unwrap();
+    assert!(s.is_promoted(), "the promotion did not reach the store");
+    let r = s.generation_record();
+    assert_eq!(r.current().seq.0, seq, "promoted at the point");
+    assert_eq!(r.current().number.0, generation);
+    assert!(
+        s.applied_seq() > seq,
+        "the replica held batches after the point"
+    );
 }

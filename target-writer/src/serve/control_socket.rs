@@ -1,6 +1,6 @@
 //! The local control socket `<store>/control.sock` ([`crate::control`]): one
-//! request line, progress lines, one answer; exports and test failovers run
-//! on the blocking pool.
+//! request line, progress lines, one answer; exports, test failovers and
+//! failovers run on the blocking pool.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -13,7 +13,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, warn};
 
 use crate::control::{self, ExportRequest, ProgressThrottle, Reply, Request};
-use crate::failover::TestFailoverRequest;
+use crate::error::TargetError;
+use crate::failover::{CommitRequest, FailoverRequest, TestFailoverRequest};
 
 use super::{ServeError, TargetSink};
 
@@ -147,6 +148,14 @@ async fn control_conn(stream: UnixStream, sink: Arc<TargetSink>, cancel: Cancell
         Request::TestFailover(req) => {
             let span = tracing::info_span!("test_failover", disk = %req.disk);
             run_test_failover(req, sink, &cancel).instrument(span).await
+        }
+        Request::Failover(req) => {
+            let span = tracing::info_span!("failover", disk = %req.disk);
+            run_failover(req, sink, &cancel).instrument(span).await
+        }
+        Request::Commit(req) => {
+            let span = tracing::info_span!("commit", disk = %req.disk);
+            run_commit(req, sink).instrument(span).await
         }
         Request::Promote(req) => {
             info!(disk = %req.disk, "promotion requested on the control socket");
@@ -293,5 +302,101 @@ async fn run_test_failover(
             Reply::Error(msg)
         }
         Err(e) => Reply::Error(format!("test failover task failed: {e}")),
+    }
+}
+
+/// The served store of `disk` (a disk id), opened if no relay wrote to it yet.
+fn served_store(
+    sink: &TargetSink,
+    disk: &str,
+) -> Result<
+    (
+        blockferry_proto::DiskId,
+        super::Shared<crate::store::DiskStore>,
+    ),
+    TargetError,
+> {
+    let Ok(id) = disk.parse::<blockferry_proto::DiskId>() else {
+        return Err(TargetError::NoDisk {
+            disk: disk.to_string(),
+            path: sink.cfg.store.clone(),
+        });
+    };
+    Ok((id, sink.store(id, None)?))
+}
+
+/// Whether a failed failover may have left the store in memory unlike the
+/// store on disk (a failed write): then it is reopened before the next use.
+fn store_may_differ(e: &TargetError) -> bool {
+    matches!(
+        e,
+        TargetError::Io { .. }
+            | TargetError::NoSpace { .. }
+            | TargetError::Corrupt { .. }
+            | TargetError::Poisoned { .. }
+            | TargetError::Generation { .. }
+            | TargetError::EncodeState { .. }
+    )
+}
+
+/// Fails a served disk over on the blocking pool (the copy reads the store
+/// in locked steps, so applies go on until the promotion refuses them);
+/// returns the record or the error.
+async fn run_failover(
+    req: FailoverRequest,
+    sink: Arc<TargetSink>,
+    cancel: &CancellationToken,
+) -> Reply {
+    info!(point = ?req.point, out = %req.out.display(), planned = req.planned, "failover requested on the control socket");
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut job = {
+        let stop = stop.clone();
+        tokio::task::spawn_blocking(move || {
+            let (id, store) = served_store(&sink, &req.disk)?;
+            let r = crate::failover::failover(&store, &req, super::now_ms(), &stop);
+            match &r {
+                // The resync trees were built for a replica that now takes no frames.
+                Ok(_) => {
+                    super::lock(&sink.trees).remove(&id);
+                }
+                Err(e) if store_may_differ(e) => sink.drop_store(id),
+                Err(_) => {}
+            }
+            r
+        })
+    };
+    let r = tokio::select! {
+        r = &mut job => r,
+        _ = cancel.cancelled() => {
+            stop.store(true, Ordering::Relaxed);
+            job.await
+        }
+    };
+    match r {
+        Ok(Ok(rec)) => Reply::Failover(rec),
+        Ok(Err(e)) => {
+            let msg = error_chain(&e);
+            warn!(error = %msg, "failover failed");
+            Reply::Error(msg)
+        }
+        Err(e) => Reply::Error(format!("failover task failed: {e}")),
+    }
+}
+
+/// Commits a served disk's failover.
+async fn run_commit(req: CommitRequest, sink: Arc<TargetSink>) -> Reply {
+    info!("failover commit requested on the control socket");
+    let job = tokio::task::spawn_blocking(move || {
+        let (_, store) = served_store(&sink, &req.disk)?;
+        crate::failover::commit(&store, super::now_ms())
+    });
+    match job.await {
+        Ok(Ok(rec)) => Reply::Failover(rec),
+        Ok(Err(e)) => {
+            let msg = error_chain(&e);
+            warn!(error = %msg, "failover commit failed");
+            Reply::Error(msg)
+        }
+        Err(e) => Reply::Error(format!("commit task failed: {e}")),
     }
 }

@@ -87,6 +87,12 @@ pub(super) fn migrated(state: &DiskState) -> GenerationRecord {
 /// whether the record changed in a way that must be written (a new
 /// generation; the sequence alone is restored from the state on open).
 pub(super) fn in_step(record: &mut GenerationRecord, state: &DiskState) -> Result<bool> {
+    if record.role() == CopyRole::Source {
+        // A promoted record holds the point it was promoted at and takes no
+        // frames: the replica's data and wire number may go further (a
+        // failover to an older point), and do not move it.
+        return Ok(false);
+    }
     let cur = record.current();
     if state.generation > cur.number.0 {
         // The replica followed a newer wire generation of its source.
@@ -159,7 +165,11 @@ pub(super) fn open_record(
         ));
     }
     let mut new_state = None;
-    if record.current().number.0 > state.generation {
+    // A promotion at a point of an older generation may lower the number.
+    let promoted = record.role() == CopyRole::Source;
+    if record.current().number.0 > state.generation
+        || (promoted && record.current().number.0 != state.generation)
+    {
         let mut st = state.clone();
         st.generation = record.current().number.0;
         new_state = Some(st);
@@ -222,6 +232,86 @@ impl DiskStore {
             generation = %self.record.current().number,
             lineage = %self.record.lineage(),
             "replica promoted: frames of its former source are refused from now on"
+        );
+        Ok(self.record.clone())
+    }
+
+    /// The record as it stands now: [`generation_record`](Self::generation_record)
+    /// brought in step with what the store applied since it was opened (the
+    /// record a promotion starts from).
+    pub fn generation_record_now(&self) -> Result<GenerationRecord> {
+        let mut r = self.record.clone();
+        in_step(&mut r, &self.state)?;
+        Ok(r)
+    }
+
+    /// Promotes the replica at the recovery point that holds the stream
+    /// through `point` (the promote step of a failover to that point): the
+    /// record goes back to the generation that held `point` and becomes the
+    /// writable source in the new generation `id` continuing from it
+    /// ([`GenerationRecord::promote_at`]). The replica's data may go beyond
+    /// the point; the writable disk is the point's copy, and the store takes
+    /// no frames from now on. Durable when it returns.
+    pub fn promote_at(&mut self, point: Seq, id: GenerationId) -> Result<GenerationRecord> {
+        self.checkpoint()?;
+        let before = self.generation_record_now()?;
+        self.promote_record_from(&before, point, id)
+    }
+
+    /// Changes the point of a promotion that is not final yet: `before` (the
+    /// record this replica held before it was promoted, as the failover saved
+    /// it) is promoted at `point` instead, with the new generation `id`.
+    /// Durable when it returns.
+    pub fn promote_again_at(
+        &mut self,
+        before: &GenerationRecord,
+        point: Seq,
+        id: GenerationId,
+    ) -> Result<GenerationRecord> {
+        if before.disk() != self.record.disk() {
+            return Err(generation_error(
+                &self.state.disk,
+                blockferry_proto::GenerationError::WrongDisk {
+                    ours: self.record.disk(),
+                    theirs: before.disk(),
+                },
+            ));
+        }
+        self.checkpoint()?;
+        self.promote_record_from(before, point, id)
+    }
+
+    fn promote_record_from(
+        &mut self,
+        before: &GenerationRecord,
+        point: Seq,
+        id: GenerationId,
+    ) -> Result<GenerationRecord> {
+        let mut record = before.clone();
+        record
+            .promote_at(point, id)
+            .map_err(|e| generation_error(&self.state.disk, e))?;
+        let f = self.opts.faults.clone();
+        // The record is the commit point; open completes the state after a
+        // crash. The state takes the record's wire number even where it is
+        // lower (a point in an older generation): open must not read a
+        // larger state number as a newer generation the replica followed.
+        write(&f, &self.dir, &record)?;
+        self.record = record;
+        let mut st = self.state.clone();
+        st.generation = self.record.current().number.0;
+        self.guarded(|s| {
+            s.write_state(&st)?;
+            s.state = st;
+            let cid = s.cid();
+            s.replica.set_cid(&f, cid, true)
+        })?;
+        info!(
+            disk = %self.state.disk,
+            point = %point,
+            generation = %self.record.current().number,
+            lineage = %self.record.lineage(),
+            "replica promoted at a recovery point: frames of its former source are refused from now on"
         );
         Ok(self.record.clone())
     }
@@ -314,6 +404,126 @@ mod tests {
             Err(TargetError::StaleGeneration { .. })
         ));
         assert_eq!(s.applied_seq(), 0, "nothing was applied");
+    }
+
+    /// A store holding batches 1..=n, batch k of wire generation `gen_of(k)`;
+    /// reopened where the generation changes, so that the record holds each.
+    fn store_with_batches(root: &Path, n: u64, gen_of: impl Fn(u64) -> u64) -> DiskStore {
+        let mut s = store(root);
+        for seq in 1..=n {
+            if seq > 1 && gen_of(seq) != gen_of(seq - 1) {
+                s.close().unwrap();
+                s = DiskStore::open(root, NAME, StoreOptions::default()).unwrap();
+            }
+            let b = crate::batch::ApplyBatch {
+                disk: NAME.to_string(),
+                generation: gen_of(seq),
+                seq,
+                chunks: vec![crate::batch::raw_chunk(seq * 512, vec![seq as u8; 512])],
+            };
+            s.apply(&b).unwrap();
+        }
+        s
+    }
+
+    #[test]
+    fn promote_at_an_older_point_holds_that_point_across_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = store_with_batches(dir.path(), 5, |_| 1);
+        let held = s.generation_record_now().unwrap().current();
+        let id = GenerationId::from_bytes([7; 16]);
+        let r = s.promote_at(Seq(3), id).unwrap();
+        assert_eq!(r.role(), CopyRole::Source);
+        assert_eq!(r.current().id, id);
+        assert_eq!(r.current().seq, Seq(3), "promoted at the point, not at 5");
+        assert_eq!(r.current().number, Generation(held.number.0 + 1));
+        assert_eq!((r.history()[0].id, r.history()[0].seq), (held.id, Seq(3)));
+        assert_eq!(s.applied_seq(), 5, "the replica's data is untouched");
+        let b = crate::batch::ApplyBatch {
+            disk: NAME.to_string(),
+            generation: 2,
+            seq: 6,
+            chunks: Vec::new(),
+        };
+        assert!(matches!(
+            s.apply_many(&[b]),
+            Err(TargetError::StaleGeneration { .. })
+        ));
+        s.close().unwrap();
+        let s = DiskStore::open(dir.path(), NAME, StoreOptions::default()).unwrap();
+        assert_eq!(s.generation_record(), &r, "reopening keeps the point");
+        assert_eq!(s.generation(), r.current().number.0);
+    }
+
+    #[test]
+    fn promote_at_a_point_past_the_replica_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = store_with_batches(dir.path(), 2, |_| 1);
+        let e = s
+            .promote_at(Seq(3), GenerationId::from_bytes([7; 16]))
+            .unwrap_err();
+        assert!(e.to_string().contains("no point #3"), "{e}");
+        assert!(!s.is_promoted());
+    }
+
+    #[test]
+    fn promote_again_at_moves_the_point_from_the_saved_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = store_with_batches(dir.path(), 5, |_| 1);
+        let before = s.generation_record_now().unwrap();
+        let first = s
+            .promote_at(Seq(4), GenerationId::from_bytes([1; 16]))
+            .unwrap();
+        let again = s
+            .promote_again_at(&before, Seq(2), GenerationId::from_bytes([2; 16]))
+            .unwrap();
+        assert_eq!(again.current().seq, Seq(2));
+        assert_eq!(again.current().number, first.current().number);
+        assert_eq!(
+            again.history()[0],
+            GenerationEntry {
+                seq: Seq(2),
+                ..before.current()
+            }
+        );
+        assert_eq!(&again.history()[1..], before.history());
+        assert!(
+            !again.history().iter().any(|e| e.id == first.current().id),
+            "the first promotion is no part of the lineage"
+        );
+        s.close().unwrap();
+        let s = DiskStore::open(dir.path(), NAME, StoreOptions::default()).unwrap();
+        assert_eq!(s.generation_record(), &again);
+    }
+
+    #[test]
+    fn a_promotion_at_a_point_of_an_older_generation_survives_a_lost_state_write() {
+        let dir = tempfile::tempdir().unwrap();
+        // Batches 1-2 of wire generation 1, 3-4 of 2, 5-6 of 3.
+        let mut s = store_with_batches(dir.path(), 6, |seq| seq.div_ceil(2));
+        assert_eq!(s.generation(), 3);
+        s.checkpoint().unwrap();
+        let state = std::fs::read(dir.path().join(NAME).join("state.json")).unwrap();
+        let r = s
+            .promote_at(Seq(1), GenerationId::from_bytes([3; 16]))
+            .unwrap();
+        assert_eq!(
+            r.current().number,
+            Generation(2),
+            "one more than generation 1"
+        );
+        assert_eq!(r.history()[0].number, Generation(1));
+        assert_eq!(s.generation(), 2);
+        drop(s);
+        // The crash came between the record and the state.
+        std::fs::write(dir.path().join(NAME).join("state.json"), state).unwrap();
+        let s = DiskStore::open(dir.path(), NAME, StoreOptions::default()).unwrap();
+        assert_eq!(
+            s.generation_record(),
+            &r,
+            "no generation adopted from the state"
+        );
+        assert_eq!(s.generation(), 2, "the state was completed");
     }
 
     #[test]
