@@ -16,6 +16,13 @@
 //! open stream ends with `StaleGeneration` before anything more is spooled,
 //! and the next one starts at the target's generation, so the agent's frames
 //! are nacked as stale and its hello reply names the newer generation.
+//!
+//! **Streams the relay never held.** A disk's stream counts on across
+//! generations, so an agent past its first generation whose disk the spool
+//! knows nothing of (reprotect and re-enable, after `blockferry-relay forget`,
+//! or a lost spool) resumes where the replica stands: before answering its
+//! hello the relay asks the target through the disk's forwarder and takes the
+//! target's durable position as acked.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -517,6 +524,45 @@ fn recompress(frame: Frame, level: i32) -> Frame {
 }
 
 /// The relay's side of the receiving loop: authorize, spool, wake the forwarder.
+/// How long a hello waits for the target to say where a disk unknown to the
+/// spool stands.
+const LEARN_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// The sequence the target holds durably for `disk`, from the forwarder's
+/// hello reply (zero when the target refuses the stream); an error the agent
+/// retries on when the target cannot be reached in time.
+async fn learn_from_target(fwd: &Forwarder, disk: DiskId) -> Result<Seq, SinkError> {
+    let mut progress = fwd.channel.progress();
+    let wait = async {
+        loop {
+            {
+                let p = progress.borrow_and_update();
+                // A target that refuses the stream (a newer generation,
+                // no resume) says nothing to continue from: the usual
+                // paths (fence, resync) take over.
+                if p.resync.is_some() {
+                    return Some(Seq::ZERO);
+                }
+                if p.connected {
+                    return Some(p.durable);
+                }
+            }
+            if progress.changed().await.is_err() {
+                return None;
+            }
+        }
+    };
+    match tokio::time::timeout(LEARN_TIMEOUT, wait).await {
+        Ok(Some(held)) => Ok(held),
+        _ => Err(SinkError::new(
+            ErrorCode::Unavailable,
+            format!(
+                "disk {disk} is new to this relay and the target could not be asked where its replica stands within {LEARN_TIMEOUT:?}; the agent retries (check that the target runs)"
+            ),
+        )),
+    }
+}
+
 struct RelaySink {
     shared: Arc<Shared>,
 }
@@ -555,8 +601,9 @@ impl FrameSink for RelaySink {
             ));
         }
         let size = hello.disk_size;
-        let (known, restore) = on_spool(&self.shared.spool, move |s| {
+        let (known, restore, unknown) = on_spool(&self.shared.spool, move |s| {
             let known = s.disk_size(disk);
+            let unknown = s.durable_position(disk).is_none();
             // A shrunk disk is refused before it is registered: the replica
             // keeps the data past the new end.
             if known.is_none_or(|k| size >= k) {
@@ -564,7 +611,7 @@ impl FrameSink for RelaySink {
             }
             // A disk never seen starts at generation 0, sequence 0: the
             // agent's Hello then says where it stands.
-            Ok((known, s.restore(disk, Generation(0))))
+            Ok((known, s.restore(disk, Generation(0)), unknown))
         })
         .await
         .map_err(|e| SinkError::new(ErrorCode::Unavailable, e.to_string()))?;
@@ -597,6 +644,27 @@ impl FrameSink for RelaySink {
             fwd.channel
                 .resize(size)
                 .map_err(|e| SinkError::new(ErrorCode::Unavailable, e.to_string()))?;
+        }
+        if unknown && hello.generation > Generation(1) {
+            // A stream past its first generation that this relay never held
+            // (a reprotected or re-enabled disk, or a spool that was lost):
+            // its count continues where the replica stands, so learn that
+            // from the target before telling the agent where to resume.
+            let held = learn_from_target(&fwd, disk).await?;
+            if held > Seq::ZERO {
+                let position = (hello.generation, held);
+                on_spool(&self.shared.spool, move |s| {
+                    s.adopt_position(disk, position)
+                })
+                .await
+                .map_err(|e| SinkError::new(ErrorCode::Unavailable, e.to_string()))?;
+                fwd.cursor().handle_target_durable(held);
+                tracing::info!(agent = %peer.name, %disk, generation = %hello.generation, durable_seq = %held, "disk stream opened where the replica stands");
+                return Ok(DiskState {
+                    generation: hello.generation,
+                    durable_seq: held,
+                });
+            }
         }
         let durable_seq = restore.spooled_through;
         tracing::info!(agent = %peer.name, %disk, %durable_seq, "disk stream opened");

@@ -538,6 +538,17 @@ impl Spool {
         )
     }
 
+    /// Takes `position` as what the target acked of a disk the spool holds
+    /// nothing of (learnt from the target's hello reply), persisted at once,
+    /// so the stream continues after it. A disk the spool knows is left as it is.
+    pub fn adopt_position(&mut self, disk: DiskId, position: Position) -> Result<(), SpoolError> {
+        if self.durable_position(disk).is_some() {
+            return Ok(());
+        }
+        self.acked.insert(disk, position);
+        self.write_positions()
+    }
+
     /// Records the size of `disk` (persisted at once when new or changed).
     pub fn register_disk(&mut self, disk: DiskId, size: u64) -> Result<(), SpoolError> {
         if self.sizes.get(&disk) == Some(&size) {
