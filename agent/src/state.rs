@@ -9,9 +9,14 @@
 //! Beside it, each protected device's [`GenerationRecord`] (`<disk id>.generation`,
 //! a [`CopyRole::Source`]): its lineage in the DR cycle. A disk protected
 //! before records existed gets one when the service starts (a migration), in
-//! the wire generation its state holds. A fenced source (its replica was
-//! promoted elsewhere) detaches into a generation of its own, so that what it
-//! writes from then on is told apart from what the promoted copy holds.
+//! the wire generation its state holds. A new record starts in the disk's
+//! root generation ([`GenerationId::root`]), the one a new replica starts in
+//! too, so the replica made by the stream shares the source's lineage without
+//! ids travelling. A stream restarted under a newer wire number (a resync, a
+//! resize) keeps its generation id ([`restarted_record`]); only a fenced
+//! source (its replica was promoted elsewhere) detaches into a generation of
+//! its own, with a random id, so that what it writes from then on is told
+//! apart from what the promoted copy holds.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -177,15 +182,7 @@ impl StateStore {
                 Ok(r)
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let r = GenerationRecord::new(
-                    *disk,
-                    CopyRole::Source,
-                    GenerationEntry {
-                        id: random_generation_id(),
-                        number: generation,
-                        seq: Seq::ZERO,
-                    },
-                );
+                let r = new_record(*disk, generation);
                 self.save_record(&r)?;
                 Ok(r)
             }
@@ -225,6 +222,36 @@ pub fn random_generation_id() -> GenerationId {
     GenerationId::from_bytes(rand::random())
 }
 
+/// The record of a disk that has none yet: a source in the disk's root
+/// generation (the same id a new replica of it starts in), with the wire
+/// number `generation` its state holds.
+pub fn new_record(disk: DiskId, generation: Generation) -> GenerationRecord {
+    GenerationRecord::new(
+        disk,
+        CopyRole::Source,
+        GenerationEntry {
+            id: GenerationId::root(disk),
+            number: generation,
+            seq: Seq::ZERO,
+        },
+    )
+}
+
+/// `record` after its stream restarted under wire number `number` (a
+/// checksum resync, a resize) having shipped through `held`: the same data
+/// generation, renumbered. The replica renumbers too when it follows, so no
+/// fork appears in either lineage.
+pub fn restarted_record(
+    record: &GenerationRecord,
+    number: Generation,
+    held: Seq,
+) -> Result<GenerationRecord, blockferry_proto::GenerationError> {
+    let mut r = record.clone();
+    r.set_seq(r.current().seq.max(held))?;
+    r.renumber(number)?;
+    Ok(r)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -239,6 +266,37 @@ mod tests {
         assert_eq!(r.current().number, Generation(3));
         assert!(store.record_path(&id).exists(), "the migration saves it");
         assert_eq!(store.load_record(&id, Generation(9)).unwrap(), r);
+    }
+
+    #[test]
+    fn a_new_record_starts_in_the_root_generation_of_its_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::new(dir.path());
+        let id = DiskId::from_bytes([7; 16]);
+        let r = store.load_record(&id, Generation(1)).unwrap();
+        assert_eq!(r.current().id, GenerationId::root(id));
+        assert!(r.history().is_empty());
+        let other = StateStore::new(dir.path().join("other"));
+        assert_eq!(
+            other.load_record(&id, Generation(1)).unwrap().current().id,
+            r.current().id,
+            "every copy of the disk starts in the same generation"
+        );
+    }
+
+    #[test]
+    fn a_restarted_stream_keeps_its_generation_id_under_a_newer_number() {
+        let id = DiskId::from_bytes([7; 16]);
+        let r = new_record(id, Generation(1));
+        let next = restarted_record(&r, Generation(2), Seq(40)).unwrap();
+        assert_eq!(next.current().id, r.current().id);
+        assert_eq!(next.current().number, Generation(2));
+        assert_eq!(next.current().seq, Seq(40));
+        assert!(next.history().is_empty(), "no fork: {}", next.lineage());
+        assert!(
+            restarted_record(&next, Generation(1), Seq(40)).is_err(),
+            "a number never goes back"
+        );
     }
 
     #[test]

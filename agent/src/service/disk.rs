@@ -16,7 +16,7 @@ use super::{
 use crate::config::Config;
 use crate::phase::{Resize, SyncAdvance};
 use crate::resync::{self, ResyncError};
-use crate::state::{StateStore, random_generation_id};
+use crate::state::{StateStore, random_generation_id, restarted_record};
 use crate::tracker::{DeviceId, Notice, Tracker};
 use blockferry_proto::ResyncReason;
 
@@ -161,7 +161,7 @@ impl Service {
                 && let Some(generation) = d.phase.handle_peer_resync()
             {
                 if d.record.current().number < generation {
-                    Self::detach_record(d, &self.store);
+                    Self::renumber_record(d, &self.store, generation);
                 }
                 let channel = d.channel.clone();
                 tokio::spawn(async move { channel.start_generation(generation).await });
@@ -196,10 +196,27 @@ impl Service {
         Ok(())
     }
 
-    /// The source goes on in a generation of its own (fenced, or a new wire
-    /// generation after a resync), so a later comparison with the replica
-    /// sees what it wrote since. A record that cannot be saved is logged: the
-    /// next start adopts the generation again.
+    /// The stream restarts under wire number `generation` (a resync): the
+    /// data generation is the same, only renumbered. A record that cannot be
+    /// saved is logged: the next start adopts the number again.
+    fn renumber_record(d: &mut Disk, store: &StateStore, generation: blockferry_proto::Generation) {
+        match restarted_record(&d.record, generation, d.last_seq) {
+            Ok(r) => match store.save_record(&r) {
+                Ok(()) => d.record = r,
+                Err(e) => {
+                    tracing::warn!(disk = %d.cfg.id, error = %e, "generation record not saved")
+                }
+            },
+            Err(e) => {
+                tracing::warn!(disk = %d.cfg.id, error = %e, "generation record not renumbered")
+            }
+        }
+    }
+
+    /// The fenced source goes on in a generation of its own, so a later
+    /// comparison with the promoted copy sees what it wrote since. A record
+    /// that cannot be saved is logged: the next start adopts the generation
+    /// again.
     fn detach_record(d: &mut Disk, store: &StateStore) {
         let mut r = d.record.clone();
         let held = r.current().seq.max(d.last_seq);
