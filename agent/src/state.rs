@@ -76,6 +76,85 @@ pub struct DiskState {
     /// (tracking goes on) until the disk is protected again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fenced: Option<Fence>,
+    /// Set once `blockferry-agent handoff` brought the disk to RPO zero and
+    /// demoted its record: the other site's copy takes over, nothing is
+    /// shipped (tracking goes on) until the disk is reprotected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handed_off: Option<HandOff>,
+    /// Set by `blockferry-agent reprotect` until the first checksum resync
+    /// after it completes: the stream continues a promoted copy's record,
+    /// whose replica already holds everything through `seq`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reprotected: Option<Reprotected>,
+}
+
+impl DiskState {
+    /// A disk seen for the first time: an initial sync from offset zero in
+    /// wire generation 1.
+    pub fn new(path: PathBuf, size: u64) -> Self {
+        DiskState {
+            path,
+            size,
+            generation: 1,
+            phase: SyncPhase::InitialSync { next_offset: 0 },
+            last_resync: None,
+            fenced: None,
+            handed_off: None,
+            reprotected: None,
+        }
+    }
+
+    /// The entry of a disk reprotected from a promoted copy's `record`: the
+    /// device at `path` of `size` bytes starts with a checksum resync in the
+    /// record's wire generation; no sequence at or below the record's is
+    /// used again.
+    pub fn reprotected(path: PathBuf, size: u64, record: &GenerationRecord, now_s: u64) -> Self {
+        DiskState {
+            generation: record.current().number.0,
+            phase: SyncPhase::Resync,
+            reprotected: Some(Reprotected {
+                seq: record.current().seq.0,
+                since: now_s,
+            }),
+            ..DiskState::new(path, size)
+        }
+    }
+
+    /// Whether `run` protects the disk now: not fenced, not handed off.
+    pub fn is_protected(&self) -> bool {
+        self.fenced.is_none() && self.handed_off.is_none()
+    }
+}
+
+/// The planned failover of a disk to its replica, done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HandOff {
+    /// The final point: the replica holds everything through it.
+    pub final_seq: u64,
+    /// The wire generation of the final point.
+    pub generation: u64,
+    /// Unix seconds when the hand-off completed.
+    pub since: u64,
+}
+
+impl HandOff {
+    /// What the user should do, for `status`.
+    pub fn advice(&self) -> String {
+        format!(
+            "handed off: the replica holds everything through seq {} (a planned failover); nothing is shipped (writes are still tracked). Fail over on the replica's site (`blockferry-target failover --planned --point latest`), then reprotect this disk from the promoted copy",
+            self.final_seq
+        )
+    }
+}
+
+/// A disk reprotected from a promoted copy's record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reprotected {
+    /// The record's sequence: the target's seed starts there, so the stream's
+    /// first frame must come after it.
+    pub seq: u64,
+    /// Unix seconds of the reprotect.
+    pub since: u64,
 }
 
 /// Why and since when a disk is fenced.
@@ -329,6 +408,27 @@ mod tests {
         let json = r#"{"clean_shutdown":true,"disks":{"d":{"path":"/dev/vdb","size":512,"generation":1,"phase":{"phase":"continuous"},"last_resync":null}}}"#;
         let s: AgentState = serde_json::from_str(json).unwrap();
         assert_eq!(s.disks["d"].fenced, None);
+        assert_eq!(s.disks["d"].handed_off, None);
+        assert_eq!(s.disks["d"].reprotected, None);
+        assert!(s.disks["d"].is_protected());
+    }
+
+    #[test]
+    fn a_reprotected_entry_resyncs_in_the_records_generation_after_its_seq() {
+        let id = DiskId::from_bytes([7; 16]);
+        let mut r = new_record(id, Generation(3));
+        r.set_seq(Seq(120)).unwrap();
+        let d = DiskState::reprotected("/dev/loop3".into(), 4096, &r, 50);
+        assert_eq!(d.phase, SyncPhase::Resync);
+        assert_eq!(d.generation, 3);
+        assert_eq!(
+            d.reprotected,
+            Some(Reprotected {
+                seq: 120,
+                since: 50
+            })
+        );
+        assert!(d.is_protected());
     }
 
     #[test]
@@ -357,6 +457,12 @@ mod tests {
                     by_generation: 4,
                     since: 17,
                 }),
+                handed_off: Some(HandOff {
+                    final_seq: 9,
+                    generation: 3,
+                    since: 18,
+                }),
+                reprotected: Some(Reprotected { seq: 5, since: 16 }),
             },
         );
         store.save(&s).unwrap();

@@ -5,6 +5,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::state::{DiskState, SyncPhase};
+
 const FILE: &str = "status.json";
 
 /// Snapshot of the service.
@@ -25,8 +27,14 @@ pub struct DiskStatus {
     pub device: String,
     pub size: u64,
     pub generation: u64,
-    /// initial-sync, resync, replicating, disconnected, fenced, or error.
+    /// What the copy is to the disk: `source` (protected from here) or
+    /// `replica` (handed off: the other site's copy took over).
+    pub role: String,
+    /// See [`disk_state`]: initial-sync, resync, reprotecting, protected,
+    /// fenced or handed-off.
     pub state: String,
+    /// Whether the disk's stream to the relay is up.
+    pub connected: bool,
     /// Percent of the initial sync done, while it runs.
     pub sync_percent: Option<f64>,
     /// Age of the oldest write not yet durable at the target, milliseconds.
@@ -48,8 +56,34 @@ pub struct DiskStatus {
     /// ... and through this one at the replica.
     pub replica_seq: u64,
     pub last_error: Option<String>,
-    /// What the user should do, when the disk needs it (a fenced disk).
+    /// What the user should do, when the disk needs it (fenced, handed off).
     pub action: Option<String>,
+}
+
+/// The state `status` shows for a disk: `fenced` or `handed-off` (nothing
+/// is shipped), `reprotecting` (the checksum resync after a reprotect),
+/// `initial-sync`, `resync`, or `protected` (continuous replication).
+pub fn disk_state(d: &DiskState) -> &'static str {
+    if d.fenced.is_some() {
+        "fenced"
+    } else if d.handed_off.is_some() {
+        "handed-off"
+    } else if d.reprotected.is_some() {
+        "reprotecting"
+    } else {
+        match d.phase {
+            SyncPhase::InitialSync { .. } => "initial-sync",
+            SyncPhase::Resync => "resync",
+            SyncPhase::Continuous => "protected",
+        }
+    }
+}
+
+/// What the user should do about a disk, if anything.
+pub fn disk_action(d: &DiskState) -> Option<String> {
+    d.fenced
+        .map(|f| f.advice())
+        .or_else(|| d.handed_off.map(|h| h.advice()))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -128,8 +162,8 @@ pub fn render(status: &Status, now_ms: u64) -> String {
         }
     );
     out.push_str(&format!(
-        "{:<38} {:<14} {:<13} {:>9} {:>12} {:>12} {:>8}\n",
-        "DISK", "DEVICE", "STATE", "RPO", "BACKLOG", "SENT", "GEN"
+        "{:<38} {:<14} {:<8} {:<13} {:>9} {:>12} {:>12} {:>8}\n",
+        "DISK", "DEVICE", "ROLE", "STATE", "RPO", "BACKLOG", "SENT", "GEN"
     ));
     for d in &status.disks {
         let state = match d.sync_percent {
@@ -137,9 +171,10 @@ pub fn render(status: &Status, now_ms: u64) -> String {
             None => d.state.clone(),
         };
         out.push_str(&format!(
-            "{:<38} {:<14} {:<13} {:>8.1}s {:>12} {:>12} {:>8}\n",
+            "{:<38} {:<14} {:<8} {:<13} {:>8.1}s {:>12} {:>12} {:>8}\n",
             d.id,
             d.device,
+            d.role,
             state,
             d.rpo_ms as f64 / 1000.0,
             human(d.backlog_bytes),
@@ -198,6 +233,35 @@ mod tests {
         let text = render(&back, 1500);
         assert!(text.contains("initial-sync 42%"), "{text}");
         assert!(text.contains("3.0 MiB"), "{text}");
+    }
+
+    #[test]
+    fn each_dr_state_has_its_name_and_the_halted_ones_their_advice() {
+        use crate::state::{Fence, HandOff, Reprotected};
+        let mut d = DiskState::new("/dev/vdb".into(), 1 << 20);
+        assert_eq!(disk_state(&d), "initial-sync");
+        d.phase = SyncPhase::Resync;
+        assert_eq!(disk_state(&d), "resync");
+        d.reprotected = Some(Reprotected { seq: 3, since: 1 });
+        assert_eq!(disk_state(&d), "reprotecting");
+        d.reprotected = None;
+        d.phase = SyncPhase::Continuous;
+        assert_eq!(disk_state(&d), "protected");
+        assert_eq!(disk_action(&d), None);
+        d.handed_off = Some(HandOff {
+            final_seq: 9,
+            generation: 2,
+            since: 5,
+        });
+        assert_eq!(disk_state(&d), "handed-off");
+        assert!(disk_action(&d).unwrap().contains("failover --planned"));
+        d.handed_off = None;
+        d.fenced = Some(Fence {
+            by_generation: 3,
+            since: 5,
+        });
+        assert_eq!(disk_state(&d), "fenced");
+        assert!(disk_action(&d).unwrap().contains("reprotect"));
     }
 
     #[test]

@@ -130,6 +130,18 @@ impl Service {
             if let Some(err) = &progress.last_error {
                 d.error = Some(err.clone());
             }
+            // A reprotected disk ships nothing before its peer holds the
+            // promoted record's sequence (see `DiskPhase::handle_peer_durable`).
+            if let Err(e) = d
+                .phase
+                .handle_peer_durable(progress.connected, progress.durable)
+            {
+                let msg = e.to_string();
+                if d.error.as_deref() != Some(msg.as_str()) {
+                    tracing::error!(disk = %d.cfg.id, "{msg}");
+                }
+                d.error = Some(msg);
+            }
             // A range is forgotten only once the replica holds it: what the
             // relay spooled but the target has not applied may still be
             // refused (a promoted replica fences this source), and must then
