@@ -4,6 +4,7 @@
 pub mod config;
 pub mod phase;
 pub mod reader;
+pub mod reprotect;
 pub mod resync;
 pub mod rpo;
 pub mod service;

@@ -42,6 +42,27 @@ enum Cmd {
     },
     /// Print a new random disk id for a `[[disk]]` entry of the configuration.
     NewDiskId,
+    /// Protect a disk that was failed over to this host: install the promoted
+    /// replica's generation record (STORE/ID/generation.rec, copied from the
+    /// target host) and start the disk with a checksum resync against the
+    /// target's seed. Run while the agent service is stopped.
+    Reprotect {
+        #[arg(long, default_value = "/etc/blockferry/agent.toml")]
+        config: PathBuf,
+        /// The disk id (as in the configuration's `[[disk]]`).
+        #[arg(long)]
+        disk: blockferry_proto::DiskId,
+        /// The promoted replica's generation record.
+        #[arg(long)]
+        record: PathBuf,
+        /// Replace the disk's entry even while it is protected by this agent
+        /// (that protection is dropped).
+        #[arg(long)]
+        force: bool,
+        /// The result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Stop the kernel tracking that outlives the agent (uninstall): removes its pins.
     Untrack {
         /// Every device: the tracker's pins are removed and its programs detach.
@@ -118,6 +139,25 @@ fn main() -> Result<()> {
                 println!("tracking stopped: pins in {} removed", pin_dir.display());
             } else {
                 println!("nothing pinned in {}", pin_dir.display());
+            }
+            Ok(())
+        }
+        Cmd::Reprotect {
+            config,
+            disk,
+            record,
+            force,
+            json,
+        } => {
+            let config = Config::load(&config)?;
+            let out = blockferry_agent::reprotect::reprotect(&config, disk, &record, force)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&out)?);
+            } else {
+                println!(
+                    "disk {} on {} ({} bytes) reprotected in generation {} after seq {}: start `blockferry-agent run`; it compares checksums with the target's seed and ships only what differs\nlineage: {}",
+                    out.disk, out.device, out.size, out.generation, out.seq, out.lineage
+                );
             }
             Ok(())
         }

@@ -30,6 +30,8 @@ use blockferry_proto::{
 use serde::{Deserialize, Serialize};
 
 const FILE: &str = "agent-state.json";
+/// Held (flock) by the process that owns the state: `run` and `handoff`.
+const LOCK_FILE: &str = "agent.lock";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -45,6 +47,10 @@ pub enum StateError {
         "agent state {path} is damaged ({message}); move it away to start over with a checksum resync of every disk"
     )]
     Corrupt { path: PathBuf, message: String },
+    #[error(
+        "another blockferry-agent (the service, or a handoff) holds {path}: stop it first (for example `systemctl stop blockferry-agent`), then run this again"
+    )]
+    Busy { path: PathBuf },
     #[error(
         "generation record {path} is damaged ({message}); move it away to adopt the disk's current generation (a later reprotect then compares by checksum)"
     )]
@@ -232,6 +238,33 @@ impl StateStore {
         }
     }
 
+    /// Takes the state directory for this process (creating it if needed):
+    /// refused while another process holds it. Released when the lock is
+    /// dropped or the process dies.
+    pub fn lock(&self) -> Result<StateLock, StateError> {
+        blockferry_durable::create_dir_all(&self.dir)?;
+        let path = self.dir.join(LOCK_FILE);
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|source| StateError::Io {
+                op: "open",
+                path: path.clone(),
+                source,
+            })?;
+        match file.try_lock() {
+            Ok(()) => Ok(StateLock { _file: file }),
+            Err(std::fs::TryLockError::WouldBlock) => Err(StateError::Busy { path }),
+            Err(std::fs::TryLockError::Error(source)) => Err(StateError::Io {
+                op: "lock",
+                path,
+                source,
+            }),
+        }
+    }
+
     /// The generation record file of `disk`.
     pub fn record_path(&self, disk: &DiskId) -> PathBuf {
         self.dir.join(format!("{disk}.generation"))
@@ -294,6 +327,12 @@ impl StateStore {
         blockferry_durable::replace_file(&self.path(), &bytes, None)?;
         Ok(())
     }
+}
+
+/// The state directory taken by this process ([`StateStore::lock`]).
+#[derive(Debug)]
+pub struct StateLock {
+    _file: std::fs::File,
 }
 
 /// A fresh random generation id.
@@ -429,6 +468,18 @@ mod tests {
             })
         );
         assert!(d.is_protected());
+    }
+
+    #[test]
+    fn the_state_directory_is_taken_by_one_process_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::new(dir.path().join("state"));
+        let held = store.lock().unwrap();
+        let e = store.lock().unwrap_err();
+        assert!(matches!(e, StateError::Busy { .. }), "{e}");
+        assert!(e.to_string().contains("stop it first"), "{e}");
+        drop(held);
+        store.lock().expect("free again once released");
     }
 
     #[test]

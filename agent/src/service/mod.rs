@@ -133,6 +133,9 @@ struct Disk {
 /// Runs the service until `cancel` fires, then stops cleanly.
 pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), ServiceError> {
     let store = StateStore::new(&config.state_dir);
+    // One process owns the state: `reprotect` and `handoff` refuse while
+    // the service runs.
+    let _lock = store.lock()?;
     let mut state = store.load()?;
     let was_clean = state.clean_shutdown;
     state.clean_shutdown = false;
