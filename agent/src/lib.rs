@@ -2,6 +2,7 @@
 //! reads them and ships them to the relay.
 
 pub mod config;
+pub mod handoff;
 pub mod phase;
 pub mod reader;
 pub mod reprotect;

@@ -42,6 +42,23 @@ enum Cmd {
     },
     /// Print a new random disk id for a `[[disk]]` entry of the configuration.
     NewDiskId,
+    /// Planned failover, source side: with the service stopped and the device
+    /// unused, ship the disk to RPO zero, cut a final point, wait until the
+    /// replica has it durable, then demote this copy and mark the disk
+    /// handed off.
+    Handoff {
+        #[arg(long, default_value = "/etc/blockferry/agent.toml")]
+        config: PathBuf,
+        /// The disk id (as in the configuration's `[[disk]]`).
+        #[arg(long)]
+        disk: blockferry_proto::DiskId,
+        /// Give up (the disk stays the source) after this many seconds.
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+        /// The result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Protect a disk that was failed over to this host: install the promoted
     /// replica's generation record (STORE/ID/generation.rec, copied from the
     /// target host) and start the disk with a checksum resync against the
@@ -90,7 +107,7 @@ struct TrackArgs {
 /// The service logs its progress; the diagnostic commands only warnings.
 fn default_log_level() -> &'static str {
     match std::env::args().nth(1).as_deref() {
-        Some("run") => "info",
+        Some("run" | "handoff") => "info",
         _ => "warn",
     }
 }
@@ -161,6 +178,35 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
+        Cmd::Handoff {
+            config,
+            disk,
+            timeout,
+            json,
+        } => {
+            let config = Config::load(&config)?;
+            let out = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .context("cannot start the async runtime")?
+                .block_on(handoff(config, disk, timeout))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&out)?);
+            } else {
+                println!(
+                    "disk {} handed off: the replica holds everything through seq {} (generation {}); {:.1} s, {} bytes shipped\nnext, on the replica's site: `blockferry-target failover --planned --disk {} --point latest`\nlineage: {}",
+                    out.disk,
+                    out.final_seq,
+                    out.generation,
+                    out.seconds,
+                    out.bytes_shipped,
+                    out.disk,
+                    out.lineage
+                );
+            }
+            Ok(())
+        }
         Cmd::NewDiskId => {
             let mut bytes = [0u8; 16];
             getrandom(&mut bytes)?;
@@ -178,6 +224,29 @@ fn getrandom(buf: &mut [u8]) -> Result<()> {
 }
 
 async fn run(config: Config) -> Result<()> {
+    let cancel = stop_on_signal()?;
+    service::run(config, cancel).await?;
+    Ok(())
+}
+
+async fn handoff(
+    config: Config,
+    disk: blockferry_proto::DiskId,
+    timeout_s: u64,
+) -> Result<service::HandedOff> {
+    let cancel = stop_on_signal()?;
+    let out = service::handoff(
+        config,
+        disk,
+        std::time::Duration::from_secs(timeout_s),
+        cancel,
+    )
+    .await?;
+    Ok(out)
+}
+
+/// A token cancelled at SIGTERM or SIGINT.
+fn stop_on_signal() -> Result<tokio_util::sync::CancellationToken> {
     use tokio::signal::unix::{SignalKind, signal};
 
     let cancel = tokio_util::sync::CancellationToken::new();
@@ -192,8 +261,7 @@ async fn run(config: Config) -> Result<()> {
         tracing::info!("stop requested");
         stopper.cancel();
     });
-    service::run(config, cancel).await?;
-    Ok(())
+    Ok(cancel)
 }
 
 async fn track(args: TrackArgs) -> Result<()> {

@@ -123,6 +123,7 @@ impl Service {
     pub(super) fn handle_tick(&mut self, tracker: &mut Tracker) -> Result<(), ServiceError> {
         let now = Instant::now();
         let mut fenced = false;
+        let no_points = self.no_points;
         for d in &mut self.disks {
             let progress = d.channel.progress().borrow().clone();
             // The RPO runs until the write is durable at the replica, not at the relay.
@@ -184,7 +185,8 @@ impl Service {
                 Self::start_resync(d, tracker, &self.config, why);
             }
             Self::schedule_reads(d, tracker)?;
-            d.points.store(d.phase.points_allowed(), Ordering::Relaxed);
+            d.points
+                .store(d.phase.points_allowed() && !no_points, Ordering::Relaxed);
             let rpo = d.rpo.current(now);
             if rpo > self.config.replication.rpo_alert && !d.rpo_alerted {
                 d.rpo_alerted = true;
