@@ -137,7 +137,7 @@ fn main() -> Result<()> {
         }
         Cmd::Status { config, json } => {
             let config = Config::load(&config)?;
-            let st = status::read(&config.state_dir)?;
+            let st = status::current(&config.state_dir)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&st)?);
             } else {

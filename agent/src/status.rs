@@ -13,11 +13,20 @@ const FILE: &str = "status.json";
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Status {
     pub pid: u32,
+    /// Whether the service that wrote the snapshot still runs. When it does
+    /// not, each disk's role, state and action come from the agent state,
+    /// which `reprotect` and `handoff` change while the service is stopped.
+    #[serde(default = "yes")]
+    pub service_running: bool,
     /// Unix milliseconds of the snapshot.
     pub updated_ms: u64,
     pub relay: String,
     pub connected: bool,
     pub disks: Vec<DiskStatus>,
+}
+
+fn yes() -> bool {
+    true
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -142,9 +151,76 @@ pub fn read(state_dir: &Path) -> Result<Status, StatusError> {
     })
 }
 
+/// What `blockferry-agent status` shows: the service's snapshot while it
+/// runs; otherwise the snapshot (if any) with each disk's role, state and
+/// action from the agent state and the generation records, and the disks the
+/// snapshot does not know (a disk reprotected before the service ran).
+pub fn current(state_dir: &Path) -> Result<Status, StatusError> {
+    let snapshot = read(state_dir);
+    if let Ok(st) = &snapshot
+        && Path::new("/proc").join(st.pid.to_string()).exists()
+    {
+        return snapshot;
+    }
+    let store = crate::state::StateStore::new(state_dir);
+    let state = match store.load() {
+        Ok(state) if !state.disks.is_empty() => state,
+        _ => return snapshot,
+    };
+    let mut st = snapshot.unwrap_or_default();
+    overlay_state(&mut st, &state, |id| {
+        let disk: blockferry_proto::DiskId = id.parse().ok()?;
+        let bytes = std::fs::read(store.record_path(&disk)).ok()?;
+        let r = blockferry_proto::GenerationRecord::decode(&bytes).ok()?;
+        Some(r.role().to_string())
+    });
+    Ok(st)
+}
+
+/// The DR view of `state` over a snapshot whose service no longer runs;
+/// `role` reads a disk's record role by id.
+pub fn overlay_state(
+    st: &mut Status,
+    state: &crate::state::AgentState,
+    role: impl Fn(&str) -> Option<String>,
+) {
+    st.service_running = false;
+    st.connected = false;
+    for (id, d) in &state.disks {
+        let i = match st.disks.iter().position(|s| &s.id == id) {
+            Some(i) => i,
+            None => {
+                st.disks.push(DiskStatus {
+                    id: id.clone(),
+                    ..DiskStatus::default()
+                });
+                st.disks.len() - 1
+            }
+        };
+        let s = &mut st.disks[i];
+        s.device = d.path.display().to_string();
+        s.size = d.size;
+        s.generation = d.generation;
+        s.state = disk_state(d).to_owned();
+        s.connected = false;
+        s.sync_percent = None;
+        s.action = disk_action(d);
+        if let Some(r) = role(id) {
+            s.role = r;
+        }
+    }
+}
+
 /// The human-readable table of `blockferry-agent status`.
 pub fn render(status: &Status, now_ms: u64) -> String {
     let age = now_ms.saturating_sub(status.updated_ms);
+    if !status.service_running {
+        let mut out = String::from(
+            "the agent service is not running: the states below are what it starts from\n",
+        );
+        out.push_str(&render_disks(status));
+        return out;
+    }
     let mut out = format!(
         "agent pid {} · relay {} ({}) · updated {:.1} s ago{}\n",
         status.pid,
@@ -161,6 +237,12 @@ pub fn render(status: &Status, now_ms: u64) -> String {
             ""
         }
     );
+    out.push_str(&render_disks(status));
+    out
+}
+
+fn render_disks(status: &Status) -> String {
+    let mut out = String::new();
     out.push_str(&format!(
         "{:<38} {:<14} {:<8} {:<13} {:>9} {:>12} {:>12} {:>8}\n",
         "DISK", "DEVICE", "ROLE", "STATE", "RPO", "BACKLOG", "SENT", "GEN"
@@ -215,6 +297,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = Status {
             pid: 42,
+            service_running: true,
             updated_ms: 1000,
             relay: "127.0.0.1:4433".into(),
             connected: true,
@@ -262,6 +345,55 @@ mod tests {
         });
         assert_eq!(disk_state(&d), "fenced");
         assert!(disk_action(&d).unwrap().contains("reprotect"));
+    }
+
+    #[test]
+    fn a_stopped_service_shows_the_state_that_reprotect_and_handoff_left() {
+        use crate::state::{AgentState, DiskState, HandOff};
+        let mut snap = Status {
+            pid: 1,
+            service_running: true,
+            connected: true,
+            disks: vec![DiskStatus {
+                id: "a".into(),
+                role: "source".into(),
+                state: "protected".into(),
+                connected: true,
+                ..DiskStatus::default()
+            }],
+            ..Status::default()
+        };
+        let mut state = AgentState::default();
+        let mut a = DiskState::new("/dev/vdb".into(), 8);
+        a.handed_off = Some(HandOff {
+            final_seq: 4,
+            generation: 1,
+            since: 2,
+        });
+        state.disks.insert("a".into(), a);
+        let mut b = DiskState::new("/dev/vdc".into(), 8);
+        b.phase = crate::state::SyncPhase::Resync;
+        b.reprotected = Some(crate::state::Reprotected { seq: 7, since: 1 });
+        state.disks.insert("b".into(), b);
+        overlay_state(&mut snap, &state, |id| {
+            Some(if id == "a" { "replica" } else { "source" }.to_owned())
+        });
+        assert!(!snap.service_running);
+        let a = &snap.disks[0];
+        assert_eq!(
+            (a.role.as_str(), a.state.as_str()),
+            ("replica", "handed-off")
+        );
+        assert!(!a.connected);
+        assert!(a.action.as_deref().unwrap().contains("failover --planned"));
+        let b = &snap.disks[1];
+        assert_eq!(
+            (b.id.as_str(), b.role.as_str(), b.state.as_str()),
+            ("b", "source", "reprotecting")
+        );
+        let text = render(&snap, 0);
+        assert!(text.contains("not running"), "{text}");
+        assert!(text.contains("handed-off"), "{text}");
     }
 
     #[test]

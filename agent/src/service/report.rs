@@ -11,6 +11,7 @@ impl Service {
         let now = Instant::now();
         let mut st = Status {
             pid: std::process::id(),
+            service_running: true,
             updated_ms: unix_ns() / 1_000_000,
             relay: self.config.relay.address.to_string(),
             connected: false,
