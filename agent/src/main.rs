@@ -104,10 +104,12 @@ struct TrackArgs {
     quiet: bool,
 }
 
-/// The service logs its progress; the diagnostic commands only warnings.
+/// The service logs its progress; the diagnostic commands only warnings. A
+/// handoff logs its progress too, unless a terminal shows its progress line.
 fn default_log_level() -> &'static str {
     match std::env::args().nth(1).as_deref() {
-        Some("run" | "handoff") => "info",
+        Some("run") => "info",
+        Some("handoff") if !std::io::IsTerminal::is_terminal(&std::io::stderr()) => "info",
         _ => "warn",
     }
 }
@@ -195,7 +197,7 @@ fn main() -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&out)?);
             } else {
                 println!(
-                    "disk {} handed off: the replica holds everything through seq {} (generation {}); {:.1} s, {} bytes shipped\nnext, on the replica's site: `blockferry-target failover --planned --disk {} --point latest`\nlineage: {}",
+                    "disk {} handed off: the replica holds everything through seq {} (generation {}); {:.1} s, {} bytes shipped\nnext, on the replica's site: `blockferry-target failover --planned --store STORE --disk {} --point latest`\nlineage: {}",
                     out.disk,
                     out.final_seq,
                     out.generation,

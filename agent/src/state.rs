@@ -147,7 +147,7 @@ impl HandOff {
     /// What the user should do, for `status`.
     pub fn advice(&self) -> String {
         format!(
-            "handed off: the replica holds everything through seq {} (a planned failover); nothing is shipped (writes are still tracked). Fail over on the replica's site (`blockferry-target failover --planned --point latest`), then reprotect this disk from the promoted copy",
+            "handed off: the replica holds everything through seq {} (a planned failover); nothing is shipped (writes are still tracked). Fail over on the replica's site (`blockferry-target failover --planned --store STORE --disk ID --point latest`), then reprotect this disk from the promoted copy",
             self.final_seq
         )
     }

@@ -157,7 +157,12 @@ pub async fn handoff(
                         }));
                     }
                     Action::Done { final_seq } => break Ok(final_seq),
-                    Action::Fail(e) => break Err(ServiceError::Handoff(e)),
+                    Action::Fail(e) => {
+                        if let Some(cause) = &d.error {
+                            tracing::error!(disk = %d.cfg.id, "last error: {cause}");
+                        }
+                        break Err(ServiceError::Handoff(e));
+                    }
                 }
             }
         }
@@ -210,8 +215,7 @@ impl Service {
         let d = &mut self.disks[0];
         let mut r = d.record.clone();
         r.set_seq(r.current().seq.max(final_seq))
-            .and_then(|()| r.demote())
-            .map_err(|e| ServiceError::Record(e.to_string()))?;
+            .and_then(|()| r.demote())?;
         self.store.save_record(&r)?;
         d.record = r;
         let number = d.record.current().number;

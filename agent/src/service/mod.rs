@@ -102,8 +102,8 @@ pub enum ServiceError {
     Handoff(#[from] crate::handoff::HandoffError),
     #[error("interrupted: the disk is still the source; run handoff again to finish")]
     Interrupted,
-    #[error("generation record not demoted ({0}): the disk is still the source")]
-    Record(String),
+    #[error("generation record not demoted: the disk is still the source")]
+    Record(#[from] blockferry_proto::GenerationError),
 }
 
 /// Bytes of reads in flight per disk: bounds memory together with the window.
