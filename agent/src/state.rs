@@ -16,7 +16,10 @@
 //! resize) keeps its generation id ([`restarted_record`]); only a fenced
 //! source (its replica was promoted elsewhere) detaches into a generation of
 //! its own, with a random id, so that what it writes from then on is told
-//! apart from what the promoted copy holds.
+//! apart from what the promoted copy holds. `blockferry-agent reprotect`
+//! installs a promoted copy's record in place of the agent's (the disk
+//! continues that copy's lineage), and `handoff` demotes the record once the
+//! replica holds the final point.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

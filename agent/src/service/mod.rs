@@ -22,7 +22,12 @@
 //! Files by job: this one sets up and runs the loop; `disk` handles the events
 //! of a disk; `drain` is the clean stop; `report` the status file; `progress`
 //! the initial sync's progress display; `shipper` (with `pacer`) turns reader
-//! output into batches; `exchange` carries a resync's hash requests.
+//! output into batches; `exchange` carries a resync's hash requests;
+//! `handoff` runs the loop for one disk until the planned failover's final
+//! point is durable at the replica (`blockferry-agent handoff`).
+//!
+//! One process at a time owns the state directory (a lock file there):
+//! `reprotect` and `handoff` refuse while the service runs.
 
 mod disk;
 mod drain;
