@@ -64,7 +64,7 @@ pub async fn handoff(
     match store.load()?.disk(&disk) {
         None => return Err(ServiceError::NeverProtected(disk)),
         Some(d) if !d.is_protected() => {
-            return Err(ServiceError::NotHandedOff {
+            return Err(ServiceError::NotProtected {
                 disk,
                 state: crate::status::disk_state(d),
             });
@@ -96,7 +96,7 @@ pub async fn handoff(
         let state = crate::status::disk_state(d.phase.state());
         svc.finish_partial_run(&tracker, true);
         connector.endpoint().close(0u32.into(), b"handoff done");
-        return done.ok_or(ServiceError::NotHandedOff { disk, state });
+        return done.ok_or(ServiceError::NotProtected { disk, state });
     }
     let mut core = Handoff::new(Instant::now(), timeout);
     let mut final_push: Option<tokio::task::JoinHandle<Option<Seq>>> = None;

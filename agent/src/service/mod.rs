@@ -90,7 +90,7 @@ pub enum ServiceError {
     #[error(
         "disk {disk} is {state}: only a protected disk can be handed off (see `blockferry-agent status`)"
     )]
-    NotHandedOff {
+    NotProtected {
         disk: blockferry_proto::DiskId,
         state: &'static str,
     },
