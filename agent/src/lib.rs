@@ -2,8 +2,10 @@
 //! reads them and ships them to the relay.
 
 pub mod config;
+pub mod handoff;
 pub mod phase;
 pub mod reader;
+pub mod reprotect;
 pub mod resync;
 pub mod rpo;
 pub mod service;

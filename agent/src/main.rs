@@ -42,6 +42,44 @@ enum Cmd {
     },
     /// Print a new random disk id for a `[[disk]]` entry of the configuration.
     NewDiskId,
+    /// Planned failover, source side: with the service stopped and the device
+    /// unused, ship the disk to RPO zero, cut a final point, wait until the
+    /// replica has it durable, then demote this copy and mark the disk
+    /// handed off.
+    Handoff {
+        #[arg(long, default_value = "/etc/blockferry/agent.toml")]
+        config: PathBuf,
+        /// The disk id (as in the configuration's `[[disk]]`).
+        #[arg(long)]
+        disk: blockferry_proto::DiskId,
+        /// Give up (the disk stays the source) after this many seconds.
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+        /// The result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Protect a disk that was failed over to this host: install the promoted
+    /// replica's generation record (STORE/ID/generation.rec, copied from the
+    /// target host) and start the disk with a checksum resync against the
+    /// target's seed. Run while the agent service is stopped.
+    Reprotect {
+        #[arg(long, default_value = "/etc/blockferry/agent.toml")]
+        config: PathBuf,
+        /// The disk id (as in the configuration's `[[disk]]`).
+        #[arg(long)]
+        disk: blockferry_proto::DiskId,
+        /// The promoted replica's generation record.
+        #[arg(long)]
+        record: PathBuf,
+        /// Replace the disk's entry even while it is protected by this agent
+        /// (that protection is dropped).
+        #[arg(long)]
+        force: bool,
+        /// The result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Stop the kernel tracking that outlives the agent (uninstall): removes its pins.
     Untrack {
         /// Every device: the tracker's pins are removed and its programs detach.
@@ -66,10 +104,12 @@ struct TrackArgs {
     quiet: bool,
 }
 
-/// The service logs its progress; the diagnostic commands only warnings.
+/// The service logs its progress; the diagnostic commands only warnings. A
+/// handoff logs its progress too, unless a terminal shows its progress line.
 fn default_log_level() -> &'static str {
     match std::env::args().nth(1).as_deref() {
         Some("run") => "info",
+        Some("handoff") if !std::io::IsTerminal::is_terminal(&std::io::stderr()) => "info",
         _ => "warn",
     }
 }
@@ -99,7 +139,7 @@ fn main() -> Result<()> {
         }
         Cmd::Status { config, json } => {
             let config = Config::load(&config)?;
-            let st = status::read(&config.state_dir)?;
+            let st = status::current(&config.state_dir)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&st)?);
             } else {
@@ -121,6 +161,54 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
+        Cmd::Reprotect {
+            config,
+            disk,
+            record,
+            force,
+            json,
+        } => {
+            let config = Config::load(&config)?;
+            let out = blockferry_agent::reprotect::reprotect(&config, disk, &record, force)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&out)?);
+            } else {
+                println!(
+                    "disk {} on {} ({} bytes) reprotected in generation {} after seq {}: start `blockferry-agent run`; it compares checksums with the target's seed and ships only what differs\nlineage: {}",
+                    out.disk, out.device, out.size, out.generation, out.seq, out.lineage
+                );
+            }
+            Ok(())
+        }
+        Cmd::Handoff {
+            config,
+            disk,
+            timeout,
+            json,
+        } => {
+            let config = Config::load(&config)?;
+            let out = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .context("cannot start the async runtime")?
+                .block_on(handoff(config, disk, timeout))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&out)?);
+            } else {
+                println!(
+                    "disk {} handed off: the replica holds everything through seq {} (generation {}); {:.1} s, {} bytes shipped\nnext, on the replica's site: `blockferry-target failover --planned --store STORE --disk {} --point latest`\nlineage: {}",
+                    out.disk,
+                    out.final_seq,
+                    out.generation,
+                    out.seconds,
+                    out.bytes_shipped,
+                    out.disk,
+                    out.lineage
+                );
+            }
+            Ok(())
+        }
         Cmd::NewDiskId => {
             let mut bytes = [0u8; 16];
             getrandom(&mut bytes)?;
@@ -138,6 +226,29 @@ fn getrandom(buf: &mut [u8]) -> Result<()> {
 }
 
 async fn run(config: Config) -> Result<()> {
+    let cancel = stop_on_signal()?;
+    service::run(config, cancel).await?;
+    Ok(())
+}
+
+async fn handoff(
+    config: Config,
+    disk: blockferry_proto::DiskId,
+    timeout_s: u64,
+) -> Result<service::HandedOff> {
+    let cancel = stop_on_signal()?;
+    let out = service::handoff(
+        config,
+        disk,
+        std::time::Duration::from_secs(timeout_s),
+        cancel,
+    )
+    .await?;
+    Ok(out)
+}
+
+/// A token cancelled at SIGTERM or SIGINT.
+fn stop_on_signal() -> Result<tokio_util::sync::CancellationToken> {
     use tokio::signal::unix::{SignalKind, signal};
 
     let cancel = tokio_util::sync::CancellationToken::new();
@@ -152,8 +263,7 @@ async fn run(config: Config) -> Result<()> {
         tracing::info!("stop requested");
         stopper.cancel();
     });
-    service::run(config, cancel).await?;
-    Ok(())
+    Ok(cancel)
 }
 
 async fn track(args: TrackArgs) -> Result<()> {

@@ -20,6 +20,18 @@
 //! promoted. A fenced disk reads and ships nothing, starts no resync and
 //! cuts no point; the tracker keeps its dirty set, so nothing is lost. It
 //! stays fenced across restarts until the disk is protected again.
+//!
+//! A disk **handed off** ([`DiskState::handed_off`], persisted by
+//! `blockferry-agent handoff`, a planned failover) is halted the same way:
+//! its replica holds everything and takes over. A refusal of the stream is
+//! then expected, and is no fence.
+//!
+//! A disk **reprotected** from a promoted copy's record
+//! ([`DiskState::reprotected`]) starts with a checksum resync; its replica
+//! (the target's seed) already holds the record's sequence, so nothing is
+//! read or compared until the peer confirmed a durable sequence at or after
+//! it: the stream's numbering follows the peer's, and a sequence at or below
+//! the record's would be taken for one the replica already holds.
 
 use std::collections::VecDeque;
 use std::ops::Range;
@@ -27,7 +39,7 @@ use std::path::Path;
 
 use blockferry_proto::{Generation, Seq};
 
-use crate::state::{DiskState, Fence, SyncPhase};
+use crate::state::{DiskState, Fence, HandOff, SyncPhase};
 
 /// Initial sync reads the disk in pieces of this size.
 pub const SYNC_PIECE: u64 = 16 << 20;
@@ -71,6 +83,18 @@ pub struct DiskPhase {
     resync_wanted: Option<Reason>,
     resync_running: bool,
     durable: Seq,
+    /// A reprotected disk's peer answered at or after the record's sequence.
+    floor_confirmed: bool,
+}
+
+/// The peer of a reprotected disk answered below the record's sequence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "the replica of this reprotected disk holds seq {peer}, before the promoted record's seq {record}: its target store is not the seed made from this record; run `blockferry-target reprotect` with this record on the target, then restart the agent"
+)]
+pub struct FloorError {
+    pub peer: Seq,
+    pub record: Seq,
 }
 
 impl DiskPhase {
@@ -89,14 +113,7 @@ impl DiskPhase {
         continuous: bool,
     ) -> (DiskPhase, Option<Range<u64>>) {
         let known = prev.is_some();
-        let mut state = prev.unwrap_or(DiskState {
-            path: path.to_owned(),
-            size,
-            generation: 1,
-            phase: SyncPhase::InitialSync { next_offset: 0 },
-            last_resync: None,
-            fenced: None,
-        });
+        let mut state = prev.unwrap_or_else(|| DiskState::new(path.to_owned(), size));
         let mut resync_wanted = None;
         if known && !was_clean {
             resync_wanted = Some("the last stop was not clean");
@@ -129,6 +146,7 @@ impl DiskPhase {
             resync_wanted,
             resync_running: false,
             durable: Seq::ZERO,
+            floor_confirmed: false,
         };
         (phase, grown)
     }
@@ -192,11 +210,71 @@ impl DiskPhase {
         self.state.fenced
     }
 
+    /// The hand-off of this disk, if it was failed over in a planned way.
+    pub fn handed_off(&self) -> Option<HandOff> {
+        self.state.handed_off
+    }
+
+    /// Fenced or handed off: nothing is read, shipped, compared or cut.
+    pub fn halted(&self) -> bool {
+        !self.state.is_protected()
+    }
+
+    /// The planned failover completed with the replica holding everything
+    /// through `final_seq` of `generation`: the disk is halted from now on.
+    pub fn handle_handed_off(&mut self, final_seq: Seq, generation: Generation, now_unix_s: u64) {
+        self.state.handed_off = Some(HandOff {
+            final_seq: final_seq.0,
+            generation: generation.0,
+            since: now_unix_s,
+        });
+        self.sync_next = None;
+        self.sync_shipped.clear();
+        self.resync_wanted = None;
+    }
+
+    /// The resync after a reprotect has not completed yet.
+    pub fn reprotecting(&self) -> bool {
+        self.state.reprotected.is_some()
+    }
+
+    /// Waiting for the peer of a reprotected disk to confirm the sequence the
+    /// record holds: nothing is read or compared until then.
+    fn awaiting_floor(&self) -> bool {
+        self.state.reprotected.is_some() && !self.floor_confirmed
+    }
+
+    /// The peer is up and holds `peer_durable`. For a reprotected disk this
+    /// must be at or after the record's sequence (the seed holds it); an
+    /// earlier one is refused: nothing is shipped, and the error says what
+    /// to do.
+    pub fn handle_peer_durable(
+        &mut self,
+        connected: bool,
+        peer_durable: Seq,
+    ) -> Result<(), FloorError> {
+        let Some(r) = self.state.reprotected else {
+            return Ok(());
+        };
+        if self.floor_confirmed || !connected {
+            return Ok(());
+        }
+        if peer_durable < Seq(r.seq) {
+            return Err(FloorError {
+                peer: peer_durable,
+                record: Seq(r.seq),
+            });
+        }
+        self.floor_confirmed = true;
+        Ok(())
+    }
+
     /// The peer refused our stream as stale: it holds generation `by`, newer
     /// than ours, so the replica was promoted. Returns the fence if it is new
     /// (to log and persist once); nothing is shipped from now on.
     pub fn handle_fenced(&mut self, by: Generation, now_unix_s: u64) -> Option<Fence> {
-        if self.state.fenced.is_some() {
+        // A handed-off disk's replica was meant to move on.
+        if self.halted() {
             return None;
         }
         let fence = Fence {
@@ -215,7 +293,7 @@ impl DiskPhase {
     /// wanted and a new generation begins: returns it, for the channel to start.
     /// A fenced disk starts nothing.
     pub fn handle_peer_resync(&mut self) -> Option<Generation> {
-        if self.resync_pending() || self.state.fenced.is_some() {
+        if self.resync_pending() || self.halted() {
             return None;
         }
         self.resync_wanted = Some("the stream cannot resume where it stopped");
@@ -252,7 +330,7 @@ impl DiskPhase {
     /// the comparison in this disk's generation. The initial sync, if any, is
     /// over: everything is compared.
     pub fn poll_resync_start(&mut self, connected: bool) -> Option<Reason> {
-        if self.resync_running || !connected || self.state.fenced.is_some() {
+        if self.resync_running || !connected || self.halted() || self.awaiting_floor() {
             return None;
         }
         let why = self.resync_wanted.take()?;
@@ -271,6 +349,7 @@ impl DiskPhase {
         if ok {
             self.state.last_resync = Some(now_unix_s);
             self.state.phase = SyncPhase::Continuous;
+            self.state.reprotected = None;
         } else {
             self.resync_wanted = Some("the previous attempt failed");
         }
@@ -279,7 +358,7 @@ impl DiskPhase {
     /// Whether tracked writes may be read now: not while a comparison runs,
     /// whose result covers them.
     pub fn may_read_dirty(&self) -> bool {
-        !self.resync_running && self.state.fenced.is_none()
+        !self.resync_running && !self.halted() && !self.awaiting_floor()
     }
 
     /// The next piece of the initial sync to read, if any, while fewer than
@@ -287,7 +366,7 @@ impl DiskPhase {
     /// here on: report it with [`Self::handle_sync_shipped`].
     pub fn poll_sync_read(&mut self, in_reads: u64, window: u64) -> Option<Range<u64>> {
         let next = self.sync_next?;
-        if self.state.fenced.is_some() || next >= self.state.size || in_reads >= window {
+        if self.halted() || next >= self.state.size || in_reads >= window {
             return None;
         }
         let end = (next + SYNC_PIECE).min(self.state.size);
@@ -319,7 +398,7 @@ impl DiskPhase {
     /// used and would only cost the target undo data.
     pub fn points_allowed(&self) -> bool {
         self.sync_next.is_none()
-            && self.state.fenced.is_none()
+            && !self.halted()
             && self.sync_shipped.is_empty()
             && !self.resync_pending()
             && matches!(self.state.phase, SyncPhase::Continuous)
@@ -344,12 +423,9 @@ mod tests {
 
     fn known(size: u64, phase: SyncPhase) -> DiskState {
         DiskState {
-            path: "/dev/old".into(),
-            size,
             generation: 4,
             phase,
-            last_resync: None,
-            fenced: None,
+            ..DiskState::new("/dev/old".into(), size)
         }
     }
 
@@ -656,5 +732,85 @@ mod tests {
         assert!(p.points_allowed());
         p.handle_tracking_lost();
         assert!(!p.points_allowed());
+    }
+
+    fn reprotected(seq: u64) -> DiskPhase {
+        let id = blockferry_proto::DiskId::from_bytes([3; 16]);
+        let mut r = crate::state::new_record(id, Generation(5));
+        r.set_seq(Seq(seq)).unwrap();
+        let st = DiskState::reprotected("/dev/loop1".into(), 4 * MIB, &r, 10);
+        DiskPhase::start(Some(st), Path::new("/dev/loop1"), 4 * MIB, true, true).0
+    }
+
+    #[test]
+    fn a_reprotected_disk_compares_by_checksum_in_the_records_generation() {
+        let mut p = reprotected(100);
+        assert_eq!(p.generation(), Generation(5));
+        assert_eq!(p.state().phase, SyncPhase::Resync);
+        assert!(p.reprotecting());
+        assert_eq!(p.poll_sync_read(0, u64::MAX), None, "no full copy");
+        assert_eq!(p.handle_peer_durable(true, Seq(100)), Ok(()));
+        assert!(p.poll_resync_start(true).is_some());
+        p.handle_resync_done(true, 20);
+        assert!(!p.reprotecting(), "reprotecting ends with its resync");
+        assert_eq!(p.state().phase, SyncPhase::Continuous);
+    }
+
+    #[test]
+    fn a_reprotected_disk_reads_nothing_before_the_peer_holds_the_records_seq() {
+        let mut p = reprotected(100);
+        assert!(
+            !p.may_read_dirty(),
+            "nothing is numbered before the peer answered"
+        );
+        assert_eq!(p.poll_resync_start(true), None);
+        // Not connected: no answer yet, no verdict.
+        assert_eq!(p.handle_peer_durable(false, Seq::ZERO), Ok(()));
+        let e = p.handle_peer_durable(true, Seq(99)).unwrap_err();
+        assert_eq!(
+            e,
+            FloorError {
+                peer: Seq(99),
+                record: Seq(100)
+            }
+        );
+        assert!(e.to_string().contains("blockferry-target reprotect"), "{e}");
+        assert!(!p.may_read_dirty());
+        assert_eq!(p.poll_resync_start(true), None);
+        assert_eq!(p.handle_peer_durable(true, Seq(130)), Ok(()));
+        assert!(p.may_read_dirty());
+    }
+
+    #[test]
+    fn a_handed_off_disk_ships_nothing_and_a_refusal_is_no_fence() {
+        let mut p = fresh(40 * MIB);
+        sync_all(&mut p, Seq(3));
+        p.handle_handed_off(Seq(9), Generation(1), 50);
+        assert_eq!(
+            p.handed_off(),
+            Some(HandOff {
+                final_seq: 9,
+                generation: 1,
+                since: 50
+            })
+        );
+        assert!(!p.may_read_dirty());
+        assert!(!p.points_allowed());
+        assert_eq!(p.handle_fenced(Generation(2), 60), None);
+        assert_eq!(p.fence(), None);
+        assert_eq!(p.handle_peer_resync(), None);
+        p.handle_tracking_lost();
+        assert_eq!(p.poll_resync_start(true), None);
+        // And after a restart.
+        let (mut again, _) = DiskPhase::start(
+            Some(p.state().clone()),
+            Path::new("/dev/vdb"),
+            40 * MIB,
+            false,
+            false,
+        );
+        assert!(again.halted());
+        assert_eq!(again.poll_resync_start(true), None);
+        assert_eq!(again.poll_sync_read(0, u64::MAX), None);
     }
 }

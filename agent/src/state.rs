@@ -9,9 +9,17 @@
 //! Beside it, each protected device's [`GenerationRecord`] (`<disk id>.generation`,
 //! a [`CopyRole::Source`]): its lineage in the DR cycle. A disk protected
 //! before records existed gets one when the service starts (a migration), in
-//! the wire generation its state holds. A fenced source (its replica was
-//! promoted elsewhere) detaches into a generation of its own, so that what it
-//! writes from then on is told apart from what the promoted copy holds.
+//! the wire generation its state holds. A new record starts in the disk's
+//! root generation ([`GenerationId::root`]), the one a new replica starts in
+//! too, so the replica made by the stream shares the source's lineage without
+//! ids travelling. A stream restarted under a newer wire number (a resync, a
+//! resize) keeps its generation id ([`restarted_record`]); only a fenced
+//! source (its replica was promoted elsewhere) detaches into a generation of
+//! its own, with a random id, so that what it writes from then on is told
+//! apart from what the promoted copy holds. `blockferry-agent reprotect`
+//! installs a promoted copy's record in place of the agent's (the disk
+//! continues that copy's lineage), and `handoff` demotes the record once the
+//! replica holds the final point.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -25,6 +33,8 @@ use blockferry_proto::{
 use serde::{Deserialize, Serialize};
 
 const FILE: &str = "agent-state.json";
+/// Held (flock) by the process that owns the state: `run` and `handoff`.
+const LOCK_FILE: &str = "agent.lock";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -40,6 +50,10 @@ pub enum StateError {
         "agent state {path} is damaged ({message}); move it away to start over with a checksum resync of every disk"
     )]
     Corrupt { path: PathBuf, message: String },
+    #[error(
+        "another blockferry-agent (the service, or a handoff) holds {path}: stop it first (for example `systemctl stop blockferry-agent`), then run this again"
+    )]
+    Busy { path: PathBuf },
     #[error(
         "generation record {path} is damaged ({message}); move it away to adopt the disk's current generation (a later reprotect then compares by checksum)"
     )]
@@ -71,6 +85,85 @@ pub struct DiskState {
     /// (tracking goes on) until the disk is protected again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fenced: Option<Fence>,
+    /// Set once `blockferry-agent handoff` brought the disk to RPO zero and
+    /// demoted its record: the other site's copy takes over, nothing is
+    /// shipped (tracking goes on) until the disk is reprotected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handed_off: Option<HandOff>,
+    /// Set by `blockferry-agent reprotect` until the first checksum resync
+    /// after it completes: the stream continues a promoted copy's record,
+    /// whose replica already holds everything through `seq`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reprotected: Option<Reprotected>,
+}
+
+impl DiskState {
+    /// A disk seen for the first time: an initial sync from offset zero in
+    /// wire generation 1.
+    pub fn new(path: PathBuf, size: u64) -> Self {
+        DiskState {
+            path,
+            size,
+            generation: 1,
+            phase: SyncPhase::InitialSync { next_offset: 0 },
+            last_resync: None,
+            fenced: None,
+            handed_off: None,
+            reprotected: None,
+        }
+    }
+
+    /// The entry of a disk reprotected from a promoted copy's `record`: the
+    /// device at `path` of `size` bytes starts with a checksum resync in the
+    /// record's wire generation; no sequence at or below the record's is
+    /// used again.
+    pub fn reprotected(path: PathBuf, size: u64, record: &GenerationRecord, now_s: u64) -> Self {
+        DiskState {
+            generation: record.current().number.0,
+            phase: SyncPhase::Resync,
+            reprotected: Some(Reprotected {
+                seq: record.current().seq.0,
+                since: now_s,
+            }),
+            ..DiskState::new(path, size)
+        }
+    }
+
+    /// Whether `run` protects the disk now: not fenced, not handed off.
+    pub fn is_protected(&self) -> bool {
+        self.fenced.is_none() && self.handed_off.is_none()
+    }
+}
+
+/// The planned failover of a disk to its replica, done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HandOff {
+    /// The final point: the replica holds everything through it.
+    pub final_seq: u64,
+    /// The wire generation of the final point.
+    pub generation: u64,
+    /// Unix seconds when the hand-off completed.
+    pub since: u64,
+}
+
+impl HandOff {
+    /// What the user should do, for `status`.
+    pub fn advice(&self) -> String {
+        format!(
+            "handed off: the replica holds everything through seq {} (a planned failover); nothing is shipped (writes are still tracked). Fail over on the replica's site (`blockferry-target failover --planned --store STORE --disk ID --point latest`), then reprotect this disk from the promoted copy",
+            self.final_seq
+        )
+    }
+}
+
+/// A disk reprotected from a promoted copy's record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reprotected {
+    /// The record's sequence: the target's seed starts there, so the stream's
+    /// first frame must come after it.
+    pub seq: u64,
+    /// Unix seconds of the reprotect.
+    pub since: u64,
 }
 
 /// Why and since when a disk is fenced.
@@ -148,6 +241,33 @@ impl StateStore {
         }
     }
 
+    /// Takes the state directory for this process (creating it if needed):
+    /// refused while another process holds it. Released when the lock is
+    /// dropped or the process dies.
+    pub fn lock(&self) -> Result<StateLock, StateError> {
+        blockferry_durable::create_dir_all(&self.dir)?;
+        let path = self.dir.join(LOCK_FILE);
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|source| StateError::Io {
+                op: "open",
+                path: path.clone(),
+                source,
+            })?;
+        match file.try_lock() {
+            Ok(()) => Ok(StateLock { _file: file }),
+            Err(std::fs::TryLockError::WouldBlock) => Err(StateError::Busy { path }),
+            Err(std::fs::TryLockError::Error(source)) => Err(StateError::Io {
+                op: "lock",
+                path,
+                source,
+            }),
+        }
+    }
+
     /// The generation record file of `disk`.
     pub fn record_path(&self, disk: &DiskId) -> PathBuf {
         self.dir.join(format!("{disk}.generation"))
@@ -177,15 +297,7 @@ impl StateStore {
                 Ok(r)
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let r = GenerationRecord::new(
-                    *disk,
-                    CopyRole::Source,
-                    GenerationEntry {
-                        id: random_generation_id(),
-                        number: generation,
-                        seq: Seq::ZERO,
-                    },
-                );
+                let r = new_record(*disk, generation);
                 self.save_record(&r)?;
                 Ok(r)
             }
@@ -220,9 +332,45 @@ impl StateStore {
     }
 }
 
+/// The state directory taken by this process ([`StateStore::lock`]).
+#[derive(Debug)]
+pub struct StateLock {
+    _file: std::fs::File,
+}
+
 /// A fresh random generation id.
 pub fn random_generation_id() -> GenerationId {
     GenerationId::from_bytes(rand::random())
+}
+
+/// The record of a disk that has none yet: a source in the disk's root
+/// generation (the same id a new replica of it starts in), with the wire
+/// number `generation` its state holds.
+pub fn new_record(disk: DiskId, generation: Generation) -> GenerationRecord {
+    GenerationRecord::new(
+        disk,
+        CopyRole::Source,
+        GenerationEntry {
+            id: GenerationId::root(disk),
+            number: generation,
+            seq: Seq::ZERO,
+        },
+    )
+}
+
+/// `record` after its stream restarted under wire number `number` (a
+/// checksum resync, a resize) having shipped through `held`: the same data
+/// generation, renumbered. The replica renumbers too when it follows, so no
+/// fork appears in either lineage.
+pub fn restarted_record(
+    record: &GenerationRecord,
+    number: Generation,
+    held: Seq,
+) -> Result<GenerationRecord, blockferry_proto::GenerationError> {
+    let mut r = record.clone();
+    r.set_seq(r.current().seq.max(held))?;
+    r.renumber(number)?;
+    Ok(r)
 }
 
 #[cfg(test)]
@@ -239,6 +387,37 @@ mod tests {
         assert_eq!(r.current().number, Generation(3));
         assert!(store.record_path(&id).exists(), "the migration saves it");
         assert_eq!(store.load_record(&id, Generation(9)).unwrap(), r);
+    }
+
+    #[test]
+    fn a_new_record_starts_in_the_root_generation_of_its_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::new(dir.path());
+        let id = DiskId::from_bytes([7; 16]);
+        let r = store.load_record(&id, Generation(1)).unwrap();
+        assert_eq!(r.current().id, GenerationId::root(id));
+        assert!(r.history().is_empty());
+        let other = StateStore::new(dir.path().join("other"));
+        assert_eq!(
+            other.load_record(&id, Generation(1)).unwrap().current().id,
+            r.current().id,
+            "every copy of the disk starts in the same generation"
+        );
+    }
+
+    #[test]
+    fn a_restarted_stream_keeps_its_generation_id_under_a_newer_number() {
+        let id = DiskId::from_bytes([7; 16]);
+        let r = new_record(id, Generation(1));
+        let next = restarted_record(&r, Generation(2), Seq(40)).unwrap();
+        assert_eq!(next.current().id, r.current().id);
+        assert_eq!(next.current().number, Generation(2));
+        assert_eq!(next.current().seq, Seq(40));
+        assert!(next.history().is_empty(), "no fork: {}", next.lineage());
+        assert!(
+            restarted_record(&next, Generation(1), Seq(40)).is_err(),
+            "a number never goes back"
+        );
     }
 
     #[test]
@@ -271,6 +450,39 @@ mod tests {
         let json = r#"{"clean_shutdown":true,"disks":{"d":{"path":"/dev/vdb","size":512,"generation":1,"phase":{"phase":"continuous"},"last_resync":null}}}"#;
         let s: AgentState = serde_json::from_str(json).unwrap();
         assert_eq!(s.disks["d"].fenced, None);
+        assert_eq!(s.disks["d"].handed_off, None);
+        assert_eq!(s.disks["d"].reprotected, None);
+        assert!(s.disks["d"].is_protected());
+    }
+
+    #[test]
+    fn a_reprotected_entry_resyncs_in_the_records_generation_after_its_seq() {
+        let id = DiskId::from_bytes([7; 16]);
+        let mut r = new_record(id, Generation(3));
+        r.set_seq(Seq(120)).unwrap();
+        let d = DiskState::reprotected("/dev/loop3".into(), 4096, &r, 50);
+        assert_eq!(d.phase, SyncPhase::Resync);
+        assert_eq!(d.generation, 3);
+        assert_eq!(
+            d.reprotected,
+            Some(Reprotected {
+                seq: 120,
+                since: 50
+            })
+        );
+        assert!(d.is_protected());
+    }
+
+    #[test]
+    fn the_state_directory_is_taken_by_one_process_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::new(dir.path().join("state"));
+        let held = store.lock().unwrap();
+        let e = store.lock().unwrap_err();
+        assert!(matches!(e, StateError::Busy { .. }), "{e}");
+        assert!(e.to_string().contains("stop it first"), "{e}");
+        drop(held);
+        store.lock().expect("free again once released");
     }
 
     #[test]
@@ -299,6 +511,12 @@ mod tests {
                     by_generation: 4,
                     since: 17,
                 }),
+                handed_off: Some(HandOff {
+                    final_seq: 9,
+                    generation: 3,
+                    since: 18,
+                }),
+                reprotected: Some(Reprotected { seq: 5, since: 16 }),
             },
         );
         store.save(&s).unwrap();

@@ -183,7 +183,12 @@ fn after_promotion_the_old_agent_is_fenced_nothing_reaches_the_promoted_copy_and
             .and_then(|st| st["updated_ms"].as_u64())
             .is_some_and(|t| t >= since);
         let st = disk_status(&site, &other);
-        if fresh && st["state"] == "replicating" && st["backlog_bytes"] == 0 && st["rpo_ms"] == 0 {
+        if fresh
+            && st["state"] == "protected"
+            && st["connected"] == true
+            && st["backlog_bytes"] == 0
+            && st["rpo_ms"] == 0
+        {
             break;
         }
         assert!(

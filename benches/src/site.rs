@@ -611,7 +611,8 @@ rpo_alert_seconds = 30
                 let done = fresh
                     && !disks.is_empty()
                     && disks.iter().all(|d| {
-                        d["state"] == "replicating"
+                        d["state"] == "protected"
+                            && d["connected"] == true
                             && d["backlog_bytes"] == 0
                             && d["rpo_ms"] == 0
                             && d["replica_seq"].as_u64() >= d["durable_seq"].as_u64()

@@ -111,7 +111,7 @@ fn replication_demo(s: &mut Scratch, bin: &std::path::Path, two_sites: bool) -> 
         }
         if let Ok(st) = site.agent_status() {
             let d = &st["disks"][0];
-            if d["state"] == "replicating" {
+            if d["state"] == "protected" {
                 break t0.elapsed();
             }
             let pct = d["sync_percent"].as_f64().unwrap_or(0.0);

@@ -16,7 +16,7 @@ use super::{
 use crate::config::Config;
 use crate::phase::{Resize, SyncAdvance};
 use crate::resync::{self, ResyncError};
-use crate::state::{StateStore, random_generation_id};
+use crate::state::{StateStore, random_generation_id, restarted_record};
 use crate::tracker::{DeviceId, Notice, Tracker};
 use blockferry_proto::ResyncReason;
 
@@ -123,12 +123,25 @@ impl Service {
     pub(super) fn handle_tick(&mut self, tracker: &mut Tracker) -> Result<(), ServiceError> {
         let now = Instant::now();
         let mut fenced = false;
+        let no_points = self.no_points;
         for d in &mut self.disks {
             let progress = d.channel.progress().borrow().clone();
             // The RPO runs until the write is durable at the replica, not at the relay.
             d.rpo.handle_ack(progress.replica.0);
             if let Some(err) = &progress.last_error {
                 d.error = Some(err.clone());
+            }
+            // A reprotected disk ships nothing before its peer holds the
+            // promoted record's sequence (see `DiskPhase::handle_peer_durable`).
+            if let Err(e) = d
+                .phase
+                .handle_peer_durable(progress.connected, progress.durable)
+            {
+                let msg = e.to_string();
+                if d.error.as_deref() != Some(msg.as_str()) {
+                    tracing::error!(disk = %d.cfg.id, "{msg}");
+                }
+                d.error = Some(msg);
             }
             // A range is forgotten only once the replica holds it: what the
             // relay spooled but the target has not applied may still be
@@ -161,7 +174,7 @@ impl Service {
                 && let Some(generation) = d.phase.handle_peer_resync()
             {
                 if d.record.current().number < generation {
-                    Self::detach_record(d, &self.store);
+                    Self::renumber_record(d, &self.store, generation);
                 }
                 let channel = d.channel.clone();
                 tokio::spawn(async move { channel.start_generation(generation).await });
@@ -172,7 +185,8 @@ impl Service {
                 Self::start_resync(d, tracker, &self.config, why);
             }
             Self::schedule_reads(d, tracker)?;
-            d.points.store(d.phase.points_allowed(), Ordering::Relaxed);
+            d.points
+                .store(d.phase.points_allowed() && !no_points, Ordering::Relaxed);
             let rpo = d.rpo.current(now);
             if rpo > self.config.replication.rpo_alert && !d.rpo_alerted {
                 d.rpo_alerted = true;
@@ -196,10 +210,27 @@ impl Service {
         Ok(())
     }
 
-    /// The source goes on in a generation of its own (fenced, or a new wire
-    /// generation after a resync), so a later comparison with the replica
-    /// sees what it wrote since. A record that cannot be saved is logged: the
-    /// next start adopts the generation again.
+    /// The stream restarts under wire number `generation` (a resync): the
+    /// data generation is the same, only renumbered. A record that cannot be
+    /// saved is logged: the next start adopts the number again.
+    fn renumber_record(d: &mut Disk, store: &StateStore, generation: blockferry_proto::Generation) {
+        match restarted_record(&d.record, generation, d.last_seq) {
+            Ok(r) => match store.save_record(&r) {
+                Ok(()) => d.record = r,
+                Err(e) => {
+                    tracing::warn!(disk = %d.cfg.id, error = %e, "generation record not saved")
+                }
+            },
+            Err(e) => {
+                tracing::warn!(disk = %d.cfg.id, error = %e, "generation record not renumbered")
+            }
+        }
+    }
+
+    /// The fenced source goes on in a generation of its own, so a later
+    /// comparison with the promoted copy sees what it wrote since. A record
+    /// that cannot be saved is logged: the next start adopts the generation
+    /// again.
     fn detach_record(d: &mut Disk, store: &StateStore) {
         let mut r = d.record.clone();
         let held = r.current().seq.max(d.last_seq);

@@ -26,9 +26,9 @@ impl Service {
             }
             let mut idle = true;
             for d in &mut self.disks {
-                if d.phase.fence().is_some() {
-                    // Nothing of it is shipped; the pinned tracker keeps its
-                    // dirty set over the stop.
+                if d.phase.halted() {
+                    // Fenced or handed off: nothing of it is shipped; the
+                    // pinned tracker keeps its dirty set over the stop.
                     continue;
                 }
                 let progress = d.channel.progress().borrow().clone();

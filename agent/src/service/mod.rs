@@ -22,11 +22,17 @@
 //! Files by job: this one sets up and runs the loop; `disk` handles the events
 //! of a disk; `drain` is the clean stop; `report` the status file; `progress`
 //! the initial sync's progress display; `shipper` (with `pacer`) turns reader
-//! output into batches; `exchange` carries a resync's hash requests.
+//! output into batches; `exchange` carries a resync's hash requests;
+//! `handoff` runs the loop for one disk until the planned failover's final
+//! point is durable at the replica (`blockferry-agent handoff`).
+//!
+//! One process at a time owns the state directory (a lock file there):
+//! `reprotect` and `handoff` refuse while the service runs.
 
 mod disk;
 mod drain;
 mod exchange;
+mod handoff;
 mod pacer;
 mod progress;
 mod report;
@@ -53,6 +59,7 @@ use crate::rpo::Rpo;
 use crate::state::{AgentState, StateStore};
 use crate::tracker::{DeviceId, Tracker, TrackerError};
 
+pub use handoff::{HandedOff, handoff};
 use progress::SyncProgress;
 pub use shipper::ShipError;
 use shipper::{Shipped, spawn_shipper};
@@ -74,6 +81,34 @@ pub enum ServiceError {
     Endpoint(#[from] EndpointError),
     #[error("{} vanished while being protected; check the device", .0.display())]
     DiskVanished(PathBuf),
+    #[error("disk {0} is not in the configuration: check --disk and the [[disk]] entries")]
+    NotConfigured(blockferry_proto::DiskId),
+    #[error(
+        "disk {0} was never protected by this agent: there is nothing to hand off (run the service first)"
+    )]
+    NeverProtected(blockferry_proto::DiskId),
+    #[error(
+        "disk {disk} is {state}: only a protected disk can be handed off (see `blockferry-agent status`)"
+    )]
+    NotProtected {
+        disk: blockferry_proto::DiskId,
+        state: &'static str,
+    },
+    #[error(
+        "{} is in use (a mounted file system or another exclusive holder): unmount it or stop the workload, then run handoff again", .0.display()
+    )]
+    DeviceBusy(PathBuf),
+    #[error("cannot open {path}: {source}")]
+    Device {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Handoff(#[from] crate::handoff::HandoffError),
+    #[error("interrupted: the disk is still the source; run handoff again to finish")]
+    Interrupted,
+    #[error("generation record not demoted: the disk is still the source")]
+    Record(#[from] blockferry_proto::GenerationError),
 }
 
 /// Bytes of reads in flight per disk: bounds memory together with the window.
@@ -132,7 +167,65 @@ struct Disk {
 
 /// Runs the service until `cancel` fires, then stops cleanly.
 pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), ServiceError> {
+    let Started {
+        mut svc,
+        mut tracker,
+        mut shipped_rx,
+        connector,
+    } = start(config, None, &cancel)?;
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let result = loop {
+        tokio::select! {
+            _ = cancel.cancelled() => break Ok(()),
+            notices = tracker.next() => match notices {
+                Ok(notices) => svc.handle_notices(&mut tracker, notices),
+                Err(e) => break Err(ServiceError::Tracker(e)),
+            },
+            Some(msg) = shipped_rx.recv() => svc.handle_shipped(&mut tracker, msg),
+            _ = tick.tick() => {
+                if let Err(e) = svc.handle_tick(&mut tracker) {
+                    break Err(e);
+                }
+            }
+        }
+    };
+    let clean = result.is_ok() && svc.drain(&mut tracker, &mut shipped_rx).await;
+    svc.state.clean_shutdown = clean;
+    svc.save_progress();
+    svc.store.save(&svc.state)?;
+    if clean {
+        tracing::info!("stopped cleanly: everything tracked is durable at the target");
+    } else {
+        tracing::warn!(
+            "stopped with data not yet durable at the target: the next start resyncs by checksum"
+        );
+    }
+    connector.endpoint().close(0u32.into(), b"agent stopping");
+    result
+}
+
+/// A started service: the loop's parts.
+struct Started {
+    svc: Service,
+    tracker: Tracker,
+    shipped_rx: mpsc::Receiver<Shipped>,
+    connector: Arc<Connector>,
+}
+
+/// Takes the state directory, loads the state and the tracker, and starts
+/// the reader, channel and shipper of every configured disk, or with `only`
+/// of that one disk: the others are then tracked (so that no write of theirs
+/// is consumed unseen) but not shipped.
+fn start(
+    config: Config,
+    only: Option<blockferry_proto::DiskId>,
+    cancel: &CancellationToken,
+) -> Result<Started, ServiceError> {
     let store = StateStore::new(&config.state_dir);
+    // One process owns the state: `reprotect` and `handoff` refuse while
+    // the service runs.
+    let lock = store.lock()?;
     let mut state = store.load()?;
     let was_clean = state.clean_shutdown;
     state.clean_shutdown = false;
@@ -155,11 +248,21 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), Servic
             "kernel tracking was not continuous since the last run: known disks are compared by checksum"
         );
     }
-    let (shipped_tx, mut shipped_rx) = mpsc::channel::<Shipped>(256);
+    let (shipped_tx, shipped_rx) = mpsc::channel::<Shipped>(256);
     let mut disks = Vec::new();
-    for (i, dc) in config.disks.iter().enumerate() {
+    let mut bystanders = Vec::new();
+    for dc in &config.disks {
         // Tracking starts first: a write from here on is seen, whatever is read.
         let dev = tracker.protect(&dc.path)?;
+        if only.is_some_and(|id| id != dc.id) {
+            bystanders.push(Bystander {
+                id: dc.id,
+                dev,
+                continuous: tracker.continuous(dev),
+            });
+            continue;
+        }
+        let i = disks.len();
         let size = tracker
             .device(dev)
             .map(|d| d.size_bytes())
@@ -167,7 +270,7 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), Servic
         let (reader, events) = reader::spawn(&dc.path, &reader_config(&config))?;
         let prev = state.disk(&dc.id).cloned();
         let old_size = prev.as_ref().map(|p| p.size);
-        let (phase, grown) =
+        let (mut phase, grown) =
             DiskPhase::start(prev, &dc.path, size, was_clean, tracker.continuous(dev));
         if let Some(grown) = grown {
             tracing::info!(disk = %dc.id, old = grown.start, new = size, "disk grew while the agent was down");
@@ -176,8 +279,20 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), Servic
             tracing::warn!(disk = %dc.id, old, new = size, "disk shrank while the agent was down");
         }
         let record = store.load_record(&dc.id, phase.generation())?;
+        if record.role() != blockferry_proto::CopyRole::Source && !phase.halted() {
+            // A handoff demoted the record and stopped before it saved the
+            // state: the replica holds everything through the record's seq.
+            phase.handle_handed_off(
+                record.current().seq,
+                record.current().number,
+                unix_ns() / 1_000_000_000,
+            );
+        }
         if let Some(fence) = phase.fence() {
             tracing::warn!(disk = %dc.id, lineage = %record.lineage(), "{}", fence.advice());
+        }
+        if let Some(h) = phase.handed_off() {
+            tracing::info!(disk = %dc.id, lineage = %record.lineage(), "{}", h.advice());
         }
         let sender = DiskSender::new(
             SenderConfig::default(),
@@ -223,46 +338,28 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), Servic
     }
     drop(shipped_tx);
     store.save(&state)?;
-    tracker.forget_inherited()?;
+    if only.is_none() {
+        tracker.forget_inherited()?;
+    }
 
-    let mut svc = Service {
+    let svc = Service {
         config,
         store,
         state,
         disks,
+        bystanders,
+        was_clean,
+        no_points: false,
         last_save: Instant::now(),
         last_status: Instant::now(),
+        _lock: lock,
     };
-    let mut tick = tokio::time::interval(TICK);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let result = loop {
-        tokio::select! {
-            _ = cancel.cancelled() => break Ok(()),
-            notices = tracker.next() => match notices {
-                Ok(notices) => svc.handle_notices(&mut tracker, notices),
-                Err(e) => break Err(ServiceError::Tracker(e)),
-            },
-            Some(msg) = shipped_rx.recv() => svc.handle_shipped(&mut tracker, msg),
-            _ = tick.tick() => {
-                if let Err(e) = svc.handle_tick(&mut tracker) {
-                    break Err(e);
-                }
-            }
-        }
-    };
-    let clean = result.is_ok() && svc.drain(&mut tracker, &mut shipped_rx).await;
-    svc.state.clean_shutdown = clean;
-    svc.save_progress();
-    svc.store.save(&svc.state)?;
-    if clean {
-        tracing::info!("stopped cleanly: everything tracked is durable at the target");
-    } else {
-        tracing::warn!(
-            "stopped with data not yet durable at the target: the next start resyncs by checksum"
-        );
-    }
-    connector.endpoint().close(0u32.into(), b"agent stopping");
-    result
+    Ok(Started {
+        svc,
+        tracker,
+        shipped_rx,
+        connector,
+    })
 }
 
 /// The QUIC endpoint and the connector to the relay, with the agent's certificate.
@@ -311,8 +408,24 @@ struct Service {
     store: StateStore,
     state: AgentState,
     disks: Vec<Disk>,
+    /// Disks tracked but not shipped by this process (a handoff of another
+    /// disk): what they collect is not shipped, so they resync at the next
+    /// start if anything was collected.
+    bystanders: Vec<Bystander>,
+    /// Whether the stop before this start was clean.
+    was_clean: bool,
+    /// No recovery points but the final one (a handoff cuts its own).
+    no_points: bool,
     last_save: Instant,
     last_status: Instant,
+    _lock: crate::state::StateLock,
+}
+
+/// A disk tracked, not shipped (see [`Service::bystanders`]).
+struct Bystander {
+    id: blockferry_proto::DiskId,
+    dev: DeviceId,
+    continuous: bool,
 }
 
 impl Service {

@@ -3,7 +3,6 @@
 use std::time::Instant;
 
 use super::{Service, unix_ns};
-use crate::state::SyncPhase;
 use crate::status::{self, DiskStatus, Status};
 use crate::tracker::Tracker;
 
@@ -12,6 +11,7 @@ impl Service {
         let now = Instant::now();
         let mut st = Status {
             pid: std::process::id(),
+            service_running: true,
             updated_ms: unix_ns() / 1_000_000,
             relay: self.config.relay.address.to_string(),
             connected: false,
@@ -22,25 +22,16 @@ impl Service {
             st.connected |= progress.connected;
             let dirty = tracker.dirty(d.dev).map_or(0, |s| s.total_bytes());
             let sync_percent = d.phase.sync_percent();
-            let fence = d.phase.fence();
-            let state = if fence.is_some() {
-                "fenced"
-            } else if !progress.connected {
-                "disconnected"
-            } else {
-                match d.phase.state().phase {
-                    SyncPhase::InitialSync { .. } => "initial-sync",
-                    SyncPhase::Resync => "resync",
-                    SyncPhase::Continuous => "replicating",
-                }
-            };
+            let state = status::disk_state(d.phase.state());
             let rpo = d.rpo.current(now);
             st.disks.push(DiskStatus {
                 id: d.cfg.id.to_string(),
                 device: d.cfg.path.display().to_string(),
                 size: d.phase.size(),
                 generation: d.phase.state().generation,
+                role: d.record.role().to_string(),
                 state: state.to_owned(),
+                connected: progress.connected,
                 sync_percent,
                 rpo_ms: rpo.as_millis() as u64,
                 worst_rpo_ms: d.rpo.worst().as_millis() as u64,
@@ -52,7 +43,7 @@ impl Service {
                 durable_seq: progress.durable.0,
                 replica_seq: progress.replica.0,
                 last_error: d.error.clone().or(progress.last_error),
-                action: fence.map(|f| f.advice()),
+                action: status::disk_action(d.phase.state()),
             });
         }
         if let Err(e) = status::write(&self.config.state_dir, &st) {
