@@ -364,7 +364,7 @@ fn the_whole_dr_cycle_on_two_sites_loses_no_committed_row_and_moves_only_what_di
     .unwrap_or_else(|e| panic!("{e:#}"));
     let store_b = forward.target_store();
     forward.start_agent().expect("agent");
-    wait_disk(&forward, "replicating", |d| d["state"] == "replicating");
+    wait_disk(&forward, "protected", |d| d["state"] == "protected");
     writer_a.as_ref().expect("writer").wait_rows(200);
 
     // --- test failover while replication goes on ---
@@ -431,7 +431,7 @@ fn the_whole_dr_cycle_on_two_sites_loses_no_committed_row_and_moves_only_what_di
     ));
     let seq0 = before["replica_seq"].as_u64().unwrap_or(0);
     wait_disk(&forward, "replication going on past the test", |d| {
-        d["replica_seq"].as_u64() > Some(seq0) && d["state"] == "replicating"
+        d["replica_seq"].as_u64() > Some(seq0) && d["state"] == "protected"
     });
 
     // --- unplanned failover while the source still writes ---
