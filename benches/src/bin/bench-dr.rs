@@ -7,7 +7,8 @@
 //! before a first point and `--later-mib` between it and a second, then times
 //! test failovers of the latest point (the clone alone, near O(1)) and of the
 //! older one (the clone plus the undo of the later point): printed, never
-//! asserted. The last line is `test_failover_s=...` (the latest point).
+//! asserted. Then it times a failover to the latest point (the same copy,
+//! plus the promotion). The last line is `test_failover_s=... failover_s=...`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -19,7 +20,8 @@ use anyhow::{Context, Result, bail};
 use blockferry_proto::{Barrier, Consistency, DiskId, Generation, Seq};
 use blockferry_target::batch::{ApplyBatch, raw_chunk};
 use blockferry_target::failover::{
-    CopyMethod, PointChoice, TestFailoverRequest, cleanup, test_failover,
+    CopyMethod, FailoverRequest, PointChoice, TestFailoverRequest, cleanup, failover,
+    test_failover,
 };
 use blockferry_target::{DiskStore, StoreOptions};
 use clap::Parser;
@@ -174,6 +176,38 @@ fn time_test_failover(
     Ok(secs)
 }
 
+/// Seconds from the request to a writable disk for a failover to the latest
+/// point (the copy, the loop device, the promotion); the loop device is
+/// detached afterwards.
+fn time_failover(store: &Mutex<DiskStore>, out: &Path) -> Result<f64> {
+    let req = FailoverRequest {
+        disk: DISK.into(),
+        point: PointChoice::Latest,
+        out: out.to_path_buf(),
+        attach: true,
+        force: false,
+        planned: false,
+        discard_writes: false,
+    };
+    let t = Instant::now();
+    let rec = failover(store, &req, 3, &AtomicBool::new(false))?;
+    let secs = t.elapsed().as_secs_f64();
+    println!(
+        "failover to point {}: {} in {secs:.3} s, generation {} promoted",
+        rec.point,
+        match rec.method {
+            Some(CopyMethod::Reflink) => "reflink clone",
+            Some(CopyMethod::Export) => "export (no reflink here)",
+            None => "unknown",
+        },
+        rec.summary().generation.unwrap_or_default(),
+    );
+    if let Some(dev) = &rec.loop_device {
+        run("losetup", &["-d", dev.to_str().unwrap_or_default()])?;
+    }
+    Ok(secs)
+}
+
 fn main() -> Result<()> {
     let a = Args::parse();
     let disk = a.disk_mib << 20;
@@ -197,6 +231,7 @@ fn main() -> Result<()> {
     let out = fs.mnt.join("test-failover");
     let older_s = time_test_failover(&root, &store, older, &out)?;
     let latest_s = time_test_failover(&root, &store, latest, &out)?;
+    let failover_s = time_failover(&store, &fs.mnt.join("failover"))?;
     store
         .into_inner()
         .unwrap_or_else(|p| p.into_inner())
@@ -205,6 +240,6 @@ fn main() -> Result<()> {
         "test_failover_older_point_s={older_s:.3} ({} MiB of undo)",
         a.later_mib
     );
-    println!("test_failover_s={latest_s:.3}");
+    println!("test_failover_s={latest_s:.3} failover_s={failover_s:.3}");
     Ok(())
 }
