@@ -157,6 +157,20 @@ pub enum TargetError {
         point: u64,
         latest_complete: Option<u64>,
     },
+    #[error(
+        "the seed {path} is in use (mounted, or held open exclusively): unmount it and stop whatever holds it, then retry"
+    )]
+    SeedBusy { path: PathBuf },
+    #[error("{path} cannot be taken as a seed: {reason}")]
+    NotASeed { path: PathBuf, reason: String },
+    #[error(
+        "the source is {new_size} bytes, larger than the seed {path} ({size} bytes): a seed cannot grow; grow the seed to {new_size} bytes and run reprotect again, or reprotect onto a seed of the source's size"
+    )]
+    SeedCannotGrow {
+        path: PathBuf,
+        size: u64,
+        new_size: u64,
+    },
     #[error("{what} is not supported yet: {hint}")]
     Unsupported { what: String, hint: String },
 }

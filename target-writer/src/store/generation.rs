@@ -128,6 +128,18 @@ pub(super) fn in_step(record: &mut GenerationRecord, state: &DiskState) -> Resul
             .set_seq(Seq(state.applied_seq))
             .map_err(|e| generation_error(&state.disk, e))?;
     }
+    if record.role() == CopyRole::Seed && state.complete {
+        // A barrier arrived since the seed was taken: its checksum resync
+        // ended, so it holds the source's data exactly, like any replica.
+        *record = GenerationRecord::from_parts(
+            record.disk(),
+            CopyRole::Replica,
+            record.current(),
+            record.history().to_vec(),
+        )
+        .map_err(|e| generation_error(&state.disk, e))?;
+        return Ok(true);
+    }
     Ok(renumbered)
 }
 
@@ -203,6 +215,18 @@ pub(super) fn open_record(
 }
 
 impl DiskStore {
+    /// After a barrier: a seed whose resync it ended becomes a replica
+    /// (durably; a crash before this write is completed on open).
+    pub(super) fn settle_record(&mut self) -> Result<()> {
+        let mut record = self.record.clone();
+        if in_step(&mut record, &self.state)? {
+            write(&self.opts.faults, &self.dir, &record)?;
+            info!(disk = %self.state.disk, lineage = %record.lineage(), "the seed's resync ended: it is a replica now");
+        }
+        self.record = record;
+        Ok(())
+    }
+
     /// The replica's generation record, holding the applied sequence.
     pub fn generation_record(&self) -> &GenerationRecord {
         &self.record
@@ -446,6 +470,7 @@ mod tests {
             next_file_no: 1,
             points: Vec::new(),
             complete: false,
+            external: None,
         }
     }
 }
