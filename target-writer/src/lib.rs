@@ -6,7 +6,8 @@
 //! overwrites into the open recovery point's undo [`segment`]; [`retention`]
 //! decides which points stay; [`export`] writes any point out as a disk, and
 //! [`failover`] makes a writable test copy of one (a reflink clone where the
-//! file system shares extents).
+//! file system shares extents). [`reprotect`] takes an existing disk as the
+//! replica (a seed) and fails such a store over in place.
 
 pub mod batch;
 pub mod control;
@@ -17,6 +18,7 @@ pub mod failover;
 pub mod feed;
 pub mod promote;
 pub mod replica;
+pub mod reprotect;
 pub mod retention;
 pub mod segment;
 pub mod serve;

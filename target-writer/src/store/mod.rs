@@ -288,7 +288,7 @@ pub fn disk_dir(root: &Path, disk: &str) -> Result<PathBuf> {
     Ok(root.join(disk))
 }
 
-fn lock_dir(dir: &Path) -> Result<File> {
+pub(crate) fn lock_dir(dir: &Path) -> Result<File> {
     let path = dir.join(LOCK);
     let f = OpenOptions::new()
         .create(true)
@@ -347,6 +347,43 @@ pub fn list_points(root: &Path, disk: &str) -> Result<Vec<PointMeta>> {
         });
     }
     Ok(read_state(&dir)?.points)
+}
+
+/// A store as its files describe it, read without locking it.
+#[derive(Debug, Clone)]
+pub struct StoreSummary {
+    pub dir: PathBuf,
+    pub size: u64,
+    pub generation: u64,
+    pub applied_seq: u64,
+    pub complete: bool,
+    /// The seed the replica is, if it is one.
+    pub seed: Option<ExternalReplica>,
+    /// The generation record (`None` in a store written before records).
+    pub record: Option<blockferry_proto::GenerationRecord>,
+    /// The newest recovery point's sequence.
+    pub latest_point_seq: Option<u64>,
+}
+
+/// The store of `disk` under `root` as its state and record files say,
+/// without locking it; `None` when there is no committed store.
+pub fn summary(root: &Path, disk: &str) -> Result<Option<StoreSummary>> {
+    let dir = disk_dir(root, disk)?;
+    if !dir.join(STATE).exists() {
+        return Ok(None);
+    }
+    let st = read_state(&dir)?;
+    let record = generation::read(&dir)?;
+    Ok(Some(StoreSummary {
+        size: st.size,
+        generation: st.generation,
+        applied_seq: st.applied_seq,
+        complete: st.complete,
+        seed: st.external,
+        record,
+        latest_point_seq: st.points.last().map(|p| p.seq),
+        dir,
+    }))
 }
 
 /// A content id that differs for every batch boundary of every disk, and is
