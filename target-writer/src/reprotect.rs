@@ -905,6 +905,60 @@ mod tests {
     }
 
     #[test]
+    #[ignore = "needs root: loop device"]
+    fn a_device_seed_is_reprotected_and_given_back_writable_at_its_final_point() {
+        use std::os::unix::fs::{FileExt, OpenOptionsExt};
+        blockferry_testkit::privileged::require_root(
+            "a_device_seed_is_reprotected_and_given_back_writable_at_its_final_point",
+        );
+        let dev = blockferry_testkit::devices::LoopDev::new(1 << 20, false);
+        let old = blockferry_testkit::data::mixed_data(1 << 20, 3);
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&dev.path)
+            .unwrap();
+        f.write_all_at(&old, 0).unwrap();
+        f.sync_all().unwrap();
+        drop(f);
+        let excl = || {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_EXCL)
+                .open(&dev.path)
+        };
+        let site = site();
+        let mut req = site.req.clone();
+        req.seed = dev.path.clone();
+        let r = reprotect(&req, 9).unwrap();
+        assert_eq!(
+            (r.kind.as_str(), r.mode.as_str()),
+            ("device", "delta-by-generation")
+        );
+        assert_eq!(dev.read_all(), old, "reprotect wrote nothing to the seed");
+        let mut s = DiskStore::open(&site.root, DISK, StoreOptions::default()).unwrap();
+        assert_eq!(
+            excl().unwrap_err().raw_os_error(),
+            Some(libc::EBUSY),
+            "nobody mounts the seed while it is replicated into"
+        );
+        s.apply(&batch(2, 4)).unwrap();
+        s.barrier(&barrier(2, 5), 5).unwrap();
+        drop(s);
+        let f = failover_in_place(&site.root, DISK).unwrap();
+        assert_eq!(
+            (f.path.as_path(), f.kind.as_str()),
+            (dev.path.as_path(), "device")
+        );
+        assert!(
+            excl().is_ok(),
+            "the device is released: it is the writable disk"
+        );
+        let mut want = old;
+        want[4 * 4096..5 * 4096].fill(4);
+        assert!(dev.read_all() == want, "the device holds the final point");
+    }
+
+    #[test]
     fn a_seed_fails_over_in_place_only_at_its_final_point() {
         let site = site();
         reprotect(&site.req, 9).unwrap();
