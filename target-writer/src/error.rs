@@ -161,6 +161,10 @@ pub enum TargetError {
         "the seed {path} is in use (mounted, or held open exclusively): unmount it and stop whatever holds it, then retry"
     )]
     SeedBusy { path: PathBuf },
+    #[error(
+        "the seed's file {path} is attached as {device}: detach it (`losetup -d {device}`) so nothing mounts it while it is replicated into, then retry"
+    )]
+    SeedAttached { path: PathBuf, device: PathBuf },
     #[error("{path} cannot be taken as a seed: {reason}")]
     NotASeed { path: PathBuf, reason: String },
     #[error(

@@ -540,6 +540,15 @@ impl VmdkSeedReplica {
                 ),
             });
         }
+        if writable {
+            // A file cannot be opened exclusively; what would write it behind
+            // the stream's back is a loop device over it (a failover's disk).
+            for f in image.files() {
+                if let Some(device) = loop_device_over(&f) {
+                    return Err(TargetError::SeedAttached { path: f, device });
+                }
+            }
+        }
         let size = DiskRead::size(&image);
         let mut r = VmdkSeedReplica {
             image,
@@ -613,6 +622,21 @@ impl Replica for VmdkSeedReplica {
     fn path(&self) -> &Path {
         &self.path
     }
+}
+
+/// A loop device whose backing file is `file`, from sysfs (no tool, no root).
+fn loop_device_over(file: &Path) -> Option<PathBuf> {
+    let file = std::fs::canonicalize(file).ok()?;
+    let entries = std::fs::read_dir("/sys/block").ok()?;
+    entries.flatten().find_map(|e| {
+        let name = e.file_name();
+        let name = name.to_str()?;
+        if !name.starts_with("loop") {
+            return None;
+        }
+        let backing = std::fs::read_to_string(e.path().join("loop/backing_file")).ok()?;
+        (Path::new(backing.trim_end()) == file).then(|| Path::new("/dev").join(name))
+    })
 }
 
 /// The descriptor of a replica: `createType="vmfs"` with one VMFS extent,

@@ -251,3 +251,29 @@ fn a_device_seed_is_held_exclusively_and_takes_the_stream() {
     assert!(excl().is_ok(), "a promoted seed is opened shared");
     assert!(s.grow(SIZE * 2).is_err());
 }
+
+#[test]
+#[ignore = "needs root: loop device"]
+fn a_vmdk_seed_attached_as_a_loop_device_is_refused_until_detached() {
+    blockferry_testkit::privileged::require_root(
+        "a_vmdk_seed_attached_as_a_loop_device_is_refused_until_detached",
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let path = vmdk_seed(tmp.path(), DiskKind::Vmfs);
+    let flat = tmp.path().join("seed-flat.vmdk");
+    let seed = ExternalReplica::at(&path).unwrap();
+    let root = tmp.path().join("store");
+    {
+        let dev = blockferry_testkit::devices::LoopDev::attach(&flat, false);
+        let e =
+            DiskStore::create_seed(&root, "d", &seed, seed_record(), 1, StoreOptions::default())
+                .unwrap_err();
+        assert!(
+            matches!(&e, TargetError::SeedAttached { device, .. } if *device == dev.path),
+            "{e}"
+        );
+        assert!(e.to_string().contains("losetup -d"), "{e}");
+        assert!(!root.join("d").exists(), "nothing was made");
+    }
+    DiskStore::create_seed(&root, "d", &seed, seed_record(), 1, StoreOptions::default()).unwrap();
+}
