@@ -905,6 +905,97 @@ mod tests {
     }
 
     #[test]
+    fn the_service_continues_the_source_on_a_seed_compares_it_by_checksum_and_refuses_a_larger_source()
+     {
+        use blockferry_transport::{FrameSink, PeerIdentity};
+        let name = "01234567-89ab-cdef-0011-223344556677";
+        let id: DiskId = name.parse().unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("store");
+        // The seed holds the old data; the source differs in one chunk.
+        let old = blockferry_testkit::data::mixed_data(1 << 20, 5);
+        let seed = tmp.path().join("seed.vmdk");
+        let mut img =
+            VmdkImage::create(&seed, &CreateOptions::new(1 << 20, DiskKind::Vmfs)).unwrap();
+        img.apply(&[crate::vmdk::WriteOp::Data {
+            offset: 0,
+            data: &old,
+        }])
+        .unwrap();
+        drop(img);
+        let mut source =
+            GenerationRecord::new(id, CopyRole::Replica, entry(GenerationId::root(id), 1, 8));
+        source
+            .promote(GenerationId::from_bytes([0xcc; 16]))
+            .unwrap();
+        let seed_rec =
+            GenerationRecord::new(id, CopyRole::Replica, entry(GenerationId::root(id), 1, 8));
+        let req = ReprotectRequest {
+            root: root.clone(),
+            disk: name.into(),
+            seed,
+            source_record: write_record(tmp.path(), "source.rec", &source),
+            seed_record: Some(write_record(tmp.path(), "seed.rec", &seed_rec)),
+            discard_seed: false,
+            allow_unrelated: false,
+            dry_run: false,
+            chunk_size: DEFAULT_CHUNK_SIZE,
+            read_rate: DEFAULT_READ_RATE,
+        };
+        reprotect(&req, 1).unwrap();
+        let cfg = crate::serve::ServeConfig::parse(
+            &format!(
+                "listen = \"127.0.0.1:0\"\nstore = {root:?}\nca = \"ca\"\ncert = \"c\"\nkey = \"k\"\n"
+            ),
+            tmp.path(),
+        )
+        .unwrap();
+        let shape = TreeShape::new(cfg.resync_chunk_size, DEFAULT_FANOUT).unwrap();
+        let sink =
+            crate::serve::TargetService(std::sync::Arc::new(crate::serve::TargetSink::new(cfg)));
+        let peer = PeerIdentity {
+            name: "relay".into(),
+            serial: Vec::new(),
+        };
+        let hello = |disk_size| blockferry_proto::Hello {
+            agent: "b".into(),
+            disk: id,
+            disk_size,
+            generation: Generation(2),
+            oldest_held: Seq(9),
+            next_seq: Seq(9),
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let e = sink.open(&peer, &hello(2 << 20)).await.unwrap_err();
+            assert_eq!(e.code, blockferry_proto::ErrorCode::DiskSizeMismatch, "{e}");
+            assert!(e.message.contains("seed cannot grow"), "{e}");
+            // The source's stream continues after the common point.
+            let st = sink.open(&peer, &hello(1 << 20)).await.unwrap();
+            assert_eq!((st.generation, st.durable_seq), (Generation(2), Seq(8)));
+            // The checksum compare, against the seed's content.
+            let mut new = old.clone();
+            new[300_000..300_100].fill(0xee);
+            let mut c = Comparer::new(
+                HashTree::from_bytes(shape, &new).unwrap(),
+                1 << 20,
+                id,
+                Generation(2),
+                ComparerLimits::default(),
+            );
+            while !c.is_done() {
+                let req = c.poll_request().unwrap();
+                let reply = sink.hash_ranges(&peer, req).await.unwrap();
+                c.handle_reply(&reply).unwrap();
+            }
+            let cs = shape.chunk_size;
+            assert_eq!(c.differing_chunks(), vec![300_000 / cs..300_000 / cs + 1]);
+        });
+    }
+
+    #[test]
     #[ignore = "needs root: loop device"]
     fn a_device_seed_is_reprotected_and_given_back_writable_at_its_final_point() {
         use std::os::unix::fs::{FileExt, OpenOptionsExt};
