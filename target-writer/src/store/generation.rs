@@ -123,7 +123,9 @@ pub(super) fn in_step(record: &mut GenerationRecord, state: &DiskState) -> Resul
             .map_err(|e| generation_error(&state.disk, e))?;
         renumbered = true;
     }
-    if state.applied_seq > cur.seq.0 {
+    // A promoted record holds the point it was promoted at (which may lie
+    // before the last applied batch): the store takes no frames after it.
+    if record.role() != CopyRole::Source && state.applied_seq > cur.seq.0 {
         record
             .set_seq(Seq(state.applied_seq))
             .map_err(|e| generation_error(&state.disk, e))?;
@@ -369,6 +371,30 @@ mod tests {
             Err(TargetError::StaleGeneration { .. })
         ));
         assert_eq!(s.applied_seq(), 0, "nothing was applied");
+    }
+
+    #[test]
+    fn a_promotion_at_an_earlier_point_keeps_that_point_across_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = store(dir.path());
+        let b = |seq| crate::batch::ApplyBatch {
+            disk: NAME.to_string(),
+            generation: 1,
+            seq,
+            chunks: Vec::new(),
+        };
+        s.apply_many(&[b(1), b(2), b(3)]).unwrap();
+        let mut r = s.generation_record().clone();
+        in_step(&mut r, &s.state).unwrap();
+        s.close().unwrap();
+        // What a failover to the point at seq 2 writes.
+        let rec_dir = dir.path().join(NAME);
+        r.promote_at(Seq(2), GenerationId::from_bytes([4; 16]))
+            .unwrap();
+        std::fs::write(rec_dir.join(RECORD), r.encode()).unwrap();
+        let s = DiskStore::open(dir.path(), NAME, StoreOptions::default()).unwrap();
+        assert_eq!(s.generation_record().current().seq, Seq(2));
+        assert_eq!(s.generation_record(), &r);
     }
 
     #[test]
