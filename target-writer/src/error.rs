@@ -157,6 +157,54 @@ pub enum TargetError {
         point: u64,
         latest_complete: Option<u64>,
     },
+    #[error(
+        "the seed {path} is in use (mounted, or held open exclusively): unmount it and stop whatever holds it, then retry"
+    )]
+    SeedBusy { path: PathBuf },
+    #[error(
+        "the seed's file {path} is attached as {device}: detach it (`losetup -d {device}`) so nothing mounts it while it is replicated into, then retry"
+    )]
+    SeedAttached { path: PathBuf, device: PathBuf },
+    #[error("{path} cannot be taken as a seed: {reason}")]
+    NotASeed { path: PathBuf, reason: String },
+    #[error(
+        "the source is {new_size} bytes, larger than the seed {path} ({size} bytes): a seed cannot grow; grow the seed to {new_size} bytes and run reprotect again, or reprotect onto a seed of the source's size"
+    )]
+    SeedCannotGrow {
+        path: PathBuf,
+        size: u64,
+        new_size: u64,
+    },
+    #[error("cannot use the generation record {path}: {reason}")]
+    RecordFile { path: PathBuf, reason: String },
+    #[error(
+        "the source record {path} is a {role}'s record: pass the record of the copy the workload runs on (the promoted replica's generation.rec, or the agent's STATE/DISK.generation)"
+    )]
+    NotASourceRecord { path: PathBuf, role: String },
+    #[error(
+        "{report}. reprotect keeps the source's changes: rerun with --discard-changes-of seed to discard the seed's changes since the common point (then only the chunks that differ travel); to keep the seed's changes instead, fail over to the seed rather than reprotecting onto it"
+    )]
+    SplitBrain { disk: String, report: String },
+    #[error(
+        "the seed of disk {disk} and the source have no generation in common ({why}): nothing proves what the seed holds; rerun with --allow-unrelated to compare the whole disk by checksum (full)"
+    )]
+    Unrelated { disk: String, why: String },
+    #[error(
+        "the seed of disk {disk} is ahead of the source ({comparison}): it holds data the source lacks; fail over to the seed instead, or pass the source's newest record"
+    )]
+    SeedAhead { disk: String, comparison: String },
+    #[error("the store {path} of disk {disk} {reason}")]
+    StoreInTheWay {
+        disk: String,
+        path: PathBuf,
+        reason: String,
+    },
+    #[error(
+        "the store {path} is held by another process (blockferry-target serve?): stop serve, or run reprotect before the agent connects, then run it again"
+    )]
+    ReprotectLocked { path: PathBuf },
+    #[error("disk {disk} cannot fail over in place: {reason}")]
+    NotInPlace { disk: String, reason: String },
     #[error("{what} is not supported yet: {hint}")]
     Unsupported { what: String, hint: String },
     #[error(transparent)]

@@ -7,7 +7,8 @@
 //! decides which points stay; [`export`] writes any point out as a disk, and
 //! [`failover`] makes a writable disk of one (a reflink clone where the file
 //! system shares extents): a test copy, or the failover that promotes the
-//! replica at the point.
+//! replica at the point. [`reprotect`] takes an existing disk as the replica
+//! (a seed) and fails such a store over in place.
 
 pub mod batch;
 pub mod control;
@@ -18,6 +19,7 @@ pub mod failover;
 pub mod feed;
 pub mod promote;
 pub mod replica;
+pub mod reprotect;
 pub mod retention;
 pub mod segment;
 pub mod serve;

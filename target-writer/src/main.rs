@@ -121,6 +121,46 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Reprotect: take an existing disk (a block device or a VMDK, the seed)
+    /// as the replica of DISK that the source replicates into, after
+    /// comparing the two copies' generation records. The first sync is a
+    /// checksum compare: only chunks that differ travel. Run it before the
+    /// agent connects (serve must not hold the disk).
+    Reprotect {
+        #[arg(long)]
+        store: PathBuf,
+        #[arg(long)]
+        disk: String,
+        /// The original disk: a block device or a VMDK descriptor.
+        #[arg(long)]
+        seed: PathBuf,
+        /// The source's generation record (a copy of the promoted replica's
+        /// generation.rec, or of the agent's DISK.generation).
+        #[arg(long)]
+        source_record: PathBuf,
+        /// The seed's generation record (its former agent's DISK.generation);
+        /// without it the seed's history is unknown (see --allow-unrelated).
+        #[arg(long)]
+        seed_record: Option<PathBuf>,
+        /// After a split brain: discard the seed's changes since the common point.
+        #[arg(long, value_name = "COPY")]
+        discard_changes_of: Option<DiscardOf>,
+        /// Accept a seed that shares no generation with the source: the whole
+        /// disk is compared by checksum.
+        #[arg(long)]
+        allow_unrelated: bool,
+        /// Print the mode and the estimate; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Resync chunk size of the estimate (the target's resync_chunk_kib).
+        #[arg(long, default_value_t = 64)]
+        chunk_kib: u64,
+        /// Read rate of the seed assumed by the time estimate, MiB/s.
+        #[arg(long, default_value_t = 200)]
+        read_mib_s: u64,
+        #[arg(long)]
+        json: bool,
+    },
     /// Create the (all-zero) replica of a new disk.
     Create {
         #[arg(long)]
@@ -168,6 +208,102 @@ enum Cmd {
         #[arg(long)]
         thin: bool,
     },
+}
+
+/// The copy whose changes a reprotect discards: only the seed (the source's
+/// changes are what reprotect keeps).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum DiscardOf {
+    Seed,
+}
+
+/// `blockferry-target reprotect`.
+fn reprotect_cmd(req: &blockferry_target::reprotect::ReprotectRequest, json: bool) -> Result<()> {
+    let r = blockferry_target::reprotect::reprotect(req, now_ms()).with_context(|| {
+        format!(
+            "reprotect of disk {} onto {} refused",
+            req.disk,
+            req.seed.display()
+        )
+    })?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(());
+    }
+    let verb = if r.dry_run {
+        "would reprotect"
+    } else {
+        "reprotected"
+    };
+    println!(
+        "{verb} disk {} onto the seed {} ({})",
+        r.disk,
+        r.seed.display(),
+        r.kind
+    );
+    let mode = match r.mode.as_str() {
+        "in-sync" => "in-sync: the records are in the same generation",
+        "delta-by-generation" => {
+            "delta-by-generation: the records prove the seed is behind the source"
+        }
+        "full" => "full: the seed shares no generation with the source, the whole disk is compared",
+        _ => "checksum-compare: the seed may differ anywhere since the common point",
+    };
+    println!("mode: {mode}");
+    println!(
+        "sync: a checksum compare (a seed's record does not prove its content): only chunks whose hashes differ travel"
+    );
+    match &r.common {
+        Some(c) => println!(
+            "common point: generation g{} (wire {}) at seq {}{}",
+            c.generation,
+            c.number,
+            c.seq,
+            if r.discarded {
+                "; the seed's changes since then are discarded"
+            } else {
+                ""
+            }
+        ),
+        None => println!("common point: none"),
+    }
+    if let Some(p) = &r.retired {
+        let verb = if r.dry_run {
+            "would be retired to"
+        } else {
+            "retired to"
+        };
+        println!(
+            "the promoted store of disk {} {verb} {} (renamed, nothing deleted)",
+            r.disk,
+            p.display()
+        );
+    }
+    if r.already {
+        println!("the store of this seed and source exists already: nothing to do");
+    }
+    println!(
+        "the store holds generation {} through seq {} ({}): the source's next frame is seq {}",
+        r.generation,
+        r.applied_seq,
+        r.lineage,
+        r.applied_seq + 1
+    );
+    let e = &r.estimate;
+    println!(
+        "estimate: hash traffic {}..{} bytes (nothing..everything differs, {} KiB chunks); data at most {} bytes (what differs is unknown until compared); the target reads the seed once, {} bytes at {} MiB/s: about {:.0} s",
+        e.hash_bytes_min,
+        e.hash_bytes_max,
+        e.chunk_size >> 10,
+        e.data_bytes_max,
+        e.read_bytes,
+        e.read_rate_bytes_per_s >> 20,
+        e.read_seconds
+    );
+    if r.dry_run {
+        println!("dry run: nothing was changed");
+    }
+    Ok(())
 }
 
 fn now_ms() -> u64 {
@@ -660,6 +796,35 @@ fn main() -> Result<()> {
                     p.disk, p.generation, p.lineage
                 );
             }
+        }
+        Cmd::Reprotect {
+            store,
+            disk,
+            seed,
+            source_record,
+            seed_record,
+            discard_changes_of,
+            allow_unrelated,
+            dry_run,
+            chunk_kib,
+            read_mib_s,
+            json,
+        } => {
+            let seed = std::path::absolute(&seed)
+                .with_context(|| format!("cannot resolve {}", seed.display()))?;
+            let req = blockferry_target::reprotect::ReprotectRequest {
+                root: store,
+                disk,
+                seed,
+                source_record,
+                seed_record,
+                discard_seed: discard_changes_of == Some(DiscardOf::Seed),
+                allow_unrelated,
+                dry_run,
+                chunk_size: chunk_kib << 10,
+                read_rate: read_mib_s << 20,
+            };
+            reprotect_cmd(&req, json)?;
         }
         Cmd::Create {
             store,

@@ -58,7 +58,7 @@ pub fn promote_store(s: &mut DiskStore) -> Result<Promoted> {
     Ok(report(s.disk(), &r))
 }
 
-fn report(disk: &str, r: &GenerationRecord) -> Promoted {
+pub(crate) fn report(disk: &str, r: &GenerationRecord) -> Promoted {
     let cur = r.current();
     Promoted {
         disk: disk.to_string(),

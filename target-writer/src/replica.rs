@@ -1,8 +1,11 @@
 //! The replica disk of one protected disk: what ESXi would run. Either a
 //! `createType="vmfs"` descriptor plus a preallocated raw `-flat.vmdk`
 //! extent ([`FlatReplica`]), or one thin monolithicSparse file
-//! ([`SparseReplica`]) that only holds the grains ever written. The store
-//! talks to either only through [`Replica`].
+//! ([`SparseReplica`]) that only holds the grains ever written. A seed is an
+//! existing disk outside the store taken as the replica (reprotect: the
+//! original disk comes back as the copy the recovered one replicates into):
+//! a block device ([`DeviceReplica`]) or an existing VMDK ([`VmdkSeedReplica`]).
+//! The store talks to each only through [`Replica`].
 
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
@@ -397,6 +400,243 @@ impl Replica for SparseReplica {
     fn path(&self) -> &Path {
         &self.path
     }
+}
+
+/// A block device taken as the replica (a seed). Opened `O_EXCL` while the
+/// store is open, so nobody mounts it while the stream writes into it (and
+/// the open fails while it is mounted or held by another exclusive opener).
+/// A promoted store opens it read-only and shared: the workload owns it then.
+/// The device has no descriptor and no CID, and it cannot grow.
+#[derive(Debug)]
+pub struct DeviceReplica {
+    path: PathBuf,
+    file: File,
+    size: u64,
+}
+
+impl DeviceReplica {
+    /// Opens the block device at `path`: read-write and exclusive when
+    /// `writable`, else read-only and shared.
+    pub fn open(path: &Path, writable: bool) -> Result<Self> {
+        use std::io::{Seek, SeekFrom};
+        use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+        let mut o = OpenOptions::new();
+        o.read(true);
+        if writable {
+            // O_EXCL without O_CREAT on a block device: an exclusive open
+            // that fails with EBUSY while it is mounted or held.
+            o.write(true).custom_flags(libc::O_EXCL);
+        }
+        let mut file = o.open(path).map_err(|e| match e.raw_os_error() {
+            Some(libc::EBUSY) => TargetError::SeedBusy {
+                path: path.to_path_buf(),
+            },
+            _ => TargetError::io(path, None, e),
+        })?;
+        let meta = file
+            .metadata()
+            .map_err(|e| TargetError::io(path, None, e))?;
+        if !meta.file_type().is_block_device() {
+            return Err(TargetError::NotASeed {
+                path: path.to_path_buf(),
+                reason: "not a block device".into(),
+            });
+        }
+        // A block device's length is where SEEK_END lands (BLKGETSIZE64).
+        let size = file
+            .seek(SeekFrom::End(0))
+            .map_err(|e| TargetError::io(path, None, e))?;
+        Ok(DeviceReplica {
+            path: path.to_path_buf(),
+            file,
+            size,
+        })
+    }
+}
+
+impl Replica for DeviceReplica {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        check_range(&self.path, self.size, offset, buf.len())?;
+        read_exact_at(&self.file, &self.path, buf, offset)
+    }
+
+    fn write_at(&mut self, faults: &FaultPlan, buf: &[u8], offset: u64) -> Result<()> {
+        check_range(&self.path, self.size, offset, buf.len())?;
+        faults.write_at(&self.file, &self.path, buf, offset)
+    }
+
+    fn start_writeback(&mut self) {
+        if let Err(e) = sys::start_writeback(&self.file, 0, 0) {
+            tracing::debug!(path = %self.path.display(), error = %e, "cannot start writeback");
+        }
+    }
+
+    fn sync(&mut self, faults: &FaultPlan) -> Result<()> {
+        faults.sync_data(&self.file, &self.path)
+    }
+
+    fn grow(&mut self, _faults: &FaultPlan, size: u64) -> Result<()> {
+        Err(TargetError::SeedCannotGrow {
+            path: self.path.clone(),
+            size: self.size,
+            new_size: size,
+        })
+    }
+
+    /// A device has no descriptor to carry a content id.
+    fn set_cid(&mut self, _faults: &FaultPlan, _cid: u32, _durable: bool) -> Result<()> {
+        Ok(())
+    }
+
+    fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// An existing VMDK taken as the replica (a seed): a flat disk (`vmfs` or
+/// `monolithicFlat` descriptor and its raw extent) or a `monolithicSparse`
+/// file, without a parent, anywhere outside the store. Writes go through the
+/// VMDK module's deferred mode (the store's redo journal covers them), like
+/// a thin replica's. The descriptor's CID is rewritten only once the stream
+/// wrote into the disk, so opening the store leaves the seed untouched.
+#[derive(Debug)]
+pub struct VmdkSeedReplica {
+    image: VmdkImage,
+    path: PathBuf,
+    size: u64,
+    /// Data was written through this handle: the CID must change.
+    written: bool,
+}
+
+impl VmdkSeedReplica {
+    /// Opens the VMDK whose descriptor is `path`, writable when `writable`.
+    pub fn open(path: &Path, writable: bool) -> Result<Self> {
+        use crate::vmdk::descriptor::CreateType;
+        let mode = if writable {
+            OpenMode::ReadWrite
+        } else {
+            OpenMode::ReadOnly
+        };
+        let image = VmdkImage::open(path, mode).map_err(vmdk_err)?;
+        let kind = &image.descriptor().create_type;
+        let shape_ok = matches!(
+            kind,
+            CreateType::Vmfs | CreateType::MonolithicFlat | CreateType::MonolithicSparse
+        );
+        if !shape_ok || image.parent().is_some() {
+            return Err(TargetError::NotASeed {
+                path: path.to_path_buf(),
+                reason: format!(
+                    "a VMDK seed is a vmfs, monolithicFlat or monolithicSparse disk without a parent, this is {kind}{}; convert it with `qemu-img convert -O vmdk` first",
+                    if image.parent().is_some() {
+                        " with a parent"
+                    } else {
+                        ""
+                    }
+                ),
+            });
+        }
+        if writable {
+            // A file cannot be opened exclusively; what would write it behind
+            // the stream's back is a loop device over it (a failover's disk).
+            for f in image.files() {
+                if let Some(device) = loop_device_over(&f) {
+                    return Err(TargetError::SeedAttached { path: f, device });
+                }
+            }
+        }
+        let size = DiskRead::size(&image);
+        let mut r = VmdkSeedReplica {
+            image,
+            path: path.to_path_buf(),
+            size,
+            written: false,
+        };
+        if writable && r.image.sparse_file().is_some() {
+            r.image.repair_redundant_tables().map_err(vmdk_err)?;
+        }
+        Ok(r)
+    }
+}
+
+impl Replica for VmdkSeedReplica {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        check_range(&self.path, self.size, offset, buf.len())?;
+        DiskRead::read_at(&self.image, buf, offset).map_err(vmdk_err)
+    }
+
+    fn write_at(&mut self, _faults: &FaultPlan, buf: &[u8], offset: u64) -> Result<()> {
+        check_range(&self.path, self.size, offset, buf.len())?;
+        let op = if blockferry_durable::is_zero(buf) {
+            WriteOp::Zero {
+                offset,
+                len: buf.len() as u64,
+            }
+        } else {
+            WriteOp::Data { offset, data: buf }
+        };
+        self.written = true;
+        self.image.apply_deferred(&[op]).map_err(vmdk_err)
+    }
+
+    fn known_zero(&self, offset: u64, len: u64) -> bool {
+        self.image.reads_unallocated(offset, len)
+    }
+
+    fn sync(&mut self, _faults: &FaultPlan) -> Result<()> {
+        // As for a thin replica: the data first (the barrier before any
+        // grain table points at a new grain), then the tables.
+        self.image.sync().map_err(vmdk_err)?;
+        if self.image.write_deferred_tables().map_err(vmdk_err)? {
+            self.image.sync().map_err(vmdk_err)?;
+        }
+        Ok(())
+    }
+
+    fn grow(&mut self, _faults: &FaultPlan, size: u64) -> Result<()> {
+        Err(TargetError::SeedCannotGrow {
+            path: self.path.clone(),
+            size: self.size,
+            new_size: size,
+        })
+    }
+
+    fn set_cid(&mut self, _faults: &FaultPlan, cid: u32, durable: bool) -> Result<()> {
+        // A descriptor file is replaced durably on every change: only at
+        // checkpoints, not per batch (recovery sets it again after a crash).
+        let embedded = self.image.sparse_file().is_some();
+        if !self.written || !(durable || embedded) {
+            return Ok(());
+        }
+        self.image.set_cid_deferred(cid, durable).map_err(vmdk_err)
+    }
+
+    fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// A loop device whose backing file is `file`, from sysfs (no tool, no root).
+fn loop_device_over(file: &Path) -> Option<PathBuf> {
+    let file = std::fs::canonicalize(file).ok()?;
+    let entries = std::fs::read_dir("/sys/block").ok()?;
+    entries.flatten().find_map(|e| {
+        let name = e.file_name();
+        let name = name.to_str()?;
+        if !name.starts_with("loop") {
+            return None;
+        }
+        let backing = std::fs::read_to_string(e.path().join("loop/backing_file")).ok()?;
+        (Path::new(backing.trim_end()) == file).then(|| Path::new("/dev").join(name))
+    })
 }
 
 /// The descriptor of a replica: `createType="vmfs"` with one VMFS extent,

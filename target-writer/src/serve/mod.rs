@@ -369,7 +369,7 @@ impl FrameSink for TargetService {
         .await
         .map_err(join_error)?
         .map_err(|e| match e {
-            TargetError::Shrink { .. } => {
+            TargetError::Shrink { .. } | TargetError::SeedCannotGrow { .. } => {
                 SinkError::new(ErrorCode::DiskSizeMismatch, e.to_string())
             }
             e => sink_error(&e),

@@ -300,6 +300,14 @@ impl DiskStore {
         if !size.is_multiple_of(512) {
             return Err(TargetError::BadSize { size });
         }
+        if let Some(seed) = &self.state.external {
+            // Refused before anything changes: the store stays usable.
+            return Err(TargetError::SeedCannotGrow {
+                path: seed.path.clone(),
+                size: old,
+                new_size: size,
+            });
+        }
         self.guarded(|s| {
             let f = s.opts.faults.clone();
             s.replica.grow(&f, size)?;

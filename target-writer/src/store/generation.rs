@@ -8,10 +8,14 @@
 //! state's follows it, and a store without a record (written before records
 //! existed) gets one on open (a migration, not an error).
 //!
-//! Until the hello carries the source's record, the replica does not learn
-//! the source's generation ids: a generation it follows by its wire number
-//! alone gets the id [`adopted_id`] derives from the disk and that number, so
-//! every replica of the disk names it alike.
+//! No generation id travels with the stream: a new replica starts in the
+//! disk's root generation ([`GenerationId::root`]), the one its source's
+//! first record starts in too, and a newer wire generation of the same stream
+//! (a resync, a resize) keeps the id and only renumbers it
+//! ([`GenerationRecord::renumber`]). Only forks (a promotion here, a detach at
+//! the source) draw random ids. Records written before root generations
+//! existed named each wire generation by [`adopted_id`]; one that never forked
+//! is moved into the root generation when the store opens ([`legacy`]).
 //!
 //! **Promotion** ([`DiskStore::promote`]) makes the replica the writable
 //! source in a new generation whose wire number is one more than the one it
@@ -47,7 +51,8 @@ pub fn disk_id_of(name: &str) -> DiskId {
     })
 }
 
-/// The id a replica gives a generation it knows only by its wire number.
+/// The id that replicas written before root generations existed gave a
+/// generation they knew only by its wire number (see [`legacy`]).
 pub fn adopted_id(disk: DiskId, number: Generation) -> GenerationId {
     let mut h = blake3::Hasher::new();
     h.update(b"blockferry adopted generation");
@@ -63,29 +68,50 @@ pub fn random_id() -> GenerationId {
     GenerationId::from_bytes(rand::random())
 }
 
-fn entry(disk: DiskId, number: u64, seq: u64) -> GenerationEntry {
-    GenerationEntry {
-        id: adopted_id(disk, Generation(number)),
-        number: Generation(number),
-        seq: Seq(seq),
-    }
-}
-
-/// The record of a store whose directory has none: a replica of the wire
-/// generation and sequence the state holds.
+/// The record of a new store, or of a store whose directory has none: a
+/// replica in the disk's root generation, at the wire generation and
+/// sequence the state holds.
 pub(super) fn migrated(state: &DiskState) -> GenerationRecord {
     let disk = disk_id_of(&state.disk);
     GenerationRecord::new(
         disk,
         CopyRole::Replica,
-        entry(disk, state.generation, state.applied_seq),
+        GenerationEntry {
+            id: GenerationId::root(disk),
+            number: Generation(state.generation),
+            seq: Seq(state.applied_seq),
+        },
     )
+}
+
+/// A record written before root generations existed that never forked: a
+/// replica whose every generation carries the [`adopted_id`] of its number.
+/// Those were one data generation restarted under newer wire numbers, so the
+/// record becomes the root generation at its current number and sequence,
+/// and then compares as related with its source's record. `None` for any
+/// other record (kept as it is).
+pub fn legacy(record: &GenerationRecord) -> Option<GenerationRecord> {
+    let disk = record.disk();
+    let adopted = |e: &GenerationEntry| e.id == adopted_id(disk, e.number);
+    let cur = record.current();
+    let only_adopted =
+        record.role() == CopyRole::Replica && adopted(&cur) && record.history().iter().all(adopted);
+    only_adopted.then(|| {
+        GenerationRecord::new(
+            disk,
+            CopyRole::Replica,
+            GenerationEntry {
+                id: GenerationId::root(disk),
+                ..cur
+            },
+        )
+    })
 }
 
 /// Brings `record` in step with the state: the sequence it holds, and the
 /// wire generation of the last applied frame if that moved on. Returns
-/// whether the record changed in a way that must be written (a new
-/// generation; the sequence alone is restored from the state on open).
+/// whether the record changed in a way that must be written (a new wire
+/// number; the sequence alone is restored from the state on open).
 pub(super) fn in_step(record: &mut GenerationRecord, state: &DiskState) -> Result<bool> {
     if record.role() == CopyRole::Source {
         // A promoted record holds the point it was promoted at and takes no
@@ -94,22 +120,35 @@ pub(super) fn in_step(record: &mut GenerationRecord, state: &DiskState) -> Resul
         return Ok(false);
     }
     let cur = record.current();
+    let mut renumbered = false;
     if state.generation > cur.number.0 {
-        // The replica followed a newer wire generation of its source.
-        let mut history = vec![cur];
-        history.extend_from_slice(record.history());
-        history.truncate(blockferry_proto::generation::MAX_HISTORY);
-        let next = entry(record.disk(), state.generation, state.applied_seq);
-        *record = GenerationRecord::from_parts(record.disk(), record.role(), next, history)
+        // The stream restarted under a newer wire number (a resync, a
+        // resize): the same data generation, so the id stays.
+        record
+            .renumber(Generation(state.generation))
             .map_err(|e| generation_error(&state.disk, e))?;
-        return Ok(true);
+        renumbered = true;
     }
-    if state.applied_seq > cur.seq.0 {
+    // A promoted record holds the point it was promoted at (which may lie
+    // before the last applied batch): the store takes no frames after it.
+    if record.role() != CopyRole::Source && state.applied_seq > cur.seq.0 {
         record
             .set_seq(Seq(state.applied_seq))
             .map_err(|e| generation_error(&state.disk, e))?;
     }
-    Ok(false)
+    if record.role() == CopyRole::Seed && state.complete {
+        // A barrier arrived since the seed was taken: its checksum resync
+        // ended, so it holds the source's data exactly, like any replica.
+        *record = GenerationRecord::from_parts(
+            record.disk(),
+            CopyRole::Replica,
+            record.current(),
+            record.history().to_vec(),
+        )
+        .map_err(|e| generation_error(&state.disk, e))?;
+        return Ok(true);
+    }
+    Ok(renumbered)
 }
 
 fn generation_error(disk: &str, source: blockferry_proto::GenerationError) -> TargetError {
@@ -147,7 +186,13 @@ pub(super) fn open_record(
     state: &DiskState,
 ) -> Result<(GenerationRecord, Option<DiskState>)> {
     let (mut record, mut dirty) = match read(dir)? {
-        Some(r) => (r, false),
+        Some(r) => match legacy(&r) {
+            Some(root) => {
+                info!(disk = %state.disk, "generation record of an earlier version: moving it into the disk's root generation");
+                (root, true)
+            }
+            None => (r, false),
+        },
         None => {
             info!(disk = %state.disk, "no generation record: adopting the replica's generation {}", state.generation);
             (migrated(state), true)
@@ -182,6 +227,18 @@ pub(super) fn open_record(
 }
 
 impl DiskStore {
+    /// After a barrier: a seed whose resync it ended becomes a replica
+    /// (durably; a crash before this write is completed on open).
+    pub(super) fn settle_record(&mut self) -> Result<()> {
+        let mut record = self.record.clone();
+        if in_step(&mut record, &self.state)? {
+            write(&self.opts.faults, &self.dir, &record)?;
+            info!(disk = %self.state.disk, lineage = %record.lineage(), "the seed's resync ended: it is a replica now");
+        }
+        self.record = record;
+        Ok(())
+    }
+
     /// The replica's generation record, holding the applied sequence.
     pub fn generation_record(&self) -> &GenerationRecord {
         &self.record
@@ -527,6 +584,30 @@ mod tests {
     }
 
     #[test]
+    fn a_promotion_at_an_earlier_point_keeps_that_point_across_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = store(dir.path());
+        let b = |seq| crate::batch::ApplyBatch {
+            disk: NAME.to_string(),
+            generation: 1,
+            seq,
+            chunks: Vec::new(),
+        };
+        s.apply_many(&[b(1), b(2), b(3)]).unwrap();
+        let mut r = s.generation_record().clone();
+        in_step(&mut r, &s.state).unwrap();
+        s.close().unwrap();
+        // What a failover to the point at seq 2 writes.
+        let rec_dir = dir.path().join(NAME);
+        r.promote_at(Seq(2), GenerationId::from_bytes([4; 16]))
+            .unwrap();
+        std::fs::write(rec_dir.join(RECORD), r.encode()).unwrap();
+        let s = DiskStore::open(dir.path(), NAME, StoreOptions::default()).unwrap();
+        assert_eq!(s.generation_record().current().seq, Seq(2));
+        assert_eq!(s.generation_record(), &r);
+    }
+
+    #[test]
     fn a_second_promotion_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let mut s = store(dir.path());
@@ -535,18 +616,79 @@ mod tests {
         assert!(e.to_string().contains("already the source"), "{e}");
     }
 
+    fn root_entry(disk: DiskId, number: u64, seq: u64) -> GenerationEntry {
+        GenerationEntry {
+            id: GenerationId::root(disk),
+            number: Generation(number),
+            seq: Seq(seq),
+        }
+    }
+
     #[test]
-    fn the_record_follows_a_newer_wire_generation() {
+    fn a_new_replica_starts_in_the_disks_root_generation() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path());
         let disk = NAME.parse::<DiskId>().unwrap();
-        let mut r = GenerationRecord::new(disk, CopyRole::Replica, entry(disk, 1, 5));
+        let r = s.generation_record();
+        assert_eq!(r.current().id, GenerationId::root(disk));
+        assert!(r.history().is_empty());
+        // The source's first record starts there too: no id had to travel.
+        let source = GenerationRecord::new(disk, CopyRole::Source, root_entry(disk, 1, 0));
+        assert!(matches!(
+            source.compare(r),
+            blockferry_proto::Comparison::InSync { .. }
+        ));
+    }
+
+    #[test]
+    fn the_record_follows_a_newer_wire_generation_under_the_same_id() {
+        let disk = NAME.parse::<DiskId>().unwrap();
+        let mut r = GenerationRecord::new(disk, CopyRole::Replica, root_entry(disk, 1, 5));
         let mut st = migrated_state(2, 9);
-        assert!(in_step(&mut r, &st).unwrap());
-        assert_eq!(r.current().number, Generation(2));
-        assert_eq!(r.current().seq, Seq(9));
-        assert_eq!(r.history()[0].number, Generation(1));
+        assert!(in_step(&mut r, &st).unwrap(), "a new number is written");
+        assert_eq!(r.current(), root_entry(disk, 2, 9));
+        assert!(r.history().is_empty(), "a renumbering is no new generation");
         st.applied_seq = 12;
         assert!(!in_step(&mut r, &st).unwrap());
         assert_eq!(r.current().seq, Seq(12));
+    }
+
+    #[test]
+    fn a_record_of_an_earlier_version_that_never_forked_moves_into_the_root_generation() {
+        let dir = tempfile::tempdir().unwrap();
+        store(dir.path()).close().unwrap();
+        let disk = NAME.parse::<DiskId>().unwrap();
+        let adopted = |n: u64, seq: u64| GenerationEntry {
+            id: adopted_id(disk, Generation(n)),
+            number: Generation(n),
+            seq: Seq(seq),
+        };
+        // What an earlier version wrote after following wire generation 1
+        // (the store's state says generation 0, so the record is ahead).
+        let old = GenerationRecord::from_parts(
+            disk,
+            CopyRole::Replica,
+            adopted(1, 0),
+            vec![adopted(0, 0)],
+        )
+        .unwrap();
+        let rec_dir = dir.path().join(NAME);
+        std::fs::write(rec_dir.join(RECORD), old.encode()).unwrap();
+        let s = DiskStore::open(dir.path(), NAME, StoreOptions::default()).unwrap();
+        assert_eq!(s.generation_record().current(), root_entry(disk, 1, 0));
+        assert!(s.generation_record().history().is_empty());
+        assert_eq!(
+            read(&rec_dir).unwrap().as_ref(),
+            Some(s.generation_record())
+        );
+        drop(s);
+        // A record that forked keeps its lineage as it is.
+        let mut forked = old.clone();
+        forked.promote(GenerationId::from_bytes([7; 16])).unwrap();
+        assert_eq!(legacy(&forked), None);
+        std::fs::write(rec_dir.join(RECORD), forked.encode()).unwrap();
+        let s = DiskStore::open(dir.path(), NAME, StoreOptions::default()).unwrap();
+        assert_eq!(s.generation_record(), &forked);
     }
 
     fn migrated_state(generation: u64, applied_seq: u64) -> DiskState {
@@ -564,6 +706,7 @@ mod tests {
             next_file_no: 1,
             points: Vec::new(),
             complete: false,
+            external: None,
         }
     }
 }

@@ -30,6 +30,15 @@
 //! Any other failed write or sync poisons the store: the page cache can no
 //! longer be trusted, and reopening replays the journal.
 //!
+//! # Seeds
+//! A store may keep its replica outside its directory: an existing disk taken
+//! as the replica ([`DiskStore::create_seed`], reprotect), a block device or
+//! a VMDK, named by its absolute path in the state ([`ExternalReplica`]) and
+//! reopened from there. The store's own files (journal, undo segments, state,
+//! record) stay in its directory; creating it writes nothing to the seed. A
+//! seed cannot grow, and it is complete only after its first checksum resync
+//! ends with a barrier.
+//!
 //! By job: this file holds the disk state and opening; `apply` the apply path,
 //! checkpoint and growth; `recovery` the replay after a crash; `points` the
 //! recovery points, retention and pins; `view` reading a point;
@@ -39,6 +48,8 @@ mod apply;
 pub mod generation;
 mod points;
 mod recovery;
+#[cfg(test)]
+mod seed_tests;
 #[cfg(test)]
 mod tests;
 mod view;
@@ -60,7 +71,7 @@ use tracing::{info, warn};
 use crate::batch::Undo;
 use crate::crashsafe::FaultPlan;
 use crate::error::{Result, TargetError};
-use crate::replica::{FlatReplica, Replica, SparseReplica};
+use crate::replica::{DeviceReplica, FlatReplica, Replica, SparseReplica, VmdkSeedReplica};
 
 const STATE: &str = "state.json";
 const WAL: &str = "journal.wal";
@@ -122,6 +133,75 @@ pub struct PointMeta {
     pub incomplete: bool,
 }
 
+/// What kind of existing disk a seed is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SeedKind {
+    /// A block device, written in place.
+    Device,
+    /// A VMDK: a flat (vmfs or monolithicFlat) descriptor with its extent,
+    /// or a monolithicSparse file.
+    Vmdk,
+}
+
+impl SeedKind {
+    /// The kind of the disk at `path`: a block device, else a VMDK.
+    pub fn detect(path: &Path) -> Result<SeedKind> {
+        use std::os::unix::fs::FileTypeExt;
+        let meta = std::fs::metadata(path).map_err(|e| TargetError::io(path, None, e))?;
+        if meta.file_type().is_block_device() {
+            Ok(SeedKind::Device)
+        } else if meta.is_file() {
+            Ok(SeedKind::Vmdk)
+        } else {
+            Err(TargetError::NotASeed {
+                path: path.to_path_buf(),
+                reason: "neither a block device nor a VMDK file".into(),
+            })
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            SeedKind::Device => "device",
+            SeedKind::Vmdk => "vmdk",
+        }
+    }
+}
+
+/// A replica that lives outside the store's directory: an existing disk
+/// taken as the seed of a reprotect.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExternalReplica {
+    pub kind: SeedKind,
+    /// Absolute: the store is opened from any working directory.
+    pub path: PathBuf,
+}
+
+impl ExternalReplica {
+    /// The seed at `path`, of the kind found there. `path` must be absolute.
+    pub fn at(path: &Path) -> Result<ExternalReplica> {
+        if !path.is_absolute() {
+            return Err(TargetError::NotASeed {
+                path: path.to_path_buf(),
+                reason: "the path must be absolute (it is kept in the store's state)".into(),
+            });
+        }
+        Ok(ExternalReplica {
+            kind: SeedKind::detect(path)?,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Opens the seed: writable (a device exclusively) or read-only.
+    pub fn open(&self, writable: bool) -> Result<Box<dyn Replica>> {
+        Ok(match self.kind {
+            SeedKind::Device => Box::new(DeviceReplica::open(&self.path, writable)?),
+            SeedKind::Vmdk => Box::new(VmdkSeedReplica::open(&self.path, writable)?),
+        })
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct DiskState {
     format: u32,
@@ -144,6 +224,10 @@ struct DiskState {
     /// this existed read as incomplete until the next barrier.
     #[serde(default)]
     complete: bool,
+    /// The replica is an existing disk outside the store (a seed); `replica`
+    /// and `thin` do not apply then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    external: Option<ExternalReplica>,
 }
 
 /// What `apply` did with a batch.
@@ -204,7 +288,7 @@ pub fn disk_dir(root: &Path, disk: &str) -> Result<PathBuf> {
     Ok(root.join(disk))
 }
 
-fn lock_dir(dir: &Path) -> Result<File> {
+pub(crate) fn lock_dir(dir: &Path) -> Result<File> {
     let path = dir.join(LOCK);
     let f = OpenOptions::new()
         .create(true)
@@ -263,6 +347,43 @@ pub fn list_points(root: &Path, disk: &str) -> Result<Vec<PointMeta>> {
         });
     }
     Ok(read_state(&dir)?.points)
+}
+
+/// A store as its files describe it, read without locking it.
+#[derive(Debug, Clone)]
+pub struct StoreSummary {
+    pub dir: PathBuf,
+    pub size: u64,
+    pub generation: u64,
+    pub applied_seq: u64,
+    pub complete: bool,
+    /// The seed the replica is, if it is one.
+    pub seed: Option<ExternalReplica>,
+    /// The generation record (`None` in a store written before records).
+    pub record: Option<blockferry_proto::GenerationRecord>,
+    /// The newest recovery point's sequence.
+    pub latest_point_seq: Option<u64>,
+}
+
+/// The store of `disk` under `root` as its state and record files say,
+/// without locking it; `None` when there is no committed store.
+pub fn summary(root: &Path, disk: &str) -> Result<Option<StoreSummary>> {
+    let dir = disk_dir(root, disk)?;
+    if !dir.join(STATE).exists() {
+        return Ok(None);
+    }
+    let st = read_state(&dir)?;
+    let record = generation::read(&dir)?;
+    Ok(Some(StoreSummary {
+        size: st.size,
+        generation: st.generation,
+        applied_seq: st.applied_seq,
+        complete: st.complete,
+        seed: st.external,
+        record,
+        latest_point_seq: st.points.last().map(|p| p.seq),
+        dir,
+    }))
 }
 
 /// A content id that differs for every batch boundary of every disk, and is
@@ -357,12 +478,92 @@ impl DiskStore {
             next_file_no: 1,
             points: Vec::new(),
             complete: false,
+            external: None,
         };
         // The record first: the state file is the commit point of creation.
         let record = generation::migrated(&state);
         generation::write(f, &dir, &record)?;
         f.write_atomic(&dir, STATE, &encode_state(&dir, &state)?)?;
         info!(disk, size, "created replica");
+        Ok(DiskStore::assemble(
+            dir, state, replica, wal, wal_path, opts, record, lock,
+        ))
+    }
+
+    /// Creates the store of `disk` around an existing disk, the `seed`
+    /// (reprotect): the journal, state and `record` in the store's
+    /// directory, the replica being the seed itself. Nothing is written to
+    /// the seed. The store holds `record`'s current generation through its
+    /// sequence, so the source's frames (its wire generation or a newer one,
+    /// the sequence after the record's) pass the sequence check; the replica
+    /// is incomplete until the first checksum resync ends with a barrier.
+    pub fn create_seed(
+        root: &Path,
+        disk: &str,
+        seed: &ExternalReplica,
+        record: blockferry_proto::GenerationRecord,
+        now_ms: u64,
+        opts: StoreOptions,
+    ) -> Result<Self> {
+        let dir = disk_dir(root, disk)?;
+        if record.disk() != generation::disk_id_of(disk) {
+            return Err(TargetError::Generation {
+                disk: disk.to_string(),
+                source: blockferry_proto::GenerationError::WrongDisk {
+                    ours: generation::disk_id_of(disk),
+                    theirs: record.disk(),
+                },
+            });
+        }
+        // The seed first: a busy or unusable seed leaves no directory behind.
+        let replica = seed.open(true)?;
+        let size = replica.size();
+        if size == 0 || !size.is_multiple_of(512) {
+            return Err(TargetError::NotASeed {
+                path: seed.path.clone(),
+                reason: format!("its size {size} is not a positive multiple of 512 bytes"),
+            });
+        }
+        crate::crashsafe::create_dir_all(&dir)?;
+        let lock = lock_dir(&dir)?;
+        if dir.join(STATE).exists() {
+            return Err(TargetError::Exists {
+                disk: disk.to_string(),
+                path: dir,
+            });
+        }
+        let f = &opts.faults;
+        let wal_path = dir.join(WAL);
+        let wal = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&wal_path)
+            .map_err(|e| TargetError::io(&wal_path, None, e))?;
+        preallocate_journal(&wal, &wal_path, opts.checkpoint_bytes)?;
+        f.sync_data(&wal, &wal_path)?;
+        let cur = record.current();
+        let state = DiskState {
+            format: STATE_FORMAT,
+            disk: disk.to_string(),
+            size,
+            generation: cur.number.0,
+            applied_seq: cur.seq.0,
+            wal_epoch: 1,
+            created_ms: now_ms,
+            replica: seed.path.display().to_string(),
+            thin: false,
+            next_point_id: 1,
+            next_file_no: 1,
+            points: Vec::new(),
+            complete: false,
+            external: Some(seed.clone()),
+        };
+        // The record first: the state file is the commit point of creation.
+        generation::write(f, &dir, &record)?;
+        f.write_atomic(&dir, STATE, &encode_state(&dir, &state)?)?;
+        info!(disk, size, seed = %seed.path.display(), kind = seed.kind.name(), generation = cur.number.0, applied_seq = cur.seq.0, "created a seed replica");
         Ok(DiskStore::assemble(
             dir, state, replica, wal, wal_path, opts, record, lock,
         ))
@@ -417,7 +618,22 @@ impl DiskStore {
                 .write_atomic(&dir, STATE, &encode_state(&dir, &st)?)?;
             state = st;
         }
-        let replica: Box<dyn Replica> = if state.thin {
+        let replica: Box<dyn Replica> = if let Some(seed) = &state.external {
+            // A promoted seed belongs to the workload: read it, never hold it.
+            let r = seed.open(record.role() != blockferry_proto::CopyRole::Source)?;
+            if r.size() != state.size {
+                return Err(TargetError::corrupt(
+                    &seed.path,
+                    None,
+                    format!(
+                        "the seed is {} bytes, the store's disk {} bytes: it was resized or replaced; reprotect onto it again",
+                        r.size(),
+                        state.size
+                    ),
+                ));
+            }
+            r
+        } else if state.thin {
             Box::new(SparseReplica::open(&dir, &state.replica, state.size)?)
         } else {
             Box::new(FlatReplica::open(
@@ -486,9 +702,15 @@ impl DiskStore {
         &self.dir
     }
 
-    /// The raw flat extent of a vmfs replica (`None` for a thin one).
+    /// The existing disk this store's replica is (a seed), if it is one.
+    pub fn seed(&self) -> Option<&ExternalReplica> {
+        self.state.external.as_ref()
+    }
+
+    /// The raw flat extent of a vmfs replica (`None` for a thin one and
+    /// for a seed, which is no file of the store's).
     pub fn flat_extent_path(&self) -> Option<PathBuf> {
-        (!self.state.thin).then(|| {
+        (!self.state.thin && self.state.external.is_none()).then(|| {
             self.dir
                 .join(crate::replica::flat_name_for(&self.state.replica))
         })

@@ -78,8 +78,11 @@ impl DiskStore {
             0 => now_ms,
             t => t,
         };
-        self.new_point(b.consistency, time_ms, Some((generation, seq)))
-            .map(Some)
+        let p = self.new_point(b.consistency, time_ms, Some((generation, seq)))?;
+        if self.record.role() == blockferry_proto::CopyRole::Seed {
+            self.settle_record()?;
+        }
+        Ok(Some(p))
     }
 
     /// Creates a recovery point of the disk as it is now (the scheduler uses
