@@ -7,6 +7,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
 use blockferry_target::TargetError;
+use blockferry_target::reprotect::failover_in_place;
 use blockferry_target::control::{
     ControlError, ExportRequest, request_commit, request_export, request_failover,
     request_test_failover, socket_path,
@@ -87,7 +88,9 @@ enum Cmd {
         commit: bool,
         /// Only to the final point of a source that stopped (after the
         /// agent's `handoff`): refused unless the point is complete, the
-        /// latest, and the replica holds nothing after it.
+        /// latest, and the replica holds nothing after it. On a seed store
+        /// (the original disk taken back by `reprotect`) without --out, the
+        /// failover happens in place: the seed is the writable disk.
         #[arg(long)]
         planned: bool,
         /// Move a failover to another point although its writable disk may
@@ -98,7 +101,7 @@ enum Cmd {
         #[arg(long, default_value = "latest")]
         point: PointChoice,
         /// The directory to write the disk to.
-        #[arg(long, required_unless_present_any = ["cleanup", "commit"])]
+        #[arg(long, required_unless_present_any = ["cleanup", "commit", "planned"])]
         out: Option<PathBuf>,
         /// Attach the disk as a loop device on this host (needs root).
         #[arg(long)]
@@ -706,8 +709,32 @@ fn main() -> Result<()> {
                 return Ok(());
             }
             if !cleanup && !test {
+                // A planned failover of a seed store (failback onto the
+                // original disk) happens in place: the seed itself is the
+                // writable disk, so there is nothing to copy to --out.
+                let seed = blockferry_target::store::summary(&store, &disk)?
+                    .is_some_and(|s| s.seed.is_some());
+                if seed && planned && out.is_none() {
+                    let done = failover_in_place(&store, &disk)?;
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&done)?);
+                    } else {
+                        println!(
+                            "disk {} failed over in place at its final point {}: {} ({}) is the writable disk; generation {} ({})",
+                            done.promoted.disk,
+                            done.point,
+                            done.path.display(),
+                            done.kind,
+                            done.promoted.generation,
+                            done.promoted.lineage
+                        );
+                    }
+                    return Ok(());
+                }
                 let Some(out) = out else {
-                    bail!("--out DIR is needed: the directory to write the disk to");
+                    bail!(
+                        "--out DIR is needed: the directory to write the disk to (only a planned failover of a seed store, the failback onto the original disk, happens in place without it)"
+                    );
                 };
                 let out = std::path::absolute(&out)
                     .with_context(|| format!("cannot resolve {}", out.display()))?;
@@ -720,11 +747,6 @@ fn main() -> Result<()> {
                     planned,
                     discard_writes,
                 };
-                // SEED REPLICAS: a store whose replica is a seed (a block
-                // device taken as the replica) fails over in place, the
-                // device itself being the writable disk. Dispatch here,
-                // before `real_failover`, e.g.:
-                //     if store is a seed store { failover_in_place(&store, &req) ... }
                 let rec = real_failover(&store, &req)?;
                 if json {
                     println!("{}", serde_json::to_string_pretty(&rec.summary())?);
