@@ -603,7 +603,7 @@ impl FrameSink for RelaySink {
         let size = hello.disk_size;
         let (known, restore, unknown) = on_spool(&self.shared.spool, move |s| {
             let known = s.disk_size(disk);
-            let unknown = s.durable_position(disk).is_none();
+            let unknown = !s.holds(disk);
             // A shrunk disk is refused before it is registered: the replica
             // keeps the data past the new end.
             if known.is_none_or(|k| size >= k) {

@@ -7,7 +7,6 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
 use blockferry_target::TargetError;
-use blockferry_target::reprotect::failover_in_place;
 use blockferry_target::control::{
     ControlError, ExportRequest, request_commit, request_export, request_failover,
     request_test_failover, socket_path,
@@ -18,6 +17,7 @@ use blockferry_target::failover::{
     PointChoice, TestFailover, TestFailoverRequest, dr_status,
 };
 use blockferry_target::feed::{FeedItem, decode_all};
+use blockferry_target::reprotect::failover_in_place;
 use blockferry_target::store::{DiskStore, StoreOptions, label_name, list_points};
 use clap::{Parser, Subcommand};
 

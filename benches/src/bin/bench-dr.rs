@@ -20,8 +20,7 @@ use anyhow::{Context, Result, bail};
 use blockferry_proto::{Barrier, Consistency, DiskId, Generation, Seq};
 use blockferry_target::batch::{ApplyBatch, raw_chunk};
 use blockferry_target::failover::{
-    CopyMethod, FailoverRequest, PointChoice, TestFailoverRequest, cleanup, failover,
-    test_failover,
+    CopyMethod, FailoverRequest, PointChoice, TestFailoverRequest, cleanup, failover, test_failover,
 };
 use blockferry_target::{DiskStore, StoreOptions};
 use clap::Parser;

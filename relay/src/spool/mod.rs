@@ -538,11 +538,18 @@ impl Spool {
         )
     }
 
+    /// Whether the spool holds anything of `disk`: spooled frames, or an
+    /// acked position past zero (a release of nothing records zero).
+    pub fn holds(&self, disk: DiskId) -> bool {
+        self.records.get(&disk).is_some_and(|q| !q.is_empty())
+            || self.acked.get(&disk).is_some_and(|a| a.1 > Seq::ZERO)
+    }
+
     /// Takes `position` as what the target acked of a disk the spool holds
     /// nothing of (learnt from the target's hello reply), persisted at once,
     /// so the stream continues after it. A disk the spool knows is left as it is.
     pub fn adopt_position(&mut self, disk: DiskId, position: Position) -> Result<(), SpoolError> {
-        if self.durable_position(disk).is_some() {
+        if self.holds(disk) {
             return Ok(());
         }
         self.acked.insert(disk, position);

@@ -286,3 +286,27 @@ fn a_spool_is_opened_by_one_process_at_a_time() {
     drop(s);
     Spool::open(dir.path(), small()).expect("free once closed");
 }
+
+#[test]
+fn a_position_learnt_from_the_target_is_taken_only_for_a_disk_the_spool_does_not_hold() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Spool::open(dir.path(), small()).unwrap();
+    // A release before anything arrived records zero: still unknown.
+    s.release(disk(1), Seq::ZERO).unwrap();
+    assert!(!s.holds(disk(1)));
+    s.adopt_position(disk(1), (Generation(2), Seq(236)))
+        .unwrap();
+    assert!(s.holds(disk(1)));
+    // The stream continues after it, across a reopen.
+    let next = Entry {
+        generation: Generation(2),
+        ..entry(1, 237, 10)
+    };
+    s.append(&[next]).unwrap();
+    drop(s);
+    let mut s = Spool::open(dir.path(), small()).unwrap();
+    assert_eq!(s.durable_position(disk(1)), Some((Generation(2), Seq(237))));
+    // A disk the spool holds keeps its own position.
+    s.adopt_position(disk(1), (Generation(2), Seq(9))).unwrap();
+    assert_eq!(s.durable_position(disk(1)), Some((Generation(2), Seq(237))));
+}
