@@ -20,6 +20,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use blockferry_benches::dr::{self, CHUNK, run_json, run_ok, run_refused};
 use blockferry_benches::netns::{SiteName, TwoSites};
 use blockferry_benches::site::{Binaries, Placement, ProtectedDisk, Role, Site, SiteOptions};
 use blockferry_testkit::devices::{LoopDev, Mounted};
@@ -28,8 +29,6 @@ use serde_json::Value;
 
 const MIB: u64 = 1 << 20;
 const DISK_SIZE: u64 = 128 * MIB;
-const CHUNK: usize = 64 * 1024;
-const BLOCK: usize = 4096;
 const CATCH_UP: Duration = Duration::from_secs(180);
 
 /// A SQLite writer: one `sqlite3` process, each row its own committed
@@ -168,45 +167,25 @@ fn p(path: &Path) -> &str {
     path.to_str().expect("utf-8 path")
 }
 
-/// Runs a command that must succeed; returns its stdout.
-fn ok(mut c: Command) -> String {
-    let shown = format!("{c:?}");
-    let out = c.output().unwrap_or_else(|e| panic!("{shown}: {e}"));
-    assert!(
-        out.status.success(),
-        "{shown} failed with {}:\n{}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+fn ok(c: Command) -> String {
+    run_ok(c).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
-/// Runs a command that must succeed with `--json` output; returns it parsed.
 fn json(c: Command) -> Value {
-    let shown = format!("{c:?}");
-    let text = ok(c);
-    // The JSON document starts at the first line that opens an object
-    // (pretty-printed or on one line); progress may come before it.
-    let start = text
-        .match_indices('{')
-        .map(|(i, _)| i)
-        .find(|&i| i == 0 || text.as_bytes()[i - 1] == b'\n')
-        .unwrap_or_else(|| panic!("{shown}: no JSON in {text}"));
-    serde_json::from_str(&text[start..]).unwrap_or_else(|e| panic!("{shown}: {e}: {text}"))
+    run_json(c).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
-/// Runs a command that must fail; returns its stderr and stdout.
-fn refused(mut c: Command) -> String {
-    let shown = format!("{c:?}");
-    let out = c.output().unwrap_or_else(|e| panic!("{shown}: {e}"));
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stderr),
-        String::from_utf8_lossy(&out.stdout)
-    );
-    assert!(!out.status.success(), "{shown} must be refused: {text}");
-    text
+fn refused(c: Command) -> String {
+    run_refused(c).unwrap_or_else(|e| panic!("{e:#}"))
+}
+
+fn identical(a: &Path, b: &Path) -> Result<(), String> {
+    dr::identical(a, b).map_err(|e| format!("{e:#}"))
+}
+
+fn differing(a: &Path, b: &Path) -> (u64, u64) {
+    let d = dr::differing(a, b, DISK_SIZE).unwrap_or_else(|e| panic!("{e:#}"));
+    (d.chunks, d.blocks)
 }
 
 fn logs(site: &Site) -> String {
@@ -247,61 +226,6 @@ fn wait_disk(site: &Site, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-}
-
-/// Drops what the page cache holds of a block device: a file system's data
-/// reaches the device by bios that bypass the device's own cache, so a
-/// buffered read of a mounted (or once mounted) device can be stale.
-fn uncached(path: &Path) {
-    if path.starts_with("/dev") {
-        run("blockdev", &["--flushbufs", p(path)]);
-    }
-}
-
-/// `qemu-img compare` of two raw images (devices or flat extents).
-fn identical(a: &Path, b: &Path) -> Result<(), String> {
-    uncached(a);
-    uncached(b);
-    let out = Command::new("qemu-img")
-        .args(["compare", "-f", "raw", "-F", "raw"])
-        .arg(a)
-        .arg(b)
-        .output()
-        .expect("qemu-img");
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "{} and {} differ: {}{}",
-            a.display(),
-            b.display(),
-            String::from_utf8_lossy(&out.stdout).trim(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
-}
-
-/// 64 KiB chunks and 4 KiB blocks that differ between two images.
-fn differing(a: &Path, b: &Path) -> (u64, u64) {
-    uncached(a);
-    uncached(b);
-    let mut fa = std::fs::File::open(a).expect("open");
-    let mut fb = std::fs::File::open(b).expect("open");
-    let (mut ca, mut cb) = (vec![0u8; CHUNK], vec![0u8; CHUNK]);
-    let (mut chunks, mut blocks) = (0, 0);
-    for _ in 0..DISK_SIZE / CHUNK as u64 {
-        fa.read_exact(&mut ca).expect("read");
-        fb.read_exact(&mut cb).expect("read");
-        if ca != cb {
-            chunks += 1;
-            blocks += ca
-                .chunks(BLOCK)
-                .zip(cb.chunks(BLOCK))
-                .filter(|(x, y)| x != y)
-                .count() as u64;
-        }
-    }
-    (chunks, blocks)
 }
 
 /// The integrity check and the last row of the database at `db`.
@@ -611,9 +535,9 @@ fn the_whole_dr_cycle_on_two_sites_loses_no_committed_row_and_moves_only_what_di
         let link1 = sites.link_bytes(SiteName::B).expect("counters");
         let sent = st["disks"][0]["bytes_sent"].as_u64().unwrap_or(0);
         let wire = (link1.tx - link0.tx) + (link1.rx - link0.rx);
-        let differ = diff.0 * CHUNK as u64;
+        let differ = diff.0 * CHUNK;
         // Hash traffic: a 32-byte hash per 64 KiB chunk, and the levels above.
-        let hashes = DISK_SIZE / CHUNK as u64 * 32 * 2;
+        let hashes = DISK_SIZE / CHUNK * 32 * 2;
         eprintln!(
             "reprotect: {} chunks ({} KiB) and {} 4 KiB blocks differ; agent sent {sent} bytes, the veth carried {wire} bytes; \
              reprotect_bytes_ratio={:.3}",
@@ -745,7 +669,7 @@ fn the_whole_dr_cycle_on_two_sites_loses_no_committed_row_and_moves_only_what_di
     let link1 = sites.link_bytes(SiteName::A).expect("counters");
     let sent = st["disks"][0]["bytes_sent"].as_u64().unwrap_or(0);
     let wire = (link1.tx - link0.tx) + (link1.rx - link0.rx);
-    let differ = chunks_a * CHUNK as u64;
+    let differ = chunks_a * CHUNK;
     eprintln!(
         "re-enable: {chunks_a} chunks differ; agent sent {sent} bytes, the veth carried {wire} bytes"
     );

@@ -8,7 +8,12 @@
 //! test failovers of the latest point (the clone alone, near O(1)) and of the
 //! older one (the clone plus the undo of the later point): printed, never
 //! asserted. Then it times a failover to the latest point (the same copy,
-//! plus the promotion). The last line is `test_failover_s=... failover_s=...`.
+//! plus the promotion). Last, a DR cycle on two sites over a raw disk of
+//! `--cycle-mib` with scattered 4 KiB writes on both sides
+//! ([`blockferry_benches::dr::raw_cycle`]): the bytes reprotect sent over the
+//! 64 KiB chunks that differed, and what a planned failback lost. The last
+//! line is `test_failover_s=... failover_s=... reprotect_bytes_ratio=...
+//! failback_loss_bytes=...`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -17,6 +22,7 @@ use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
+use blockferry_benches::dr::raw_cycle;
 use blockferry_proto::{Barrier, Consistency, DiskId, Generation, Seq};
 use blockferry_target::batch::{ApplyBatch, raw_chunk};
 use blockferry_target::failover::{
@@ -39,6 +45,9 @@ struct Args {
     /// Data written between the two points, MiB.
     #[arg(long, default_value_t = 64)]
     later_mib: u64,
+    /// Size of the raw disk of the two-site cycle (reprotect, failback), MiB.
+    #[arg(long, default_value_t = 512)]
+    cycle_mib: u64,
 }
 
 const DISK: &str = "bench-disk";
@@ -239,6 +248,37 @@ fn main() -> Result<()> {
         "test_failover_older_point_s={older_s:.3} ({} MiB of undo)",
         a.later_mib
     );
-    println!("test_failover_s={latest_s:.3} failover_s={failover_s:.3}");
+    drop(fs);
+
+    // The cycle on two sites: reprotect's bytes, failback's loss.
+    // The product's binaries are built beside this harness.
+    let exe = std::env::current_exe().context("cannot find this executable")?;
+    let bins = blockferry_benches::site::Binaries::in_dir(
+        exe.parent()
+            .context("an executable outside any directory")?,
+    );
+    let cycle_dir = a.dir.join("cycle");
+    std::fs::create_dir_all(&cycle_dir)?;
+    let c = raw_cycle(&bins, &cycle_dir, a.cycle_mib << 20)?;
+    let d = c.reprotect_differing;
+    let ratio = c.reprotect_sent as f64 / d.chunk_bytes().max(1) as f64;
+    println!(
+        "reprotect of a {} MiB disk: {} chunks of 64 KiB ({} 4 KiB blocks) differed; the agent sent {} bytes ({ratio:.3} of the differing chunks, {:.2} of the differing 4 KiB blocks), hashes {} bytes, the veth carried {} bytes in all",
+        a.cycle_mib,
+        d.chunks,
+        d.blocks,
+        c.reprotect_sent,
+        c.reprotect_sent as f64 / d.block_bytes().max(1) as f64,
+        c.reprotect_hash_bytes,
+        c.reprotect_wire,
+    );
+    println!(
+        "planned failback: handoff to writable original disk in {:.2} s, {} bytes of the recovery copy missing",
+        c.failback_s, c.failback_loss_bytes
+    );
+    println!(
+        "test_failover_s={latest_s:.3} failover_s={failover_s:.3} reprotect_bytes_ratio={ratio:.3} failback_loss_bytes={}",
+        c.failback_loss_bytes
+    );
     Ok(())
 }
