@@ -156,6 +156,9 @@ pub struct SiteOptions {
     pub quiet: bool,
     /// Where the processes run.
     pub placement: Placement,
+    /// The relay's cap on what it forwards to the target, bytes per second
+    /// (`None`: no cap): slows the last leg so a test can act mid-transfer.
+    pub relay_to_target_bytes_per_sec: Option<u64>,
 }
 
 impl Default for SiteOptions {
@@ -166,6 +169,7 @@ impl Default for SiteOptions {
             log: "info".into(),
             quiet: false,
             placement: Placement::Loopback,
+            relay_to_target_bytes_per_sec: None,
         }
     }
 }
@@ -386,12 +390,14 @@ loopback_tuning = {}
 [target]
 address = "{target}"
 server_name = "target"
+bandwidth_limit_bytes_per_sec = {}
 
 [[agents]]
 name = "{AGENT_NAME}"
 disks = [{}]
 "#,
             self.loopback_tuning(),
+            self.opts.relay_to_target_bytes_per_sec.unwrap_or(0),
             disks.join(", ")
         );
         let p = self.server_dir().join("relay.toml");

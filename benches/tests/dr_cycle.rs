@@ -693,3 +693,223 @@ fn the_whole_dr_cycle_on_two_sites_loses_no_committed_row_and_moves_only_what_di
     assert!(last > last_b);
     stage("done");
 }
+
+/// Bytes of the relay's spool segments on disk.
+fn spool_bytes(site: &Site) -> u64 {
+    std::fs::read_dir(site.server_dir().join("relay-spool"))
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .filter(|e| e.file_name().to_string_lossy().starts_with("seg-"))
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// Polls `cond` (an observable state of the processes) with a deadline.
+fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + CATCH_UP;
+    while !cond() {
+        assert!(Instant::now() < deadline, "never reached: {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+#[ignore = "needs root: network namespaces, loop devices, eBPF and the three binaries"]
+fn reprotect_and_failback_finish_after_each_process_is_killed_mid_transfer() {
+    require_root("reprotect_and_failback_finish_after_each_process_is_killed_mid_transfer");
+    const SIZE: u64 = 256 * MIB;
+    let sites = Arc::new(TwoSites::new().unwrap_or_else(|e| panic!("{e:#}")));
+    let bins = Binaries::of_this_build().expect("binaries");
+    let work = tempfile::tempdir().expect("tempdir");
+    let w = work.path();
+    let quiet = std::env::var_os("BLOCKFERRY_E2E_VERBOSE").is_none();
+    let dev_a = dr::LoopFile::create(&w.join("a.img"), SIZE).expect("disk a");
+    dr::scatter_writes(&dev_a.path, SIZE, 2000, 1).expect("writes");
+    let disk = ProtectedDisk {
+        id: blockferry_benches::site::new_disk_id().expect("id"),
+        device: dev_a.path.clone(),
+    };
+    let id = disk.id.to_string();
+    // The last leg is slow (8 MB/s), so each transfer lasts seconds and a
+    // process can be killed in its middle.
+    let opts = |source| SiteOptions {
+        quiet,
+        placement: Placement::across(&sites, source),
+        relay_to_target_bytes_per_sec: Some(8_000_000),
+        ..SiteOptions::default()
+    };
+    let mut forward = Site::start(
+        bins.clone(),
+        &w.join("fwd"),
+        vec![disk.clone()],
+        opts(SiteName::A),
+    )
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    forward.start_agent().expect("agent");
+    caught_up(&mut forward);
+    let store_b = forward.target_store();
+    let fo = w.join("failover");
+    let f = json(cmd(
+        &bins.target(),
+        &[
+            "failover",
+            "--store",
+            p(&store_b),
+            "--disk",
+            &id,
+            "--point",
+            "latest",
+            "--out",
+            p(&fo),
+            "--attach",
+            "--json",
+        ],
+    ));
+    let dev_b = dr::LoopFile {
+        path: PathBuf::from(f["loop_device"].as_str().expect("loop device")),
+    };
+    dr::scatter_writes(&dev_a.path, SIZE, 100, 2).expect("writes on a");
+    // 40 MiB of new data at site B: what the reprotect must carry back.
+    run(
+        "dd",
+        &[
+            "if=/dev/urandom",
+            &format!("of={}", p(&dev_b.path)),
+            "bs=1M",
+            "count=40",
+            "seek=100",
+            "oflag=direct",
+            "status=none",
+        ],
+    );
+    forward.stop_agent().expect("stop");
+
+    let mut reverse = Site::start(
+        bins.clone(),
+        &w.join("rev"),
+        vec![ProtectedDisk {
+            id: disk.id,
+            device: dev_b.path.clone(),
+        }],
+        opts(SiteName::B),
+    )
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    let store_a = reverse.target_store();
+    let promoted = store_b.join(&id).join("generation.rec");
+    let old = forward.agent_state_dir().join(format!("{id}.generation"));
+    json(cmd(
+        &bins.target(),
+        &[
+            "reprotect",
+            "--store",
+            p(&store_a),
+            "--disk",
+            &id,
+            "--seed",
+            p(&dev_a.path),
+            "--seed-record",
+            p(&old),
+            "--source-record",
+            p(&promoted),
+            "--discard-changes-of",
+            "seed",
+            "--json",
+        ],
+    ));
+    reverse
+        .write_agent_config(reverse.relay_addr().expect("relay"))
+        .expect("config");
+    json(cmd(
+        &bins.agent(),
+        &[
+            "reprotect",
+            "--config",
+            p(&reverse.agent_config()),
+            "--disk",
+            &id,
+            "--record",
+            p(&promoted),
+            "--json",
+        ],
+    ));
+    reverse.start_agent().expect("agent");
+    let mid = |site: &Site| {
+        site.agent_status().ok().is_some_and(|st| {
+            let d = &st["disks"][0];
+            d["bytes_sent"].as_u64() > Some(4 * MIB)
+                && d["replica_seq"].as_u64() < d["durable_seq"].as_u64()
+        })
+    };
+    wait_for("the reprotect under way", || mid(&reverse));
+    reverse.kill_agent().expect("SIGKILL the agent");
+    reverse.start_agent().expect("agent again");
+    wait_for("the relay holding what the target has not", || {
+        spool_bytes(&reverse) > 4 * MIB
+    });
+    reverse.kill_relay().expect("SIGKILL the relay");
+    reverse.start_relay().expect("relay again");
+    wait_for("the reprotect under way again", || {
+        spool_bytes(&reverse) > 2 * MIB
+    });
+    reverse.kill_target().expect("SIGKILL the target");
+    reverse.start_target().expect("target again");
+    caught_up(&mut reverse);
+    identical(&dev_a.path, &dev_b.path)
+        .unwrap_or_else(|e| panic!("nothing lost by the crashes: {e}\n{}", logs(&reverse)));
+
+    // Failback: the handoff killed in the middle, then run again.
+    reverse.stop_agent().expect("stop");
+    run(
+        "dd",
+        &[
+            "if=/dev/urandom",
+            &format!("of={}", p(&dev_b.path)),
+            "bs=1M",
+            "count=32",
+            "seek=160",
+            "oflag=direct",
+            "status=none",
+        ],
+    );
+    let handoff = || {
+        let mut c = sites.command(SiteName::B, bins.agent()).expect("site-b");
+        c.args([
+            "handoff",
+            "--config",
+            p(&reverse.agent_config()),
+            "--disk",
+            &id,
+            "--json",
+        ]);
+        c
+    };
+    let mut first = handoff()
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("handoff");
+    wait_for("the handoff shipping", || spool_bytes(&reverse) > 4 * MIB);
+    first.kill().expect("SIGKILL the handoff");
+    first.wait().expect("reap");
+    let h = json(handoff());
+    eprintln!("handoff after a crash: {h}");
+    reverse.kill_target().expect("stop the target");
+    json(cmd(
+        &bins.target(),
+        &[
+            "failover",
+            "--planned",
+            "--store",
+            p(&store_a),
+            "--disk",
+            &id,
+            "--point",
+            "latest",
+            "--json",
+        ],
+    ));
+    identical(&dev_a.path, &dev_b.path).expect("failback lost nothing");
+}
