@@ -564,13 +564,17 @@ mod tests {
         let r = s
             .promote_at(Seq(1), GenerationId::from_bytes([3; 16]))
             .unwrap();
+        // The three wire generations were restarts of one stream (one data
+        // generation, renumbered): the promoted one is numbered above all of
+        // them, so every frame its former source sent is refused as stale.
         assert_eq!(
             r.current().number,
-            Generation(2),
-            "one more than generation 1"
+            Generation(4),
+            "one more than the stream's last wire generation"
         );
-        assert_eq!(r.history()[0].number, Generation(1));
-        assert_eq!(s.generation(), 2);
+        assert_eq!(r.history()[0].number, Generation(3));
+        assert_eq!(r.history()[0].seq, Seq(1), "left at the point");
+        assert_eq!(s.generation(), 4);
         drop(s);
         // The crash came between the record and the state.
         std::fs::write(dir.path().join(NAME).join("state.json"), state).unwrap();
@@ -580,7 +584,7 @@ mod tests {
             &r,
             "no generation adopted from the state"
         );
-        assert_eq!(s.generation(), 2, "the state was completed");
+        assert_eq!(s.generation(), 4, "the state was completed");
     }
 
     #[test]
