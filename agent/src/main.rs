@@ -7,6 +7,7 @@ use anyhow::{Context, Result};
 use blockferry_agent::config::Config;
 use blockferry_agent::tracker::{self, Tracker};
 use blockferry_agent::{service, status};
+use blockferry_transport::log::{self, LogFormat};
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Parser)]
@@ -18,6 +19,10 @@ use clap::{Args, Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+    /// Log lines on stderr: `text` (colour only on a terminal) or `json`
+    /// (one object per line, for log collectors).
+    #[arg(long, global = true, default_value = "text", value_name = "text|json")]
+    log_format: LogFormat,
 }
 
 #[derive(Subcommand)]
@@ -106,17 +111,17 @@ struct TrackArgs {
 
 /// The service logs its progress; the diagnostic commands only warnings. A
 /// handoff logs its progress too, unless a terminal shows its progress line.
-fn default_log_level() -> &'static str {
-    match std::env::args().nth(1).as_deref() {
-        Some("run") => "info",
-        Some("handoff") if !std::io::IsTerminal::is_terminal(&std::io::stderr()) => "info",
+fn default_log_level(cmd: &Cmd) -> &'static str {
+    match cmd {
+        Cmd::Run { .. } => "info",
+        Cmd::Handoff { .. } if !std::io::IsTerminal::is_terminal(&std::io::stderr()) => "info",
         _ => "warn",
     }
 }
 
 fn main() -> Result<()> {
-    blockferry_transport::log::init(default_log_level());
     let cli = Cli::parse();
+    log::init(default_log_level(&cli.cmd), cli.log_format);
     match cli.cmd {
         Cmd::Probe => {
             let report = tracker::probe().context("probe failed")?;

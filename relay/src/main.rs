@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use blockferry_relay::Config;
 use blockferry_relay::spool::{Spool, SpoolOptions};
+use blockferry_transport::log::{self, LogFormat};
 use blockferry_transport::pki;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
@@ -18,6 +19,10 @@ use tokio_util::sync::CancellationToken;
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+    /// Log lines on stderr: `text` (colour only on a terminal) or `json`
+    /// (one object per line, for log collectors).
+    #[arg(long, global = true, default_value = "text", value_name = "text|json")]
+    log_format: LogFormat,
 }
 
 #[derive(Subcommand)]
@@ -73,8 +78,9 @@ enum PkiCmd {
 }
 
 fn main() -> Result<()> {
-    blockferry_transport::log::init("info");
-    match Cli::parse().cmd {
+    let cli = Cli::parse();
+    log::init("info", cli.log_format);
+    match cli.cmd {
         Cmd::Pki { cmd } => match cmd {
             PkiCmd::Init {
                 dir,

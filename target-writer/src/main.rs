@@ -19,6 +19,7 @@ use blockferry_target::failover::{
 use blockferry_target::feed::{FeedItem, decode_all};
 use blockferry_target::reprotect::failover_in_place;
 use blockferry_target::store::{DiskStore, StoreOptions, label_name, list_points};
+use blockferry_transport::log::{self, LogFormat};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -30,6 +31,10 @@ use clap::{Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+    /// Log lines on stderr: `text` (colour only on a terminal) or `json`
+    /// (one object per line, for log collectors).
+    #[arg(long, global = true, default_value = "text", value_name = "text|json")]
+    log_format: LogFormat,
 }
 
 #[derive(Subcommand)]
@@ -525,8 +530,8 @@ async fn serve(cfg: blockferry_target::serve::ServeConfig) -> Result<()> {
 }
 
 fn main() -> Result<()> {
-    blockferry_transport::log::init("info");
     let cli = Cli::parse();
+    log::init("info", cli.log_format);
     match cli.cmd {
         Cmd::Points { store, disk, json } => {
             let points = list_points(&store, &disk)?;
