@@ -285,4 +285,29 @@ path = "/dev/disk/by-id/virtio-db1"
         let e = Config::parse(&text, Path::new("a.toml")).unwrap_err();
         assert!(e.to_string().contains("twice"), "{e}");
     }
+
+    /// `StateDirectory=` of a unit in dist/systemd, as an absolute path.
+    fn unit_state_directory(unit: &str) -> PathBuf {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../dist/systemd")
+            .join(unit);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let dir = text
+            .lines()
+            .find_map(|l| l.strip_prefix("StateDirectory="))
+            .unwrap_or_else(|| panic!("no StateDirectory= in {}", path.display()));
+        Path::new("/var/lib").join(dir)
+    }
+
+    #[test]
+    fn example_config_in_dist_is_accepted_and_keeps_state_in_the_units_state_directory() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../dist/etc/agent.toml");
+        let c = Config::load(&path).unwrap();
+        assert_eq!(
+            c.state_dir,
+            unit_state_directory("blockferry-agent.service")
+        );
+        assert_eq!(c.disks.len(), 1);
+        assert!(c.relay.tls.key.ends_with("pki/agent-host-a.key"));
+    }
 }

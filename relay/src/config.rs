@@ -278,4 +278,31 @@ disks = ["00112233-4455-6677-8899-aabbccddeeff"]
         let e = Config::parse(&two, Path::new("/")).unwrap_err().to_string();
         assert!(e.contains("one writer"), "{e}");
     }
+
+    /// `StateDirectory=` of a unit in dist/systemd, as an absolute path.
+    fn unit_state_directory(unit: &str) -> PathBuf {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../dist/systemd")
+            .join(unit);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let dir = text
+            .lines()
+            .find_map(|l| l.strip_prefix("StateDirectory="))
+            .unwrap_or_else(|| panic!("no StateDirectory= in {}", path.display()));
+        Path::new("/var/lib").join(dir)
+    }
+
+    #[test]
+    fn example_config_in_dist_is_accepted_and_spools_in_the_units_state_directory() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../dist/etc/relay.toml");
+        let c = Config::load(&path).unwrap();
+        assert!(
+            c.spool_dir
+                .starts_with(unit_state_directory("blockferry-relay.service")),
+            "{}",
+            c.spool_dir.display()
+        );
+        assert_eq!(c.registry.len(), 1);
+        assert!(c.metrics_listen.is_some());
+    }
 }

@@ -180,4 +180,31 @@ tiers = [{ every_secs = 600, up_to_secs = 86400 }]
         .unwrap_err();
         assert!(e.to_string().contains("bogus"), "{e}");
     }
+
+    /// `StateDirectory=` of a unit in dist/systemd, as an absolute path.
+    fn unit_state_directory(unit: &str) -> PathBuf {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../dist/systemd")
+            .join(unit);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let dir = text
+            .lines()
+            .find_map(|l| l.strip_prefix("StateDirectory="))
+            .unwrap_or_else(|| panic!("no StateDirectory= in {}", path.display()));
+        Path::new("/var/lib").join(dir)
+    }
+
+    #[test]
+    fn example_config_in_dist_is_accepted_and_stores_in_the_units_state_directory() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../dist/etc/target.toml");
+        let c = ServeConfig::load(&path).unwrap();
+        assert!(
+            c.store
+                .starts_with(unit_state_directory("blockferry-target.service")),
+            "{}",
+            c.store.display()
+        );
+        assert!(c.peers.contains("relay"));
+        assert_eq!(c.retention.tiers.len(), 2);
+    }
 }
