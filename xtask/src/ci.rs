@@ -1,8 +1,9 @@
 //! `cargo xtask ci`: everything CI checks, in the order a failure is cheapest to see.
 
+use std::path::Path;
 use std::process::Command;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 
 use crate::util::{self, is_root, run, workspace_root};
 
@@ -49,6 +50,9 @@ pub fn run_ci() -> Result<()> {
     ]))?;
     step("tests");
     run(cargo().args(["test", "--workspace", "--locked"]))?;
+    // After the tests: they built the binaries the units start.
+    step("systemd units");
+    check_units(&root)?;
     if is_root() {
         // Root-only tests are `#[ignore = "needs root: ..."]`, so that without
         // root they show as ignored instead of passing: run them explicitly here.
@@ -75,6 +79,79 @@ pub fn run_ci() -> Result<()> {
     step("fuzz (every decoder, briefly)");
     crate::fuzz::run_fuzz(20)?;
     step("done: all checks passed");
+    Ok(())
+}
+
+/// The units of dist/systemd and the highest `systemd-analyze security`
+/// exposure each may have (0-100, ten times the printed score): a unit that
+/// loses hardening fails CI instead of drifting.
+const UNITS: &[(&str, u32)] = &[
+    ("blockferry-agent.service", 30),
+    ("blockferry-relay.service", 20),
+    ("blockferry-target.service", 20),
+];
+
+/// `systemd-analyze verify` on every unit (any complaint fails, unknown keys
+/// included, which verify only warns about), then the exposure scores.
+/// The units name /usr/bin, where packages install; verify checks that the
+/// binary exists, so a copy pointing at the binaries just built is verified.
+pub fn check_units(root: &Path) -> Result<()> {
+    if !util::have("systemd-analyze") {
+        eprintln!("systemd-analyze not found: units not verified (apt-get install systemd)");
+        return Ok(());
+    }
+    let bin_dir = util::target_dir().join("debug");
+    let dir = util::target_dir().join("systemd-verify");
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).with_context(|| format!("cannot empty {}", dir.display()))?;
+    }
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let mut copies = Vec::new();
+    for (unit, _) in UNITS {
+        let src = root.join("dist/systemd").join(unit);
+        let text = std::fs::read_to_string(&src)
+            .with_context(|| format!("cannot read {}", src.display()))?;
+        let text = text.replace(
+            "/usr/bin/blockferry-",
+            &format!("{}/blockferry-", bin_dir.display()),
+        );
+        let copy = dir.join(unit);
+        std::fs::write(&copy, text).with_context(|| format!("cannot write {}", copy.display()))?;
+        copies.push(copy);
+    }
+    let out = Command::new("systemd-analyze")
+        .args(["verify", "--man=no"])
+        .args(&copies)
+        .output()
+        .context("cannot run systemd-analyze verify")?;
+    let complaints = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() || !complaints.trim().is_empty() {
+        bail!(
+            "systemd-analyze verify rejects dist/systemd (with the binaries of {}):\n{complaints}",
+            bin_dir.display()
+        );
+    }
+    for ((unit, threshold), copy) in UNITS.iter().zip(&copies) {
+        let out = Command::new("systemd-analyze")
+            .args(["security", "--offline=yes", "--no-pager"])
+            .arg(format!("--threshold={threshold}"))
+            .arg(copy)
+            .output()
+            .context("cannot run systemd-analyze security")?;
+        let report = String::from_utf8_lossy(&out.stdout);
+        let overall = report
+            .lines()
+            .find(|l| l.contains("Overall exposure level"))
+            .unwrap_or("no overall exposure level reported for this unit");
+        eprintln!("{}", overall.trim_start_matches(['→', ' ']));
+        if !out.status.success() {
+            bail!(
+                "{unit}: exposure above {}.{} (systemd-analyze security --offline=yes dist/systemd/{unit} lists what is open)",
+                threshold / 10,
+                threshold % 10
+            );
+        }
+    }
     Ok(())
 }
 

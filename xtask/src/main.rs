@@ -38,6 +38,9 @@ enum Cmd {
     },
     /// Everything CI checks: format, lints, all tests (root tests included), fuzzing.
     Ci,
+    /// Verify the systemd units of dist/systemd and print their exposure
+    /// scores (the `systemd units` step of ci; needs the debug binaries built).
+    Units,
     /// Build the cargo-fuzz targets (stable toolchain) and run each for a while.
     Fuzz {
         #[arg(long, default_value_t = 60)]
@@ -73,6 +76,7 @@ fn main() -> Result<()> {
             two_sites,
         } => demo::run_demo(tracker_only, two_sites),
         Cmd::Ci => ci::run_ci(),
+        Cmd::Units => ci::check_units(&util::workspace_root()),
         Cmd::Fuzz { seconds } => fuzz::run_fuzz(seconds),
         Cmd::Bench { what } => match what {
             Bench::Tracker => bench_tracker::run(),
