@@ -266,6 +266,7 @@ fn stop_on_signal() -> Result<tokio_util::sync::CancellationToken> {
             _ = int.recv() => {}
         }
         tracing::info!("stop requested");
+        blockferry_transport::notify::stopping();
         stopper.cancel();
     });
     Ok(cancel)

@@ -156,6 +156,7 @@ async fn serve(cfg: Config) -> Result<()> {
         Some(m) => println!("listening quic={} metrics={m}", handle.listen_addr),
         None => println!("listening quic={}", handle.listen_addr),
     }
+    blockferry_transport::notify::ready();
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("cannot install the SIGTERM handler")?;
     tokio::select! {
@@ -163,6 +164,7 @@ async fn serve(cfg: Config) -> Result<()> {
         _ = term.recv() => {}
     }
     tracing::info!("shutting down");
+    blockferry_transport::notify::stopping();
     cancel.cancel();
     handle.stopped().await;
     Ok(())

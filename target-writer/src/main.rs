@@ -517,6 +517,7 @@ async fn serve(cfg: blockferry_target::serve::ServeConfig) -> Result<()> {
     // One line on stdout tells scripts (and tests) where the target listens
     // when the config asked for port 0.
     println!("listening quic={}", handle.listen_addr);
+    blockferry_transport::notify::ready();
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("cannot install the SIGTERM handler")?;
     tokio::select! {
@@ -524,6 +525,7 @@ async fn serve(cfg: blockferry_target::serve::ServeConfig) -> Result<()> {
         _ = term.recv() => {}
     }
     tracing::info!("shutting down");
+    blockferry_transport::notify::stopping();
     cancel.cancel();
     handle.serve.await.context("serve task failed")?;
     Ok(())

@@ -7,11 +7,13 @@
 //! - [`sink`]: the receiving endpoint (relay from agents, target from relay).
 //! - [`client`]: the sending side (agent to relay, relay to target).
 //! - [`log`]: how every service logs.
+//! - [`notify`]: readiness for systemd (`Type=notify`).
 
 pub mod client;
 pub mod endpoint;
 pub mod framed;
 pub mod log;
+pub mod notify;
 pub mod pki;
 pub mod sink;
 mod sockbuf;

@@ -173,6 +173,9 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), Servic
         mut shipped_rx,
         connector,
     } = start(config, None, &cancel)?;
+    // Every configured disk is tracked from here on: what systemd waits for
+    // (Type=notify) before it counts the agent as started.
+    blockferry_transport::notify::ready();
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let result = loop {
