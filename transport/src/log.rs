@@ -6,7 +6,9 @@
 //! (callsite, `message` and `error` fields) is written at most once per
 //! [`REPEAT_INTERVAL`]; the repeats in between are counted and reported by one
 //! summary event (`suppressed` = the count, `origin` = the repeated event's
-//! target) once the interval has passed. A reconnect loop during a long
+//! target) with the first warning or error after the interval has passed
+//! (there is no timer: a storm that ends in silence leaves its last count
+//! unreported until something else warns). A reconnect loop during a long
 //! outage, a forwarder retrying, or a target refusing a sender over and over
 //! then logs a line per interval instead of a storm, and nothing is hidden:
 //! the count says how often it happened. The first occurrence of each message
