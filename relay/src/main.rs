@@ -74,6 +74,9 @@ enum PkiCmd {
 
 fn main() -> Result<()> {
     blockferry_transport::log::init("info");
+    // Whatever a command creates (spool, store, records, exports, keys) holds
+    // replicated data or secrets: private to the service's user.
+    blockferry_durable::set_umask(0o077);
     match Cli::parse().cmd {
         Cmd::Pki { cmd } => match cmd {
             PkiCmd::Init {

@@ -69,6 +69,8 @@ pub enum RelayError {
     },
     #[error("spool task failed: {0}")]
     Join(String),
+    #[error("the spool directory cannot be made private to the relay's user")]
+    Private(#[source] blockferry_durable::DurableError),
 }
 
 /// A running relay.
@@ -164,7 +166,11 @@ async fn on_spool<T: Send + 'static>(
 }
 
 /// Starts the relay described by `cfg`; it runs until `cancel` fires.
+///
+/// Everything the relay creates from here on (spool segments, state,
+/// indexes) is private to its owner: the process's umask becomes 077.
 pub async fn start(cfg: Config, cancel: CancellationToken) -> Result<RelayHandle, RelayError> {
+    blockferry_durable::set_umask(0o077);
     let tuning = if cfg.loopback_tuning {
         Tuning::loopback()
     } else {
@@ -215,9 +221,14 @@ pub async fn start(cfg: Config, cancel: CancellationToken) -> Result<RelayHandle
         segment_bytes: cfg.spool_segment_bytes,
         fsync: true,
     };
-    let spool = tokio::task::spawn_blocking(move || Spool::open(&spool_dir, opts))
-        .await
-        .map_err(|e| RelayError::Join(e.to_string()))??;
+    let spool = tokio::task::spawn_blocking(move || {
+        let spool = Spool::open(&spool_dir, opts)?;
+        // Created before the relay kept its files private, perhaps.
+        blockferry_durable::make_private_dir(&spool_dir).map_err(RelayError::Private)?;
+        Ok::<_, RelayError>(spool)
+    })
+    .await
+    .map_err(|e| RelayError::Join(e.to_string()))??;
     let used = spool.live_bytes();
     let disks = spool.disks();
     let metrics = Arc::new(Metrics::default());

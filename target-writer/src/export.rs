@@ -214,15 +214,28 @@ fn resolved(path: &Path) -> Option<PathBuf> {
     if let Ok(p) = path.canonicalize() {
         return Some(p);
     }
-    let name = path.file_name()?;
-    let dir = blockferry_durable::parent_dir(path).canonicalize().ok()?;
-    Some(dir.join(name))
+    // The nearest existing ancestor resolved, the rest as written.
+    let mut rest = Vec::new();
+    let mut cur = path;
+    loop {
+        rest.push(cur.file_name()?);
+        cur = cur.parent()?;
+        let base = if cur.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            cur
+        };
+        if let Ok(mut p) = base.canonicalize() {
+            p.extend(rest.iter().rev());
+            return Some(p);
+        }
+    }
 }
 
-/// Refuses an export whose output would land in the store (the replica, its
-/// journal, segments or state, of this disk or another) or on the replica
-/// itself (a seed outside the store): the export would overwrite what it
-/// reads, and the store would be lost.
+/// Refuses an export whose output would land in a disk's directory of the
+/// store (the replica, its journal, segments or state, of this disk or
+/// another) or on the replica itself (a seed outside the store): the export
+/// would overwrite what it reads, and the store would be lost.
 fn refuse_into_store(store: &DiskStore, format: ExportFormat, out: &Path) -> Result<()> {
     let disk_dir = store
         .dir()
@@ -237,7 +250,10 @@ fn refuse_into_store(store: &DiskStore, format: ExportFormat, out: &Path) -> Res
         .collect();
     for o in outputs(format, out) {
         let Some(r) = resolved(&o) else { continue };
-        if r.starts_with(&root) || replica.contains(&r) {
+        // Inside a disk's directory of the store (this disk's or another's),
+        // or one of the replica's files wherever they are.
+        let in_a_disk = r.starts_with(&root) && r.parent().is_some_and(|p| p != root);
+        if in_a_disk || replica.contains(&r) {
             return Err(TargetError::ExportIntoStore {
                 out: o,
                 store: root,
@@ -293,17 +309,18 @@ fn write_cleaning_up(
     let staged = stage.join(name);
     let r = write_image(src, plan, format, &staged, parent, progress).and_then(|files| {
         let dir = blockferry_durable::parent_dir(out);
-        let mut done = Vec::with_capacity(files.len());
+        let done: Vec<PathBuf> = files
+            .iter()
+            .map(|f| dir.join(f.file_name().unwrap_or_default()))
+            .collect();
         // The descriptor last: it is what names the others.
-        let (last, first): (Vec<PathBuf>, Vec<PathBuf>) =
-            files.into_iter().partition(|f| f.file_name() == Some(name));
-        for f in first.into_iter().chain(last) {
-            let Some(fname) = f.file_name() else { continue };
-            let dest = dir.join(fname);
-            std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600))
-                .map_err(|e| TargetError::io(&f, None, e))?;
-            std::fs::rename(&f, &dest).map_err(|e| TargetError::io(&dest, None, e))?;
-            done.push(dest);
+        let mut order: Vec<usize> = (0..files.len()).collect();
+        order.sort_by_key(|&i| files[i].file_name() == Some(name));
+        for i in order {
+            let (f, dest) = (&files[i], &done[i]);
+            std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o600))
+                .map_err(|e| TargetError::io(f, None, e))?;
+            std::fs::rename(f, dest).map_err(|e| TargetError::io(dest, None, e))?;
         }
         blockferry_durable::sync_dir(&dir)
             .map_err(|e| TargetError::io(&dir, None, std::io::Error::other(e.to_string())))?;

@@ -66,7 +66,10 @@ fn an_export_into_the_store_is_refused_and_the_store_stays_byte_identical() {
             disk_dir.join("..").join(DISK).join("state.json"),
             ExportFormat::Raw,
         ),
-        (root.join("another-disk.vmdk"), ExportFormat::VmdkSparse),
+        (
+            root.join("another-disk").join("x.vmdk"),
+            ExportFormat::VmdkSparse,
+        ),
     ];
     for (out, format) in &targets {
         let e = export_point(&mut s, point, *format, out, None, &mut |_, _| {}).unwrap_err();

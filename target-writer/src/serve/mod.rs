@@ -442,10 +442,15 @@ pub struct TargetHandle {
 }
 
 /// Starts serving `cfg` until `cancel` fires.
+///
+/// Everything the service creates from here on (replicas, journals,
+/// segments, state, generation records, exports, the control socket) is
+/// private to its owner: the process's umask becomes 077.
 pub async fn start(
     cfg: ServeConfig,
     cancel: CancellationToken,
 ) -> Result<TargetHandle, ServeError> {
+    blockferry_durable::set_umask(0o077);
     let tuning = if cfg.loopback_tuning {
         Tuning::loopback()
     } else {
@@ -468,6 +473,11 @@ pub async fn start(
     crate::crashsafe::create_dir_all(&cfg.store).map_err(|source| ServeError::Store {
         path: cfg.store.clone(),
         source,
+    })?;
+    // Perhaps created before the service kept its files private.
+    blockferry_durable::make_private_dir(&cfg.store).map_err(|e| ServeError::Store {
+        path: cfg.store.clone(),
+        source: TargetError::io(&cfg.store, None, e.source),
     })?;
     let server = server_endpoint(
         cfg.listen,
