@@ -8,6 +8,13 @@
 //! ones to an apply task through a bounded queue (backpressure: when the sink
 //! is slow the reader stops, and QUIC flow control stops the sender), and
 //! turns the apply task's "durable through N" into acks.
+//!
+//! A connection carries every disk of its peer, so what concerns one disk
+//! ends that disk's stream only: a hello the sink does not authorise (checked
+//! before the stream claims the disk, so it never supersedes the rightful
+//! writer's stream), a refused open, a failed apply or hash request are
+//! answered with an error frame on the stream. Only a peer that breaks the
+//! protocol (malformed or out-of-order frames) loses the whole connection.
 
 use std::future::Future;
 use std::sync::Arc;
