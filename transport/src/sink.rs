@@ -338,6 +338,17 @@ async fn serve_stream<S: FrameSink>(
                     },
                     f = reader.next_raw() => match f {
                         Ok(Some((Frame::HashRequest(req), _))) => {
+                            // The hello authorised this stream for its own
+                            // disk, opened at its size; no other.
+                            if req.disk != disk {
+                                return Err(End::Refused(SinkError::new(
+                                    ErrorCode::NotAuthorized,
+                                    format!(
+                                        "a hash request for disk {} on the stream of disk {disk}: ask on that disk's own stream",
+                                        req.disk
+                                    ),
+                                )));
+                            }
                             let reply = sink.hash_ranges(peer, req).await.map_err(End::Refused)?;
                             if out_tx.send(Frame::HashReply(reply)).await.is_err() {
                                 return Ok(());
