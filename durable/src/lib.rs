@@ -47,6 +47,27 @@ pub fn parent_dir(path: &Path) -> PathBuf {
     }
 }
 
+/// Sets the process's file mode creation mask and returns the previous one.
+/// The services call it with `0o077` before creating anything: they hold
+/// replicated disk data (spool, replicas, journals, exports) that no other
+/// local user may read, and a mask covers every file and directory created
+/// afterwards, by whichever module creates it, which per-call modes cannot
+/// promise. It is process-wide: call it from a service's start, not from a
+/// library routine that shares the process with others.
+pub fn set_umask(mask: u32) -> u32 {
+    // SAFETY: umask(2) takes a plain integer, cannot fail and touches no
+    // memory of ours; it only swaps the process's creation mask.
+    let old = unsafe { libc::umask(mask as libc::mode_t) };
+    old as u32
+}
+
+/// Makes `dir`, which may have been created before the services kept their
+/// files private, accessible to its owner only (0700).
+pub fn make_private_dir(dir: &Path) -> Result<(), DurableError> {
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(DurableError::at("restrict the permissions of", dir))
+}
+
 /// Creates `dir` and any missing ancestors, fsyncing the parent of each
 /// directory it created, so the whole path survives a crash. An existing
 /// directory is left as it is.

@@ -6,6 +6,7 @@
 //! metrics_listen = "127.0.0.1:9410"      # optional Prometheus /metrics
 //! spool_dir = "/var/lib/blockferry/spool"
 //! spool_limit_bytes = 8589934592          # agents are slowed, never dropped, past this
+//! max_disk_bytes = 70368744177664         # largest disk an agent may announce (64 TiB)
 //! ca = "pki/ca.crt"
 //! cert = "pki/relay.crt"
 //! key = "pki/relay.key"
@@ -54,6 +55,7 @@ struct RawConfig {
     spool_dir: PathBuf,
     spool_limit_bytes: Option<u64>,
     spool_segment_bytes: Option<u64>,
+    max_disk_bytes: Option<u64>,
     ca: PathBuf,
     cert: PathBuf,
     key: PathBuf,
@@ -101,6 +103,9 @@ pub struct Config {
     pub spool_dir: PathBuf,
     pub spool_limit: u64,
     pub spool_segment_bytes: u64,
+    /// Largest disk size a hello may announce; checked before anything is
+    /// registered or spooled.
+    pub max_disk_bytes: u64,
     pub tls: TlsFiles,
     pub revocation_list: Option<PathBuf>,
     pub loopback_tuning: bool,
@@ -111,6 +116,9 @@ pub struct Config {
 
 /// Default spool limit: 8 GiB.
 pub const DEFAULT_SPOOL_LIMIT: u64 = 8 << 30;
+
+/// Default largest disk: 64 TiB.
+pub const DEFAULT_MAX_DISK_BYTES: u64 = 64 << 40;
 
 impl Config {
     /// Reads and validates `path`.
@@ -169,6 +177,12 @@ impl Config {
                 "spool_limit_bytes = {spool_limit} is too small to be useful: give at least 65536 (a few GiB in production)"
             )));
         }
+        let max_disk_bytes = raw.max_disk_bytes.unwrap_or(DEFAULT_MAX_DISK_BYTES);
+        if max_disk_bytes == 0 || !max_disk_bytes.is_multiple_of(512) {
+            return Err(invalid(format!(
+                "max_disk_bytes = {max_disk_bytes} must be a positive multiple of 512 (the largest disk an agent may announce, 70368744177664 for 64 TiB)"
+            )));
+        }
         if let Some(level) = raw.target.recompress_level
             && !(1..=22).contains(&level)
         {
@@ -206,6 +220,7 @@ impl Config {
             spool_dir: abs(raw.spool_dir),
             spool_limit,
             spool_segment_bytes: raw.spool_segment_bytes.unwrap_or(64 << 20).max(1 << 20),
+            max_disk_bytes,
             tls: TlsFiles::new(raw.ca, raw.cert, raw.key).anchored(base),
             revocation_list: raw.revocation_list.map(abs),
             loopback_tuning: raw.loopback_tuning,
@@ -252,6 +267,29 @@ disks = ["00112233-4455-6677-8899-aabbccddeeff"]
         assert!(c.may_write("host-a", d));
         assert!(!c.may_write("host-b", d));
         assert_eq!(c.spool_limit, DEFAULT_SPOOL_LIMIT);
+        assert_eq!(c.max_disk_bytes, DEFAULT_MAX_DISK_BYTES);
+    }
+
+    #[test]
+    fn max_disk_bytes_must_be_a_positive_multiple_of_512() {
+        for bad in ["0", "1000"] {
+            let text = GOOD.replace(
+                "spool_dir = \"spool\"",
+                &format!("spool_dir = \"spool\"\nmax_disk_bytes = {bad}"),
+            );
+            let e = Config::parse(&text, Path::new("/"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("max_disk_bytes") && e.contains("512"), "{e}");
+        }
+        let text = GOOD.replace(
+            "spool_dir = \"spool\"",
+            "spool_dir = \"spool\"\nmax_disk_bytes = 1048576",
+        );
+        assert_eq!(
+            Config::parse(&text, Path::new("/")).unwrap().max_disk_bytes,
+            1 << 20
+        );
     }
 
     #[test]

@@ -78,6 +78,9 @@ enum PkiCmd {
 }
 
 fn main() -> Result<()> {
+    // Whatever a command creates (spool, store, records, exports, keys) holds
+    // replicated data or secrets: private to the service's user.
+    blockferry_durable::set_umask(0o077);
     let cli = Cli::parse();
     log::init("info", cli.log_format);
     match cli.cmd {

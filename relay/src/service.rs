@@ -69,6 +69,8 @@ pub enum RelayError {
     },
     #[error("spool task failed: {0}")]
     Join(String),
+    #[error("the spool directory cannot be made private to the relay's user")]
+    Private(#[source] blockferry_durable::DurableError),
 }
 
 /// A running relay.
@@ -164,7 +166,11 @@ async fn on_spool<T: Send + 'static>(
 }
 
 /// Starts the relay described by `cfg`; it runs until `cancel` fires.
+///
+/// Everything the relay creates from here on (spool segments, state,
+/// indexes) is private to its owner: the process's umask becomes 077.
 pub async fn start(cfg: Config, cancel: CancellationToken) -> Result<RelayHandle, RelayError> {
+    blockferry_durable::set_umask(0o077);
     let tuning = if cfg.loopback_tuning {
         Tuning::loopback()
     } else {
@@ -215,9 +221,14 @@ pub async fn start(cfg: Config, cancel: CancellationToken) -> Result<RelayHandle
         segment_bytes: cfg.spool_segment_bytes,
         fsync: true,
     };
-    let spool = tokio::task::spawn_blocking(move || Spool::open(&spool_dir, opts))
-        .await
-        .map_err(|e| RelayError::Join(e.to_string()))??;
+    let spool = tokio::task::spawn_blocking(move || {
+        let spool = Spool::open(&spool_dir, opts)?;
+        // Created before the relay kept its files private, perhaps.
+        blockferry_durable::make_private_dir(&spool_dir).map_err(RelayError::Private)?;
+        Ok::<_, RelayError>(spool)
+    })
+    .await
+    .map_err(|e| RelayError::Join(e.to_string()))??;
     let used = spool.live_bytes();
     let disks = spool.disks();
     let metrics = Arc::new(Metrics::default());
@@ -570,36 +581,65 @@ struct RelaySink {
 /// Pause between attempts while the spool's file system is full.
 const NO_SPACE_RETRY: Duration = Duration::from_secs(1);
 
+impl RelaySink {
+    fn refused(&self, e: SinkError) -> SinkError {
+        self.shared
+            .metrics
+            .refused_connections_total
+            .fetch_add(1, Ordering::Relaxed);
+        e
+    }
+
+    /// Whether `peer` may read or write `disk`: the disk is registered to it.
+    fn check_disk(&self, peer: &PeerIdentity, disk: DiskId) -> Result<(), SinkError> {
+        if self.shared.cfg.may_write(&peer.name, disk) {
+            return Ok(());
+        }
+        tracing::warn!(agent = %peer.name, %disk, "refused: disk not registered to this agent");
+        Err(self.refused(SinkError::new(
+            ErrorCode::NotAuthorized,
+            format!(
+                "agent {} may not use disk {disk}: register the disk under its [[agents]] entry in relay.toml",
+                peer.name
+            ),
+        )))
+    }
+}
+
 impl FrameSink for RelaySink {
-    async fn open(&self, peer: &PeerIdentity, hello: &Hello) -> Result<DiskState, SinkError> {
-        let disk = hello.disk;
+    fn authorize(&self, peer: &PeerIdentity, hello: &Hello) -> Result<(), SinkError> {
         if hello.agent != peer.name {
-            self.shared
-                .metrics
-                .refused_connections_total
-                .fetch_add(1, Ordering::Relaxed);
-            return Err(SinkError::new(
+            return Err(self.refused(SinkError::new(
                 ErrorCode::NotAuthorized,
                 format!(
                     "hello names agent {:?} but the certificate is {:?}: configure the agent with its certificate's name",
                     hello.agent, peer.name
                 ),
-            ));
+            )));
         }
-        if !self.shared.cfg.may_write(&peer.name, disk) {
-            self.shared
-                .metrics
-                .refused_connections_total
-                .fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(agent = %peer.name, %disk, "refused: disk not registered to this agent");
-            return Err(SinkError::new(
-                ErrorCode::NotAuthorized,
+        self.check_disk(peer, hello.disk)?;
+        // Before anything is registered or spooled: the size decides how much
+        // the target allocates for the replica and its hash trees.
+        let size = hello.disk_size;
+        let max = self.shared.cfg.max_disk_bytes;
+        if size == 0 || !size.is_multiple_of(512) || size > max {
+            tracing::warn!(agent = %peer.name, disk = %hello.disk, size, max, "refused: disk size out of bounds");
+            return Err(self.refused(SinkError::new(
+                ErrorCode::DiskSizeMismatch,
                 format!(
-                    "agent {} may not write disk {disk}: register the disk under its [[agents]] entry in relay.toml",
-                    peer.name
+                    "disk {} announces {size} bytes; this relay takes disks of 512 to {max} bytes in whole 512-byte sectors (raise max_disk_bytes in relay.toml for a larger disk)",
+                    hello.disk
                 ),
-            ));
+            )));
         }
+        Ok(())
+    }
+
+    async fn open(&self, peer: &PeerIdentity, hello: &Hello) -> Result<DiskState, SinkError> {
+        // Checked before the stream claimed the disk; again here so that
+        // nothing opens a disk without it.
+        self.authorize(peer, hello)?;
+        let disk = hello.disk;
         let size = hello.disk_size;
         let (known, restore, unknown) = on_spool(&self.shared.spool, move |s| {
             let known = s.disk_size(disk);
@@ -746,9 +786,12 @@ impl FrameSink for RelaySink {
 
     async fn hash_ranges(
         &self,
-        _peer: &PeerIdentity,
+        peer: &PeerIdentity,
         req: HashRangeRequest,
     ) -> Result<HashRangeReply, SinkError> {
+        // The digests describe the disk's data: only its writer may ask, and
+        // an unregistered id never gets a forwarder or a target stream.
+        self.check_disk(peer, req.disk)?;
         // The replica is at the target: let everything spooled reach it first,
         // so the digests describe the data the agent already sent.
         let disk = req.disk;

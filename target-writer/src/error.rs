@@ -207,6 +207,10 @@ pub enum TargetError {
     NotInPlace { disk: String, reason: String },
     #[error("{what} is not supported yet: {hint}")]
     Unsupported { what: String, hint: String },
+    #[error(
+        "refusing to export to {out}: it is inside the store {store} (or is the replica itself), which the export would overwrite; choose an output outside the store"
+    )]
+    ExportIntoStore { out: PathBuf, store: PathBuf },
     #[error(transparent)]
     Failover(#[from] crate::failover::FailoverError),
 }

@@ -115,6 +115,7 @@ pub fn export_point(
     parent: Option<&Path>,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<Vec<PathBuf>> {
+    refuse_into_store(store, format, out)?;
     let plan = plan(store, point, format, parent)?;
     let img = store.point_image(point)?;
     write_cleaning_up(&img, &plan, format, out, parent, progress)
@@ -144,6 +145,7 @@ pub fn export_point_live(
     let _pins = DiskStore::pin_points(store);
     let (plan, view, size) = {
         let mut s = lock(store);
+        refuse_into_store(&s, format, out)?;
         let plan = plan(&mut s, point, format, parent)?;
         let view = PointView::new(&s, point)?;
         let size = view.size(&s);
@@ -206,7 +208,135 @@ fn outputs(format: ExportFormat, out: &Path) -> Vec<PathBuf> {
     v
 }
 
+/// Where `path` lands once symbolic links are followed: its directory
+/// resolved, and the file itself when it exists (it may be a link).
+fn resolved(path: &Path) -> Option<PathBuf> {
+    if let Ok(p) = path.canonicalize() {
+        return Some(p);
+    }
+    // The nearest existing ancestor resolved, the rest as written.
+    let mut rest = Vec::new();
+    let mut cur = path;
+    loop {
+        rest.push(cur.file_name()?);
+        cur = cur.parent()?;
+        let base = if cur.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            cur
+        };
+        if let Ok(mut p) = base.canonicalize() {
+            p.extend(rest.iter().rev());
+            return Some(p);
+        }
+    }
+}
+
+/// Refuses an export whose output would land in a disk's directory of the
+/// store (the replica, its journal, segments or state, of this disk or
+/// another) or on the replica itself (a seed outside the store): the export
+/// would overwrite what it reads, and the store would be lost.
+fn refuse_into_store(store: &DiskStore, format: ExportFormat, out: &Path) -> Result<()> {
+    let disk_dir = store
+        .dir()
+        .canonicalize()
+        .unwrap_or_else(|_| store.dir().to_path_buf());
+    let root = disk_dir
+        .parent()
+        .map_or_else(|| disk_dir.clone(), Path::to_path_buf);
+    let replica: Vec<PathBuf> = outputs(ExportFormat::VmdkFlat, store.replica_path())
+        .iter()
+        .filter_map(|p| resolved(p))
+        .collect();
+    for o in outputs(format, out) {
+        let Some(r) = resolved(&o) else { continue };
+        // Inside a disk's directory of the store (this disk's or another's),
+        // or one of the replica's files wherever they are.
+        let in_a_disk = r.starts_with(&root) && r.parent().is_some_and(|p| p != root);
+        if in_a_disk || replica.contains(&r) {
+            return Err(TargetError::ExportIntoStore {
+                out: o,
+                store: root,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The directory an export is written in before it replaces `out`.
+fn staging_dir(out: &Path) -> Result<PathBuf> {
+    let name =
+        out.file_name()
+            .and_then(|n| n.to_str())
+            .ok_or_else(|| TargetError::Unsupported {
+                what: format!("exporting to {}", out.display()),
+                hint: "give a file name for --out".into(),
+            })?;
+    Ok(blockferry_durable::parent_dir(out).join(format!(".{name}.partial")))
+}
+
+/// Writes the export in a private staging directory next to `out`, with the
+/// final file names (a sparse or flat VMDK names its own files), and moves
+/// the files into place only once all of them are written and synced: a
+/// failed or interrupted export leaves an existing output as it was.
+///
+/// A delta is written in place: its `parentFileNameHint` is relative to its
+/// own directory, so it cannot be staged elsewhere.
 fn write_cleaning_up(
+    src: &dyn DiskRead,
+    plan: &Plan,
+    format: ExportFormat,
+    out: &Path,
+    parent: Option<&Path>,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<Vec<PathBuf>> {
+    if plan.changed.is_some() {
+        return write_in_place(src, plan, format, out, parent, progress);
+    }
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let stage = staging_dir(out)?;
+    // A leftover of an interrupted export of the same output.
+    match std::fs::remove_dir_all(&stage) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(TargetError::io(&stage, None, e)),
+    }
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&stage)
+        .map_err(|e| TargetError::io(&stage, None, e))?;
+    let name = out.file_name().unwrap_or_default();
+    let staged = stage.join(name);
+    let r = write_image(src, plan, format, &staged, parent, progress).and_then(|files| {
+        let dir = blockferry_durable::parent_dir(out);
+        let done: Vec<PathBuf> = files
+            .iter()
+            .map(|f| dir.join(f.file_name().unwrap_or_default()))
+            .collect();
+        // The descriptor last: it is what names the others.
+        let mut order: Vec<usize> = (0..files.len()).collect();
+        order.sort_by_key(|&i| files[i].file_name() == Some(name));
+        for i in order {
+            let (f, dest) = (&files[i], &done[i]);
+            std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o600))
+                .map_err(|e| TargetError::io(f, None, e))?;
+            std::fs::rename(f, dest).map_err(|e| TargetError::io(dest, None, e))?;
+        }
+        blockferry_durable::sync_dir(&dir)
+            .map_err(|e| TargetError::io(&dir, None, std::io::Error::other(e.to_string())))?;
+        Ok(done)
+    });
+    match std::fs::remove_dir_all(&stage) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            warn!(path = %stage.display(), error = %e, "cannot remove an export's staging directory")
+        }
+    }
+    r
+}
+
+fn write_in_place(
     src: &dyn DiskRead,
     plan: &Plan,
     format: ExportFormat,

@@ -532,6 +532,9 @@ async fn serve(cfg: blockferry_target::serve::ServeConfig) -> Result<()> {
 }
 
 fn main() -> Result<()> {
+    // Whatever a command creates (spool, store, records, exports, keys) holds
+    // replicated data or secrets: private to the service's user.
+    blockferry_durable::set_umask(0o077);
     let cli = Cli::parse();
     log::init("info", cli.log_format);
     match cli.cmd {

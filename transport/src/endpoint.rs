@@ -150,6 +150,22 @@ pub fn server_config(
     Ok(cfg)
 }
 
+/// As [`server_config`], admitting relays only (the target): an agent's
+/// certificate is refused at the handshake whatever name it carries.
+pub fn relay_server_config(
+    ca: &[CertificateDer<'static>],
+    identity: TlsIdentity,
+    revoked: RevocationList,
+    tuning: &Tuning,
+) -> Result<quinn::ServerConfig, EndpointError> {
+    let rustls = tls::rustls_relay_server_config(ca, identity, revoked)?;
+    let quic = QuicServerConfig::try_from(rustls)
+        .map_err(|e| EndpointError::Config(format!("quic server crypto: {e}")))?;
+    let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
+    cfg.transport_config(Arc::new(tuning.transport()?));
+    Ok(cfg)
+}
+
 /// A client configuration: verifies the server against `ca`, presents `identity`.
 pub fn client_config(
     ca: &[CertificateDer<'static>],

@@ -8,6 +8,13 @@
 //! ones to an apply task through a bounded queue (backpressure: when the sink
 //! is slow the reader stops, and QUIC flow control stops the sender), and
 //! turns the apply task's "durable through N" into acks.
+//!
+//! A connection carries every disk of its peer, so what concerns one disk
+//! ends that disk's stream only: a hello the sink does not authorise (checked
+//! before the stream claims the disk, so it never supersedes the rightful
+//! writer's stream), a refused open, a failed apply or hash request are
+//! answered with an error frame on the stream. Only a peer that breaks the
+//! protocol (malformed or out-of-order frames) loses the whole connection.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -15,7 +22,7 @@ use std::sync::Arc;
 use blockferry_proto::receiver::{DiskReceiver, ReceiverConfig};
 use blockferry_proto::sender::sequenced;
 use blockferry_proto::{
-    DiskId, ErrorCode, Frame, Generation, HashRangeReply, HashRangeRequest, Hello, Seq,
+    DiskId, ErrorCode, ErrorFrame, Frame, Generation, HashRangeReply, HashRangeRequest, Hello, Seq,
 };
 use bytes::Bytes;
 use std::collections::HashMap;
@@ -60,6 +67,15 @@ pub struct Accepted {
 
 /// What a receiving process plugs into [`serve`].
 pub trait FrameSink: Send + Sync + 'static {
+    /// Whether `peer` may open the stream `hello` describes. Decided before
+    /// the stream claims its disk, so a hello the peer may not send never
+    /// disturbs the stream of the sender that may. A refusal ends this stream
+    /// only: the connection is shared by every disk of the peer. Default: any
+    /// authenticated peer may.
+    fn authorize(&self, _peer: &PeerIdentity, _hello: &Hello) -> Result<(), SinkError> {
+        Ok(())
+    }
+
     /// `peer` opened the stream of `hello.disk`: authorize it and return the
     /// disk's durable state (zero sequence for a disk never seen).
     fn open(
@@ -69,8 +85,9 @@ pub trait FrameSink: Send + Sync + 'static {
     ) -> impl Future<Output = Result<DiskState, SinkError>> + Send;
 
     /// Applies consecutive batches/barriers of `disk` (already checked by the
-    /// receiver) and returns once they are durable. An error closes the
-    /// connection; the sender resends everything after the last ack.
+    /// receiver) and returns once they are durable. An error ends the disk's
+    /// stream with an error frame (not the connection, which other disks
+    /// share); the sender resends everything after the last ack.
     fn apply(
         &self,
         disk: DiskId,
@@ -252,6 +269,11 @@ async fn serve_stream<S: FrameSink>(
     let disk = hello.disk;
     let span = tracing::info_span!("disk", %disk);
     async move {
+        if let Err(e) = sink.authorize(peer, &hello) {
+            tracing::warn!(code = ?e.code, error = %e.message, "refused the hello");
+            refuse_stream(&mut writer, disk, &e).await;
+            return Ok(());
+        }
         // One stream per disk: a new one (a reconnecting sender) supersedes
         // the old, and is answered only once the old one has finished
         // applying what it accepted, so the durable state it reports is exact
@@ -262,8 +284,8 @@ async fn serve_stream<S: FrameSink>(
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(code = ?e.code, error = %e.message, "refused the disk");
-                close_with_error(conn, Some(&mut writer), e.code, &e.message).await;
-                return Err(e);
+                refuse_stream(&mut writer, disk, &e).await;
+                return Ok(());
             }
         };
         let mut rx = DiskReceiver::new(
@@ -282,8 +304,11 @@ async fn serve_stream<S: FrameSink>(
             while let Some(f) = out_rx.recv().await {
                 if let Err(e) = writer.send(&f).await {
                     tracing::debug!(error = %e, "reply stream closed");
-                    break;
+                    return;
                 }
+            }
+            if let Err(e) = writer.finish() {
+                tracing::debug!(error = %e, "reply stream already closed");
             }
         });
         let (apply_tx, apply_rx) = mpsc::channel::<Accepted>(opts.apply_queue.max(1));
@@ -308,12 +333,23 @@ async fn serve_stream<S: FrameSink>(
                     },
                     d = durable_rx.recv() => match d {
                         Some(Ok(seq)) => rx.handle_durable(seq),
-                        Some(Err(e)) => return Err(e),
-                        None => return Err(SinkError::new(ErrorCode::Internal, "apply task ended")),
+                        Some(Err(e)) => return Err(End::Refused(e)),
+                        None => return Err(End::Refused(SinkError::new(ErrorCode::Internal, "apply task ended"))),
                     },
                     f = reader.next_raw() => match f {
                         Ok(Some((Frame::HashRequest(req), _))) => {
-                            let reply = sink.hash_ranges(peer, req).await?;
+                            // The hello authorised this stream for its own
+                            // disk, opened at its size; no other.
+                            if req.disk != disk {
+                                return Err(End::Refused(SinkError::new(
+                                    ErrorCode::NotAuthorized,
+                                    format!(
+                                        "a hash request for disk {} on the stream of disk {disk}: ask on that disk's own stream",
+                                        req.disk
+                                    ),
+                                )));
+                            }
+                            let reply = sink.hash_ranges(peer, req).await.map_err(End::Refused)?;
                             if out_tx.send(Frame::HashReply(reply)).await.is_err() {
                                 return Ok(());
                             }
@@ -331,13 +367,13 @@ async fn serve_stream<S: FrameSink>(
                                             tokio::select! {
                                                 p = apply_tx.reserve() => match p {
                                                     Ok(permit) => permit.send(a),
-                                                    Err(_) => return Err(SinkError::new(ErrorCode::Internal, "apply task ended")),
+                                                    Err(_) => return Err(End::Refused(SinkError::new(ErrorCode::Internal, "apply task ended"))),
                                                 },
                                                 d = durable_rx.recv() => {
                                                     match d {
                                                         Some(Ok(seq)) => rx.handle_durable(seq),
-                                                        Some(Err(e)) => return Err(e),
-                                                        None => return Err(SinkError::new(ErrorCode::Internal, "apply task ended")),
+                                                        Some(Err(e)) => return Err(End::Refused(e)),
+                                                        None => return Err(End::Refused(SinkError::new(ErrorCode::Internal, "apply task ended"))),
                                                     }
                                                     flush(&mut rx, &out_tx).await;
                                                     pending = Some(a);
@@ -345,14 +381,14 @@ async fn serve_stream<S: FrameSink>(
                                             }
                                         }
                                         Err(mpsc::error::TrySendError::Closed(_)) => {
-                                            return Err(SinkError::new(ErrorCode::Internal, "apply task ended"));
+                                            return Err(End::Refused(SinkError::new(ErrorCode::Internal, "apply task ended")));
                                         }
                                     }
                                 }
                             }
                             Ok(None) => {}
                             Err(e) if e.is_fatal() => {
-                                return Err(SinkError::new(e.code(), e.to_string()));
+                                return Err(End::Violation(SinkError::new(e.code(), e.to_string())));
                             }
                             Err(e) => tracing::warn!(error = %e, "refused a frame (nacked)"),
                         },
@@ -361,7 +397,7 @@ async fn serve_stream<S: FrameSink>(
                             if e.is_protocol_violation() {
                                 tracing::warn!(error = %e, "malformed frame");
                             }
-                            return Err(protocol(e));
+                            return Err(End::Violation(protocol(e)));
                         }
                     },
                 }
@@ -370,6 +406,19 @@ async fn serve_stream<S: FrameSink>(
         }
         .await;
         drop(apply_tx);
+        let result = match result {
+            Ok(()) => Ok(()),
+            // This disk only: the peer reads why on the stream, which then
+            // ends; its other disks keep the connection.
+            Err(End::Refused(e)) => {
+                tracing::warn!(code = ?e.code, error = %e.message, "ending the disk's stream");
+                if out_tx.send(error_frame(disk, &e)).await.is_err() {
+                    tracing::debug!("reply stream already closed");
+                }
+                Ok(())
+            }
+            Err(End::Violation(e)) => Err(e),
+        };
         drop(out_tx);
         // Frames already handed over finish applying (they are in order and
         // valid); acks for them simply do not go out.
@@ -383,6 +432,34 @@ async fn serve_stream<S: FrameSink>(
     }
     .instrument(span)
     .await
+}
+
+/// How a stream's loop ended early.
+enum End {
+    /// The sink refused or failed this disk: the stream ends with an error
+    /// frame, the connection stays.
+    Refused(SinkError),
+    /// The peer broke the protocol: the connection closes.
+    Violation(SinkError),
+}
+
+fn error_frame(disk: DiskId, e: &SinkError) -> Frame {
+    Frame::Error(ErrorFrame {
+        code: e.code,
+        disk: Some(disk),
+        message: e.message.chars().take(1024).collect(),
+    })
+}
+
+/// Tells the peer why this disk's stream is refused, and ends the stream. The
+/// connection carries the peer's other disks and stays open.
+async fn refuse_stream(writer: &mut FrameWriter, disk: DiskId, e: &SinkError) {
+    if let Err(err) = writer.send(&error_frame(disk, e)).await {
+        tracing::debug!(error = %err, "could not send the refusal");
+    }
+    if let Err(err) = writer.finish() {
+        tracing::debug!(error = %err, "stream already closed");
+    }
 }
 
 /// The next replica position of a forwarding sink; never resolves for a sink

@@ -293,6 +293,22 @@ fn provider() -> Arc<CryptoProvider> {
 struct RevokingVerifier {
     inner: Arc<dyn ClientCertVerifier>,
     revoked: RevocationList,
+    /// Admit only certificates issued to serve too (relays), never
+    /// client-only ones (agents).
+    relays_only: bool,
+}
+
+/// Whether a certificate was issued to serve as well as to connect: it
+/// carries the server-auth extended key usage, as the relay's and the
+/// target's do (`pki init`) and an agent's (`pki issue-agent`, client only)
+/// does not. Whatever name an agent certificate carries, it is not a relay's.
+pub fn may_serve(der: &[u8]) -> Result<bool, TlsError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| TlsError::BadPeerCertificate(e.to_string()))?;
+    let eku = cert
+        .extended_key_usage()
+        .map_err(|e| TlsError::BadPeerCertificate(e.to_string()))?;
+    Ok(eku.is_some_and(|e| e.value.server_auth))
 }
 
 impl ClientCertVerifier for RevokingVerifier {
@@ -317,6 +333,16 @@ impl ClientCertVerifier for RevokingVerifier {
         let verified = self
             .inner
             .verify_client_cert(end_entity, intermediates, now)?;
+        if self.relays_only
+            && !may_serve(end_entity)
+                .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?
+        {
+            let name = PeerIdentity::from_der(end_entity).map_or_else(|_| "?".into(), |p| p.name);
+            tracing::warn!(peer = %name, "refused a client certificate that is not a relay's (issued to connect only)");
+            return Err(rustls::Error::InvalidCertificate(
+                CertificateError::InvalidPurpose,
+            ));
+        }
         if !self.revoked.is_empty() {
             let id = PeerIdentity::from_der(end_entity)
                 .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
@@ -358,12 +384,36 @@ pub fn rustls_server_config(
     identity: TlsIdentity,
     revoked: RevocationList,
 ) -> Result<rustls::ServerConfig, TlsError> {
+    build_server_config(ca, identity, revoked, false)
+}
+
+/// As [`rustls_server_config`], admitting relays only: a client certificate
+/// must carry the server-auth usage ([`may_serve`]), so an agent's
+/// certificate is refused at the handshake whatever its name.
+pub fn rustls_relay_server_config(
+    ca: &[CertificateDer<'static>],
+    identity: TlsIdentity,
+    revoked: RevocationList,
+) -> Result<rustls::ServerConfig, TlsError> {
+    build_server_config(ca, identity, revoked, true)
+}
+
+fn build_server_config(
+    ca: &[CertificateDer<'static>],
+    identity: TlsIdentity,
+    revoked: RevocationList,
+    relays_only: bool,
+) -> Result<rustls::ServerConfig, TlsError> {
     let provider = provider();
     let roots = Arc::new(root_store(ca)?);
     let inner = WebPkiClientVerifier::builder_with_provider(roots, provider.clone())
         .build()
         .map_err(|e| TlsError::Config(e.to_string()))?;
-    let verifier = Arc::new(RevokingVerifier { inner, revoked });
+    let verifier = Arc::new(RevokingVerifier {
+        inner,
+        revoked,
+        relays_only,
+    });
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| TlsError::Config(e.to_string()))?

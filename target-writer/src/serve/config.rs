@@ -14,6 +14,7 @@
 //! # point_every_secs = 600     # scheduled points; 0 = only barriers
 //! # resync_chunk_kib = 64      # the agents' chunk_size_kib
 //! # checkpoint_mib = 64
+//! # max_disk_bytes = 70368744177664   # largest replica a relay may create (64 TiB)
 //! # [retention]
 //! # keep_all_secs = 3600
 //! # tiers = [{ every_secs = 600, up_to_secs = 86400 }, { every_secs = 86400, up_to_secs = 604800 }]
@@ -43,7 +44,14 @@ pub enum ConfigError {
     ResyncChunk(u32),
     #[error("retention tiers need every_secs > 0")]
     ZeroTier,
+    #[error(
+        "max_disk_bytes = {0} must be a positive multiple of 512 (the largest replica a relay may create, 70368744177664 for 64 TiB)"
+    )]
+    MaxDiskBytes(u64),
 }
+
+/// Default largest replica: 64 TiB.
+pub const DEFAULT_MAX_DISK_BYTES: u64 = 64 << 40;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -63,6 +71,7 @@ struct RawConfig {
     retention: Option<RetentionPolicy>,
     resync_chunk_kib: Option<u32>,
     checkpoint_mib: Option<u64>,
+    max_disk_bytes: Option<u64>,
     /// New replicas are thin monolithicSparse files.
     #[serde(default)]
     thin_replicas: bool,
@@ -82,6 +91,8 @@ pub struct ServeConfig {
     pub retention: RetentionPolicy,
     pub resync_chunk_size: u64,
     pub checkpoint_bytes: u64,
+    /// Largest disk size a hello may announce (creating or growing a replica).
+    pub max_disk_bytes: u64,
     /// Create new replicas thin (monolithicSparse) instead of vmfs + flat.
     pub thin_replicas: bool,
 }
@@ -114,6 +125,10 @@ impl ServeConfig {
         if retention.tiers.iter().any(|t| t.every_secs == 0) {
             return Err(ConfigError::ZeroTier);
         }
+        let max_disk_bytes = raw.max_disk_bytes.unwrap_or(DEFAULT_MAX_DISK_BYTES);
+        if max_disk_bytes == 0 || !max_disk_bytes.is_multiple_of(512) {
+            return Err(ConfigError::MaxDiskBytes(max_disk_bytes));
+        }
         let abs = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
         Ok(ServeConfig {
             listen,
@@ -130,6 +145,7 @@ impl ServeConfig {
             retention,
             resync_chunk_size: u64::from(chunk_kib) << 10,
             checkpoint_bytes: raw.checkpoint_mib.unwrap_or(64) << 20,
+            max_disk_bytes,
             thin_replicas: raw.thin_replicas,
         })
     }
@@ -179,6 +195,12 @@ tiers = [{ every_secs = 600, up_to_secs = 86400 }]
         )
         .unwrap_err();
         assert!(e.to_string().contains("bogus"), "{e}");
+        let e = ServeConfig::parse(
+            "listen = \"127.0.0.1:1\"\nstore = \"s\"\nca = \"a\"\ncert = \"b\"\nkey = \"c\"\nmax_disk_bytes = 1000\n",
+            Path::new("."),
+        )
+        .unwrap_err();
+        assert!(matches!(e, ConfigError::MaxDiskBytes(1000)), "{e}");
     }
 
     /// `StateDirectory=` of a unit in dist/systemd, as an absolute path.

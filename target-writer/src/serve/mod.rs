@@ -34,7 +34,7 @@ use blockferry_proto::hashtree::{DEFAULT_FANOUT, HashTree, Responder, TreeShape}
 use blockferry_proto::{
     Consistency, DiskId, ErrorCode, Frame, Generation, HashRangeReply, HashRangeRequest, Hello, Seq,
 };
-use blockferry_transport::endpoint::{Tuning, server_config, server_endpoint};
+use blockferry_transport::endpoint::{Tuning, relay_server_config, server_endpoint};
 use blockferry_transport::{
     Accepted, DiskState, FrameSink, PeerIdentity, RevocationList, ServeOptions, SinkError,
 };
@@ -322,7 +322,9 @@ fn join_error(e: tokio::task::JoinError) -> SinkError {
 pub struct TargetService(pub Arc<TargetSink>);
 
 impl FrameSink for TargetService {
-    async fn open(&self, peer: &PeerIdentity, hello: &Hello) -> Result<DiskState, SinkError> {
+    fn authorize(&self, peer: &PeerIdentity, hello: &Hello) -> Result<(), SinkError> {
+        // The certificate's role (a relay's, not an agent's) was checked at
+        // the handshake; its name must also be a configured peer.
         if !self.0.cfg.peers.contains(&peer.name) {
             return Err(SinkError::new(
                 ErrorCode::NotAuthorized,
@@ -332,6 +334,25 @@ impl FrameSink for TargetService {
                 ),
             ));
         }
+        let size = hello.disk_size;
+        let max = self.0.cfg.max_disk_bytes;
+        if size == 0 || !size.is_multiple_of(512) || size > max {
+            warn!(disk = %hello.disk, size, max, "refused: disk size out of bounds");
+            return Err(SinkError::new(
+                ErrorCode::DiskSizeMismatch,
+                format!(
+                    "disk {} announces {size} bytes; this target keeps replicas of 512 to {max} bytes in whole 512-byte sectors (raise max_disk_bytes in the target config for a larger disk)",
+                    hello.disk
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    async fn open(&self, peer: &PeerIdentity, hello: &Hello) -> Result<DiskState, SinkError> {
+        // Checked before the stream claimed the disk; again here so that
+        // nothing creates a replica without it.
+        self.authorize(peer, hello)?;
         let this = self.0.clone();
         let disk = hello.disk;
         let size = hello.disk_size;
@@ -421,10 +442,15 @@ pub struct TargetHandle {
 }
 
 /// Starts serving `cfg` until `cancel` fires.
+///
+/// Everything the service creates from here on (replicas, journals,
+/// segments, state, generation records, exports, the control socket) is
+/// private to its owner: the process's umask becomes 077.
 pub async fn start(
     cfg: ServeConfig,
     cancel: CancellationToken,
 ) -> Result<TargetHandle, ServeError> {
+    blockferry_durable::set_umask(0o077);
     let tuning = if cfg.loopback_tuning {
         Tuning::loopback()
     } else {
@@ -448,9 +474,14 @@ pub async fn start(
         path: cfg.store.clone(),
         source,
     })?;
+    // Perhaps created before the service kept its files private.
+    blockferry_durable::make_private_dir(&cfg.store).map_err(|e| ServeError::Store {
+        path: cfg.store.clone(),
+        source: TargetError::io(&cfg.store, None, e.source),
+    })?;
     let server = server_endpoint(
         cfg.listen,
-        server_config(&ca, identity, revoked, &tuning)
+        relay_server_config(&ca, identity, revoked, &tuning)
             .map_err(|e| ServeError::Endpoint(e.into()))?,
         &tuning,
     )
