@@ -252,26 +252,11 @@ pub fn raw_cycle(bins: &crate::site::Binaries, dir: &Path, size: u64) -> Result<
     scatter_writes(&dev_a.path, size, 1000, 2)?;
     forward.wait_caught_up(CATCH_UP)?;
     let store_b = forward.target_store();
-    let fo = dir.join("failover");
-    let target = |args: &[&str]| {
-        let mut c = Command::new(bins.target());
-        c.args(args);
-        c
+    let cmds = Commands {
+        bins: bins.clone(),
+        id: id.clone(),
     };
-    let s = |p: &Path| p.to_str().map(str::to_owned).context("non-UTF-8 path");
-    let f = run_json(target(&[
-        "failover",
-        "--store",
-        &s(&store_b)?,
-        "--disk",
-        &id,
-        "--point",
-        "latest",
-        "--out",
-        &s(&fo)?,
-        "--attach",
-        "--json",
-    ]))?;
+    let f = run_json(cmds.failover(&store_b, &dir.join("failover")))?;
     let dev_b = LoopFile {
         path: PathBuf::from(f["loop_device"].as_str().context("no loop device")?),
     };
@@ -292,33 +277,15 @@ pub fn raw_cycle(bins: &crate::site::Binaries, dir: &Path, size: u64) -> Result<
     let store_a = reverse.target_store();
     let promoted = store_b.join(&id).join("generation.rec");
     let old = forward.agent_state_dir().join(format!("{id}.generation"));
-    run_json(target(&[
-        "reprotect",
-        "--store",
-        &s(&store_a)?,
-        "--disk",
-        &id,
-        "--seed",
-        &s(&dev_a.path)?,
-        "--seed-record",
-        &s(&old)?,
-        "--source-record",
-        &s(&promoted)?,
-        "--discard-changes-of",
-        "seed",
-        "--json",
-    ]))?;
+    run_json(cmds.reprotect(
+        &store_a,
+        &dev_a.path,
+        &old,
+        &promoted,
+        &["--discard-changes-of", "seed"],
+    ))?;
     reverse.write_agent_config(reverse.relay_addr().context("no relay")?)?;
-    let mut c = Command::new(bins.agent());
-    c.args([
-        "reprotect",
-        "--config",
-        &s(&reverse.agent_config())?,
-        "--disk",
-        &id,
-    ]);
-    c.args(["--record", &s(&promoted)?, "--json"]);
-    run_json(c)?;
+    run_json(cmds.agent_reprotect(&reverse.agent_config(), &promoted))?;
     let reprotect_differing = differing(&dev_a.path, &dev_b.path, size)?;
     let link0 = sites.link_bytes(SiteName::B)?;
     reverse.start_agent()?;
@@ -330,28 +297,9 @@ pub fn raw_cycle(bins: &crate::site::Binaries, dir: &Path, size: u64) -> Result<
     reverse.wait_caught_up(CATCH_UP)?;
     reverse.stop_agent()?;
     let t = Instant::now();
-    let mut handoff = sites.command(SiteName::B, bins.agent())?;
-    handoff.args([
-        "handoff",
-        "--config",
-        &s(&reverse.agent_config())?,
-        "--disk",
-        &id,
-    ]);
-    handoff.arg("--json");
-    run_json(handoff)?;
+    run_json(cmds.handoff(&sites, SiteName::B, &reverse.agent_config())?)?;
     reverse.kill_target()?;
-    run_json(target(&[
-        "failover",
-        "--planned",
-        "--store",
-        &s(&store_a)?,
-        "--disk",
-        &id,
-        "--point",
-        "latest",
-        "--json",
-    ]))?;
+    run_json(cmds.failback(&store_a))?;
     let failback_s = t.elapsed().as_secs_f64();
     let loss = differing(&dev_a.path, &dev_b.path, size)?;
     Ok(CycleFigures {
@@ -362,4 +310,77 @@ pub fn raw_cycle(bins: &crate::site::Binaries, dir: &Path, size: u64) -> Result<
         failback_loss_bytes: loss.block_bytes(),
         failback_s,
     })
+}
+
+/// The cycle's commands for one disk, built as a user types them (every one
+/// with `--json`); run them with [`run_json`] or [`run_refused`].
+#[derive(Debug, Clone)]
+pub struct Commands {
+    pub bins: crate::site::Binaries,
+    /// The disk id.
+    pub id: String,
+}
+
+impl Commands {
+    fn target(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(self.bins.target());
+        c.args(args);
+        c
+    }
+
+    /// `blockferry-target failover` to the latest point into `out`, attached.
+    pub fn failover(&self, store: &Path, out: &Path) -> Command {
+        let mut c = self.target(&["failover", "--disk", &self.id, "--point", "latest"]);
+        c.arg("--store").arg(store).arg("--out").arg(out);
+        c.args(["--attach", "--json"]);
+        c
+    }
+
+    /// `blockferry-target reprotect` of the store's disk onto `seed`, with
+    /// `extra` options (`--discard-changes-of seed`, `--dry-run`).
+    pub fn reprotect(
+        &self,
+        store: &Path,
+        seed: &Path,
+        seed_record: &Path,
+        source_record: &Path,
+        extra: &[&str],
+    ) -> Command {
+        let mut c = self.target(&["reprotect", "--disk", &self.id, "--json"]);
+        c.arg("--store").arg(store).arg("--seed").arg(seed);
+        c.arg("--seed-record").arg(seed_record);
+        c.arg("--source-record").arg(source_record);
+        c.args(extra);
+        c
+    }
+
+    /// `blockferry-agent reprotect`: the promoted copy's record installed.
+    pub fn agent_reprotect(&self, config: &Path, record: &Path) -> Command {
+        let mut c = Command::new(self.bins.agent());
+        c.args(["reprotect", "--disk", &self.id, "--json"]);
+        c.arg("--config").arg(config).arg("--record").arg(record);
+        c
+    }
+
+    /// `blockferry-agent handoff`, in `site` (it talks to the other site's
+    /// relay over the veth).
+    pub fn handoff(
+        &self,
+        sites: &crate::netns::TwoSites,
+        site: crate::netns::SiteName,
+        config: &Path,
+    ) -> Result<Command> {
+        let mut c = sites.command(site, self.bins.agent())?;
+        c.args(["handoff", "--disk", &self.id, "--json"]);
+        c.arg("--config").arg(config);
+        Ok(c)
+    }
+
+    /// `blockferry-target failover --planned` of a seed store, in place.
+    pub fn failback(&self, store: &Path) -> Command {
+        let mut c = self.target(&["failover", "--planned", "--disk", &self.id]);
+        c.arg("--store").arg(store);
+        c.args(["--point", "latest", "--json"]);
+        c
+    }
 }

@@ -293,6 +293,10 @@ fn the_whole_dr_cycle_on_two_sites_loses_no_committed_row_and_moves_only_what_di
         device: dev_a.path.clone(),
     };
     let id = disk.id.to_string();
+    let cmds = dr::Commands {
+        bins: bins.clone(),
+        id: id.clone(),
+    };
     let opts = |source| SiteOptions {
         quiet,
         placement: Placement::across(&sites, source),
@@ -381,22 +385,7 @@ fn the_whole_dr_cycle_on_two_sites_loses_no_committed_row_and_moves_only_what_di
     stage("unplanned failover");
     writer_a.as_ref().expect("writer").wait_rows(100);
     let fo = w.join("failover");
-    let f = json(cmd(
-        &bins.target(),
-        &[
-            "failover",
-            "--store",
-            p(&store_b),
-            "--disk",
-            &id,
-            "--point",
-            "latest",
-            "--out",
-            p(&fo),
-            "--attach",
-            "--json",
-        ],
-    ));
+    let f = json(cmds.failover(&store_b, &fo));
     let dev_b = PathBuf::from(f["loop_device"].as_str().expect("loop device"));
     let _dev_b_guard = Attached(dev_b.clone());
     let promoted_id = f["generation_id"]
@@ -467,23 +456,15 @@ fn the_whole_dr_cycle_on_two_sites_loses_no_committed_row_and_moves_only_what_di
     std::fs::copy(store_b.join(&id).join("generation.rec"), &promoted_record).expect("copy");
     let old_source_record = forward.agent_state_dir().join(format!("{id}.generation"));
     let reprotect = |extra: &[&str]| {
-        let mut args = vec![
-            "reprotect",
-            "--store",
-            p(&store_a),
-            "--disk",
-            &id,
-            "--seed",
-            dev_a.path_str(),
-            "--seed-record",
-            p(&old_source_record),
-            "--source-record",
-            p(&promoted_record),
-        ];
-        args.extend_from_slice(extra);
-        cmd(&bins.target(), &args)
+        cmds.reprotect(
+            &store_a,
+            &dev_a.path,
+            &old_source_record,
+            &promoted_record,
+            extra,
+        )
     };
-    let split = refused(reprotect(&["--json"]));
+    let split = refused(reprotect(&[]));
     assert!(
         split.contains("split brain") && split.contains("--discard-changes-of"),
         "reprotect reports the divergence and what to do: {split}"
@@ -492,33 +473,19 @@ fn the_whole_dr_cycle_on_two_sites_loses_no_committed_row_and_moves_only_what_di
         split.contains(&promoted_id[..8]),
         "both histories are shown (the promoted generation {promoted_id}): {split}"
     );
-    let dry = json(reprotect(&[
-        "--discard-changes-of",
-        "seed",
-        "--dry-run",
-        "--json",
-    ]));
+    let dry = json(reprotect(&["--discard-changes-of", "seed", "--dry-run"]));
     assert_eq!(dry["mode"], "checksum-compare", "{dry}");
     assert!(
         !store_a.join(&id).exists(),
         "a dry run changes nothing: {dry}"
     );
-    json(reprotect(&["--discard-changes-of", "seed", "--json"]));
+    json(reprotect(&["--discard-changes-of", "seed"]));
     reverse
         .write_agent_config(reverse.relay_addr().expect("relay"))
         .expect("agent config");
-    json(cmd(
-        &bins.agent(),
-        &[
-            "reprotect",
-            "--config",
-            p(&reverse.agent_config()),
-            "--disk",
-            &id,
-            "--record",
-            p(&store_b.join(&id).join("generation.rec")),
-            "--json",
-        ],
+    json(cmds.agent_reprotect(
+        &reverse.agent_config(),
+        &store_b.join(&id).join("generation.rec"),
     ));
     let (chunks, blocks) = {
         let _frozen = Frozen::new(&mnt_b);
@@ -567,32 +534,13 @@ fn the_whole_dr_cycle_on_two_sites_loses_no_committed_row_and_moves_only_what_di
     caught_up(&mut reverse);
     reverse.stop_agent().expect("stop the reverse agent");
     // In site B: the handoff talks to the relay of site A over the veth.
-    let mut handoff = sites.command(SiteName::B, bins.agent()).expect("site-b");
-    handoff.args([
-        "handoff",
-        "--config",
-        p(&reverse.agent_config()),
-        "--disk",
-        &id,
-        "--json",
-    ]);
-    let h = json(handoff);
+    let h = json(
+        cmds.handoff(&sites, SiteName::B, &reverse.agent_config())
+            .expect("site-b"),
+    );
     eprintln!("handoff: {h}");
     reverse.kill_target().expect("stop the target of site A");
-    let back = json(cmd(
-        &bins.target(),
-        &[
-            "failover",
-            "--planned",
-            "--store",
-            p(&store_a),
-            "--disk",
-            &id,
-            "--point",
-            "latest",
-            "--json",
-        ],
-    ));
+    let back = json(cmds.failback(&store_a));
     eprintln!("failback: {back}");
     identical(&dev_a.path, &dev_b).expect("the original disk holds what site B wrote");
     let a_fs = mount(&dev_a.path, &mnt_a);
@@ -625,40 +573,21 @@ fn the_whole_dr_cycle_on_two_sites_loses_no_committed_row_and_moves_only_what_di
     forward.kill_target().expect("stop the target of site B");
     let failback_record = w.join("failback.generation");
     std::fs::copy(store_a.join(&id).join("generation.rec"), &failback_record).expect("copy");
-    let r = json(cmd(
-        &bins.target(),
-        &[
-            "reprotect",
-            "--store",
-            p(&store_b),
-            "--disk",
-            &id,
-            "--seed",
-            p(&seed_b),
-            "--seed-record",
-            p(&reverse.agent_state_dir().join(format!("{id}.generation"))),
-            "--source-record",
-            p(&failback_record),
-            "--json",
-        ],
+    let r = json(cmds.reprotect(
+        &store_b,
+        &seed_b,
+        &reverse.agent_state_dir().join(format!("{id}.generation")),
+        &failback_record,
+        &[],
     ));
     assert!(
         r["retired"].is_string(),
         "the old promoted replica is kept aside: {r}"
     );
     forward.start_target().expect("target");
-    json(cmd(
-        &bins.agent(),
-        &[
-            "reprotect",
-            "--config",
-            p(&forward.agent_config()),
-            "--disk",
-            &id,
-            "--record",
-            p(&store_a.join(&id).join("generation.rec")),
-            "--json",
-        ],
+    json(cmds.agent_reprotect(
+        &forward.agent_config(),
+        &store_a.join(&id).join("generation.rec"),
     ));
     // The copies differ only by what mounting the original disk on site A
     // wrote (the superblock, the journal): that, and hashes, is all that moves.
@@ -733,6 +662,10 @@ fn reprotect_and_failback_finish_after_each_process_is_killed_mid_transfer() {
         device: dev_a.path.clone(),
     };
     let id = disk.id.to_string();
+    let cmds = dr::Commands {
+        bins: bins.clone(),
+        id: id.clone(),
+    };
     // The last leg is slow (8 MB/s), so each transfer lasts seconds and a
     // process can be killed in its middle.
     let opts = |source| SiteOptions {
@@ -752,22 +685,7 @@ fn reprotect_and_failback_finish_after_each_process_is_killed_mid_transfer() {
     caught_up(&mut forward);
     let store_b = forward.target_store();
     let fo = w.join("failover");
-    let f = json(cmd(
-        &bins.target(),
-        &[
-            "failover",
-            "--store",
-            p(&store_b),
-            "--disk",
-            &id,
-            "--point",
-            "latest",
-            "--out",
-            p(&fo),
-            "--attach",
-            "--json",
-        ],
-    ));
+    let f = json(cmds.failover(&store_b, &fo));
     let dev_b = dr::LoopFile {
         path: PathBuf::from(f["loop_device"].as_str().expect("loop device")),
     };
@@ -800,41 +718,17 @@ fn reprotect_and_failback_finish_after_each_process_is_killed_mid_transfer() {
     let store_a = reverse.target_store();
     let promoted = store_b.join(&id).join("generation.rec");
     let old = forward.agent_state_dir().join(format!("{id}.generation"));
-    json(cmd(
-        &bins.target(),
-        &[
-            "reprotect",
-            "--store",
-            p(&store_a),
-            "--disk",
-            &id,
-            "--seed",
-            p(&dev_a.path),
-            "--seed-record",
-            p(&old),
-            "--source-record",
-            p(&promoted),
-            "--discard-changes-of",
-            "seed",
-            "--json",
-        ],
+    json(cmds.reprotect(
+        &store_a,
+        &dev_a.path,
+        &old,
+        &promoted,
+        &["--discard-changes-of", "seed"],
     ));
     reverse
         .write_agent_config(reverse.relay_addr().expect("relay"))
         .expect("config");
-    json(cmd(
-        &bins.agent(),
-        &[
-            "reprotect",
-            "--config",
-            p(&reverse.agent_config()),
-            "--disk",
-            &id,
-            "--record",
-            p(&promoted),
-            "--json",
-        ],
-    ));
+    json(cmds.agent_reprotect(&reverse.agent_config(), &promoted));
     reverse.start_agent().expect("agent");
     let mid = |site: &Site| {
         site.agent_status().ok().is_some_and(|st| {
@@ -875,16 +769,8 @@ fn reprotect_and_failback_finish_after_each_process_is_killed_mid_transfer() {
         ],
     );
     let handoff = || {
-        let mut c = sites.command(SiteName::B, bins.agent()).expect("site-b");
-        c.args([
-            "handoff",
-            "--config",
-            p(&reverse.agent_config()),
-            "--disk",
-            &id,
-            "--json",
-        ]);
-        c
+        cmds.handoff(&sites, SiteName::B, &reverse.agent_config())
+            .expect("site-b")
     };
     let mut first = handoff()
         .stdout(Stdio::null())
@@ -897,19 +783,6 @@ fn reprotect_and_failback_finish_after_each_process_is_killed_mid_transfer() {
     let h = json(handoff());
     eprintln!("handoff after a crash: {h}");
     reverse.kill_target().expect("stop the target");
-    json(cmd(
-        &bins.target(),
-        &[
-            "failover",
-            "--planned",
-            "--store",
-            p(&store_a),
-            "--disk",
-            &id,
-            "--point",
-            "latest",
-            "--json",
-        ],
-    ));
+    json(cmds.failback(&store_a));
     identical(&dev_a.path, &dev_b.path).expect("failback lost nothing");
 }
