@@ -256,7 +256,7 @@ pub fn raw_cycle(bins: &crate::site::Binaries, dir: &Path, size: u64) -> Result<
         bins: bins.clone(),
         id: id.clone(),
     };
-    let f = run_json(cmds.failover(&store_b, &dir.join("failover")))?;
+    let f = run_json(cmds.failover(&store_b, &dir.join("failover"), "latest"))?;
     let dev_b = LoopFile {
         path: PathBuf::from(f["loop_device"].as_str().context("no loop device")?),
     };
@@ -328,9 +328,10 @@ impl Commands {
         c
     }
 
-    /// `blockferry-target failover` to the latest point into `out`, attached.
-    pub fn failover(&self, store: &Path, out: &Path) -> Command {
-        let mut c = self.target(&["failover", "--disk", &self.id, "--point", "latest"]);
+    /// `blockferry-target failover` to `point` (`latest` or an id) into
+    /// `out`, attached.
+    pub fn failover(&self, store: &Path, out: &Path, point: &str) -> Command {
+        let mut c = self.target(&["failover", "--disk", &self.id, "--point", point]);
         c.arg("--store").arg(store).arg("--out").arg(out);
         c.args(["--attach", "--json"]);
         c

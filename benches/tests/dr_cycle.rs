@@ -228,6 +228,37 @@ fn wait_disk(site: &Site, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
     }
 }
 
+/// A recovery point of the quiesced file system at `mnt`: frozen, the
+/// replica catches up, a point is cut after everything the agent shipped,
+/// thawed. Points are labelled `not-consistent` (write ordering across a cut
+/// is not proved yet), so a point cut in the middle of writes need not hold
+/// a consistent database; one cut while the file system is frozen does.
+fn quiesced_point(site: &mut Site, mnt: &Path, bins: &Binaries, store: &Path, id: &str) -> String {
+    let _frozen = Frozen::new(mnt);
+    let st = caught_up(site);
+    let shipped = st["disks"][0]["durable_seq"].as_u64().expect("durable seq");
+    let deadline = Instant::now() + CATCH_UP;
+    loop {
+        let listing = json(cmd(
+            &bins.target(),
+            &["points", "--store", p(store), "--disk", id, "--json"],
+        ));
+        let point = listing["points"].as_array().and_then(|ps| {
+            ps.iter()
+                .rev()
+                .find(|pt| pt["seq"].as_u64() >= Some(shipped) && pt["incomplete"] == false)
+        });
+        if let Some(pt) = point {
+            return pt["id"].as_u64().expect("point id").to_string();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no point after #{shipped}: {listing}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// The integrity check and the last row of the database at `db`.
 fn check_db(db: &Path) -> u64 {
     let out = run(
@@ -317,6 +348,7 @@ fn the_whole_dr_cycle_on_two_sites_loses_no_committed_row_and_moves_only_what_di
     // --- test failover while replication goes on ---
     stage("test failover");
     let tf = w.join("test-failover");
+    let tested = quiesced_point(&mut forward, &mnt_a, &bins, &store_b, &id);
     let before = wait_disk(&forward, "a replica", |d| {
         d["replica_seq"].as_u64() > Some(0)
     });
@@ -330,7 +362,7 @@ fn the_whole_dr_cycle_on_two_sites_loses_no_committed_row_and_moves_only_what_di
             "--disk",
             &id,
             "--point",
-            "latest",
+            &tested,
             "--out",
             p(&tf),
             "--attach",
@@ -385,7 +417,11 @@ fn the_whole_dr_cycle_on_two_sites_loses_no_committed_row_and_moves_only_what_di
     stage("unplanned failover");
     writer_a.as_ref().expect("writer").wait_rows(100);
     let fo = w.join("failover");
-    let f = json(cmds.failover(&store_b, &fo));
+    // The point: one of the quiesced file system, chosen while the
+    // source goes on writing after it.
+    let chosen = quiesced_point(&mut forward, &mnt_a, &bins, &store_b, &id);
+    writer_a.as_ref().expect("writer").wait_rows(50);
+    let f = json(cmds.failover(&store_b, &fo, &chosen));
     let dev_b = PathBuf::from(f["loop_device"].as_str().expect("loop device"));
     let _dev_b_guard = Attached(dev_b.clone());
     let promoted_id = f["generation_id"]
@@ -685,7 +721,7 @@ fn reprotect_and_failback_finish_after_each_process_is_killed_mid_transfer() {
     caught_up(&mut forward);
     let store_b = forward.target_store();
     let fo = w.join("failover");
-    let f = json(cmds.failover(&store_b, &fo));
+    let f = json(cmds.failover(&store_b, &fo, "latest"));
     let dev_b = dr::LoopFile {
         path: PathBuf::from(f["loop_device"].as_str().expect("loop device")),
     };
