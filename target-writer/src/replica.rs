@@ -332,6 +332,19 @@ impl SparseReplica {
     }
 }
 
+/// A write into a sparse image: zeros allocate nothing where nothing was
+/// written (thin stays thin).
+fn write_op(buf: &[u8], offset: u64) -> WriteOp<'_> {
+    if blockferry_durable::is_zero(buf) {
+        WriteOp::Zero {
+            offset,
+            len: buf.len() as u64,
+        }
+    } else {
+        WriteOp::Data { offset, data: buf }
+    }
+}
+
 impl Replica for SparseReplica {
     fn size(&self) -> u64 {
         self.size
@@ -344,15 +357,7 @@ impl Replica for SparseReplica {
 
     fn write_at(&mut self, _faults: &FaultPlan, buf: &[u8], offset: u64) -> Result<()> {
         check_range(&self.path, self.size, offset, buf.len())?;
-        // Zeros allocate nothing where nothing was written (thin stays thin).
-        let op = if blockferry_durable::is_zero(buf) {
-            WriteOp::Zero {
-                offset,
-                len: buf.len() as u64,
-            }
-        } else {
-            WriteOp::Data { offset, data: buf }
-        };
+        let op = write_op(buf, offset);
         self.unflushed += buf.len() as u64;
         self.image.apply_deferred(&[op]).map_err(vmdk_err)
     }
@@ -575,14 +580,7 @@ impl Replica for VmdkSeedReplica {
 
     fn write_at(&mut self, _faults: &FaultPlan, buf: &[u8], offset: u64) -> Result<()> {
         check_range(&self.path, self.size, offset, buf.len())?;
-        let op = if blockferry_durable::is_zero(buf) {
-            WriteOp::Zero {
-                offset,
-                len: buf.len() as u64,
-            }
-        } else {
-            WriteOp::Data { offset, data: buf }
-        };
+        let op = write_op(buf, offset);
         self.written = true;
         self.image.apply_deferred(&[op]).map_err(vmdk_err)
     }
